@@ -1,0 +1,33 @@
+# Two set-up commands for a fresh machine: `make lab` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := $(shell sed -n 's/^TORCH_PIN = "\(.*\)"/\1/p' vesuvius_lab/__init__.py)
+PYTEST_ARGS ?=
+LAB_ARGS ?=
+
+.PHONY: lab test install demo-data clean
+
+install: $(STAMP)
+
+# torch goes in first from its exact pin, so no other requirement can pull a second (CUDA) build.
+$(STAMP): pyproject.toml vesuvius_lab/__init__.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[gui,test]"
+	@touch $@
+
+demo-data: $(STAMP)
+	$(PY) -m vesuvius_lab demo-data
+
+lab: demo-data
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

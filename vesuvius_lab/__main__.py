@@ -1,0 +1,3 @@
+from vesuvius_lab.cli import main
+
+raise SystemExit(main())

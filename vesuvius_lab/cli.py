@@ -1,0 +1,149 @@
+"""The ``vesuvius-lab`` command line. Exit status: 0 success, 2 bad input (one line per problem)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vesuvius_lab import __version__
+from vesuvius_lab.errors import VLabError
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _patch_size(text: str) -> tuple[int, int, int]:
+    from vesuvius_lab.synth import parse_shape
+
+    try:
+        return parse_shape(text) if "," in text or "x" in text else (int(text),) * 3
+    except (VLabError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid patch size {text!r}: expected N or Z,Y,X") from None
+
+
+# --- synth -----------------------------------------------------------------------------------
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="output data root (created; must be empty)")
+    p.add_argument("--volumes", type=int, default=8, help="training volumes (default 8)")
+    p.add_argument("--shape", default="128", help="N or Z,Y,X (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scrolls", type=int, default=4, help="number of scroll ids (default 4)")
+    p.add_argument("--test-volumes", type=int, default=1, help="volumes in test_images/ (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset at OUT")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from vesuvius_lab.synth import parse_shape, synth
+
+    rows = synth(args.out, args.volumes, parse_shape(args.shape), args.seed, args.scrolls, args.test_volumes, args.overwrite)
+    print(f"wrote {len(rows)} training volumes to {args.out}")
+    return 0
+
+
+# --- validate --------------------------------------------------------------------------------
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=Path, help="data root, or a manifest YAML")
+    p.add_argument("--patch-size", type=_patch_size, help="report volumes smaller than this patch (N or Z,Y,X)")
+    p.add_argument("--config", type=Path, help="take the patch size from this config")
+    p.add_argument("--jobs", type=int, default=None, help="decoding threads")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from vesuvius_lab.validate import preflight
+
+    patch = args.patch_size
+    if patch is None and args.config is not None:
+        from vesuvius_lab.config import load_config
+
+        patch = load_config(args.config).data.patch_size
+    problems = preflight(args.source, patch_size=patch, jobs=args.jobs)
+    if problems:
+        raise VLabError(problems)
+    print(f"{args.source}: ok")
+    return 0
+
+
+# --- manifest --------------------------------------------------------------------------------
+def _manifest_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="{build,check}")
+    b = sub.add_parser("build", help="scan a data root and write a manifest")
+    b.add_argument("root", type=Path)
+    b.add_argument("-o", "--output", type=Path, required=True, help="manifest YAML to write")
+    b.add_argument("--name", help="dataset name (default: folder name)")
+    b.add_argument("--like", type=Path, help="copy labels, layout and split policy from this manifest")
+    c = sub.add_parser("check", help="report records that vanished or changed")
+    c.add_argument("manifest", type=Path)
+    c.add_argument("--root", type=Path, help="data root (overrides the manifest's)")
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from vesuvius_lab.manifest import build_manifest, load_manifest
+
+    if args.action == "build":
+        template = load_manifest(args.like) if args.like else None
+        manifest = build_manifest(args.root, name=args.name or (template.name if template else None), template=template)
+        manifest.save(args.output)
+        train, val = manifest.split_ids()
+        print(f"wrote {args.output}: {len(manifest.records)} records ({len(train)} train, {len(val)} val)")
+        return 0
+    manifest = load_manifest(args.manifest, root=args.root)
+    _, problems = manifest.locate()
+    if problems:
+        raise VLabError(problems)
+    print(f"{args.manifest}: {len(manifest.records)} records present, sizes unchanged")
+    return 0
+
+
+# --- demo-data -------------------------------------------------------------------------------
+DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "data_manifests" / "synthetic_demo.yaml"
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", type=Path, default=DEMO_MANIFEST, help="synthetic dataset manifest")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vesuvius_lab.manifest import ensure_demo_data
+
+    manifest = ensure_demo_data(args.manifest)
+    print(f"demo data ready: {len(manifest.records)} volumes at {manifest.root}")
+    return 0
+
+
+COMMANDS: list[Command] = [
+    ("synth", "write a synthetic dataset in the Kaggle layout", _synth_args, _synth),
+    ("validate", "check a data root or manifest before training", _validate_args, _validate),
+    ("manifest", "build or check a dataset manifest", _manifest_args, _manifest),
+    ("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args, _demo),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vesuvius-lab", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vesuvius-lab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_args, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except VLabError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the user gets one line; VLAB_DEBUG=1 shows the traceback
+        if os.environ.get("VLAB_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set VLAB_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,173 @@
+"""Typed YAML configs in the seed run's vocabulary, with ``section.key=value`` overrides.
+
+Unknown keys and wrong types are errors naming the key. Relative paths resolve against the
+config's root (the folder holding ``configs/``, else the config's own folder) and may not escape it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vesuvius_lab.errors import ConfigError
+from vesuvius_lab.io import resolve_inside
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "data_manifests/synthetic_demo.yaml"
+    root: str | None = None  # overrides the manifest's data root
+    cache_dir: str | None = None  # default: $VLAB_CACHE_DIR or ~/.cache/vesuvius_lab
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
+
+
+@dataclass
+class TrainingConfig:
+    train_batch_size: int = 2
+    train_iterations_per_epoch: int | None = 200
+    patches_per_volume: int | None = None
+    drop_last: bool = False
+    max_epochs: int = 1
+    workers: int = 2
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    multiprocessing_context: str = "fork"
+    pin_memory: bool = False
+    checkpoint_every_steps: int = 100
+    val_every_epochs: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    root: Path = field(default=Path("."), metadata={"internal": True})
+
+    def path(self, value: str | None, what: str) -> Path | None:
+        """A path from the config, resolved inside the config's root (absolute paths are explicit)."""
+        if value is None:
+            return None
+        if Path(value).is_absolute():
+            return Path(value)
+        return resolve_inside(self.root, value, what)
+
+    def to_dict(self) -> dict:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
+
+
+def _sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
+
+
+def _check_type(value, annotation, key: str):
+    """Return ``value`` converted to ``annotation`` where lossless (int -> float), else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(config: Config, doc: dict, origin: str) -> list[str]:
+    problems = []
+    sections = {f.name: f for f in _sections()}
+    for name, values in doc.items():
+        if name not in sections:
+            problems.append(f"{origin}: unknown section {name!r} (known: {', '.join(sections)})")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{origin}: section {name!r} must be a mapping")
+            continue
+        section = getattr(config, name)
+        hints = typing.get_type_hints(type(section))
+        for key, value in values.items():
+            if key not in hints:
+                problems.append(f"{origin}: unknown key {name}.{key}")
+                continue
+            try:
+                setattr(section, key, _check_type(value, hints[key], f"{name}.{key}"))
+            except ConfigError as exc:
+                problems.append(f"{origin}: {exc.lines[0]}")
+    return problems
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'training.workers=4' -> ('training', 'workers', 4); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value
+
+
+def config_root(path: Path) -> Path:
+    path = path.resolve()
+    return path.parent.parent if path.parent.name == "configs" else path.parent
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then overrides; every problem is reported at once."""
+    config, problems = Config(), []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config not found")
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        problems += _apply(config, doc, str(path))
+        config.root = config_root(path)
+    else:
+        config.root = Path.cwd()
+    for text in overrides:
+        try:
+            section, key, value = parse_override(text)
+        except ConfigError as exc:
+            problems += exc.lines
+            continue
+        problems += _apply(config, {section: {key: value}}, "override")
+    if len(config.data.patch_size) != 3 or min(config.data.patch_size) < 1:
+        problems.append(f"data.patch_size: expected 3 positive sizes, got {config.data.patch_size}")
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from vesuvius_lab.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

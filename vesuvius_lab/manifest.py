@@ -1,0 +1,257 @@
+"""Dataset manifests: one YAML per dataset with layout, label semantics, split policy and records.
+
+A manifest records each volume's shape, dtype, label histogram and a content checksum, so that
+loading it later notices records that changed or vanished. Paths in a manifest are relative to
+its data root and may not escape it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from vesuvius_lab.dataset import IGNORE_LABEL, Record, RecordStats, discover, inspect_record
+from vesuvius_lab.errors import ConfigError, DataError
+from vesuvius_lab.io import atomic_write_text, resolve_inside
+
+FORMAT = "vesuvius_lab.manifest/1"
+DEFAULT_LABELS = {0: "background", 1: "recto papyrus surface", 2: "unlabeled (ignored)"}
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    id: str
+    scroll_id: str
+    image: str  # relative to the data root
+    label: str
+    stats: RecordStats | None = None
+    sizes: tuple[int, int] | None = None  # file sizes in bytes (image, label)
+
+
+@dataclass
+class Manifest:
+    """A dataset description; ``root`` is absolute once loaded."""
+
+    name: str
+    root: Path
+    records: list[ManifestRecord] = field(default_factory=list)
+    labels: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    ignore_label: int = IGNORE_LABEL
+    split: dict = field(default_factory=lambda: {"policy": "by_scroll_id", "val_fraction": 0.25, "seed": 0})
+    layout: dict = field(
+        default_factory=lambda: {
+            "csv": "train.csv",
+            "images": "train_images/{id}.tif",
+            "labels": "train_labels/{id}.tif",
+            "optional": ["test_images/", "deprecated_train_images/", "deprecated_train_labels/"],
+        }
+    )
+    description: str = ""
+    synth: dict | None = None  # generation parameters of a synthetic dataset
+    source: Path | None = None  # the YAML file it was loaded from
+
+    def resolve(self, rec: ManifestRecord) -> Record:
+        """Absolute paths of a record, refusing any that escape the data root."""
+        return Record(
+            rec.id,
+            rec.scroll_id,
+            resolve_inside(self.root, rec.image, f"image path of record {rec.id}"),
+            resolve_inside(self.root, rec.label, f"label path of record {rec.id}"),
+        )
+
+    def split_ids(self) -> tuple[list[str], list[str]]:
+        """(train ids, validation ids), split by scroll so that no validation scroll is trained on."""
+        val_scrolls = set(self.val_scroll_ids())
+        train = [r.id for r in self.records if r.scroll_id not in val_scrolls]
+        val = [r.id for r in self.records if r.scroll_id in val_scrolls]
+        return train, val
+
+    def val_scroll_ids(self) -> list[str]:
+        policy = self.split.get("policy", "by_scroll_id")
+        if policy != "by_scroll_id":
+            raise ConfigError(f"split.policy: unknown policy {policy!r} (supported: by_scroll_id)")
+        scrolls = sorted({r.scroll_id for r in self.records})
+        if "val_scroll_ids" in self.split:
+            return [str(s) for s in self.split["val_scroll_ids"]]
+        fraction = float(self.split.get("val_fraction", 0.25))
+        if len(scrolls) < 2 or fraction <= 0:
+            return []
+        n_val = min(len(scrolls) - 1, max(1, round(fraction * len(scrolls))))
+        rng = np.random.default_rng(int(self.split.get("seed", 0)))
+        return sorted(rng.choice(scrolls, size=n_val, replace=False).tolist())
+
+    def locate(self) -> tuple[list[Record], list[str]]:
+        """Records whose files are present, and one line per record that vanished or changed size.
+
+        File sizes are the cheap change signal; the content checksum is compared by ``preflight``.
+        """
+        found, problems = [], []
+        for rec in self.records:
+            resolved = self.resolve(rec)
+            missing = [p for p in (resolved.image, resolved.label) if not p.is_file()]
+            if missing:
+                problems.extend(f"{p}: record {rec.id} vanished (file missing)" for p in missing)
+                continue
+            sizes = (resolved.image.stat().st_size, resolved.label.stat().st_size)
+            if rec.sizes is not None and sizes != rec.sizes:
+                problems.append(f"{resolved.image}: record {rec.id} changed since the manifest was built (file size)")
+                continue
+            found.append(resolved)
+        return found, problems
+
+    def to_dict(self, relative_to: Path | None = None) -> dict:
+        root = self.root
+        if relative_to is not None:
+            root = Path(os.path.relpath(self.root, relative_to.resolve()))
+        out = {
+            "format": FORMAT,
+            "name": self.name,
+            "description": self.description,
+            "root": root.as_posix(),
+            "layout": self.layout,
+            "labels": {"values": self.labels, "ignore_label": self.ignore_label},
+            "split": self.split,
+        }
+        if self.synth is not None:
+            out["synth"] = self.synth
+        out["records"] = []
+        for rec in self.records:
+            item = {"id": rec.id, "scroll_id": rec.scroll_id, "image": rec.image, "label": rec.label}
+            if rec.stats is not None:
+                item.update(
+                    shape=list(rec.stats.shape),
+                    dtype=rec.stats.dtype,
+                    label_histogram=dict(rec.stats.label_histogram),
+                    checksum=rec.stats.checksum,
+                )
+            if rec.sizes is not None:
+                item["bytes"] = list(rec.sizes)
+            out["records"].append(item)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = yaml.safe_dump(self.to_dict(relative_to=path.parent), sort_keys=False, width=120)
+        atomic_write_text(path, text)
+
+
+def build_manifest(root: str | Path, name: str | None = None, progress: bool = True, template: Manifest | None = None):
+    """Scan a data root, decode every record and return a Manifest; DataError lists all problems."""
+    root = Path(root).resolve()
+    records, problems = discover(root)
+    out = []
+    for record in tqdm(records, desc="manifest", unit="vol", disable=not progress):
+        try:
+            stats = inspect_record(record)
+        except DataError as exc:
+            problems.extend(exc.lines)
+            continue
+        out.append(
+            ManifestRecord(
+                record.id,
+                record.scroll_id,
+                record.image.relative_to(root).as_posix(),
+                record.label.relative_to(root).as_posix(),
+                stats,
+                (record.image.stat().st_size, record.label.stat().st_size),
+            )
+        )
+    if problems:
+        raise DataError(problems)
+    manifest = Manifest(name=name or root.name, root=root, records=out)
+    if template is not None:
+        manifest.labels, manifest.ignore_label = template.labels, template.ignore_label
+        manifest.split, manifest.layout, manifest.description = template.split, template.layout, template.description
+        manifest.synth = template.synth
+    return manifest
+
+
+def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
+    """Read a manifest with yaml.safe_load; ``root`` overrides the data root it names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: manifest not found")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a vesuvius_lab manifest (format must be {FORMAT!r})")
+    problems = []
+    for key in ("name", "root"):
+        if not isinstance(doc.get(key), str):
+            problems.append(f"{path}: key {key!r} missing or not a string")
+    if problems:
+        raise ConfigError(problems)
+    data_root = Path(root) if root is not None else (path.parent / os.path.expandvars(doc["root"]))
+    labels_doc = doc.get("labels") or {}
+    records = []
+    for i, item in enumerate(doc.get("records") or []):
+        try:
+            stats = None
+            if "checksum" in item:
+                stats = RecordStats(
+                    shape=tuple(int(s) for s in item["shape"]),
+                    dtype=str(item["dtype"]),
+                    label_histogram={int(k): int(v) for k, v in item["label_histogram"].items()},
+                    checksum=str(item["checksum"]),
+                )
+            sizes = tuple(int(b) for b in item["bytes"]) if "bytes" in item else None
+            records.append(
+                ManifestRecord(
+                    str(item["id"]), str(item["scroll_id"]), str(item["image"]), str(item["label"]), stats, sizes
+                )
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            problems.append(f"{path}: record #{i} is malformed ({type(exc).__name__}: {exc})")
+    if problems:
+        raise ConfigError(problems)
+    manifest = Manifest(
+        name=doc["name"],
+        root=data_root.resolve(),
+        records=records,
+        labels={int(k): str(v) for k, v in (labels_doc.get("values") or DEFAULT_LABELS).items()},
+        ignore_label=int(labels_doc.get("ignore_label", IGNORE_LABEL)),
+        split=dict(doc.get("split") or {}),
+        layout=dict(doc.get("layout") or {}),
+        description=str(doc.get("description", "")),
+        synth=doc.get("synth"),
+        source=path.resolve(),
+    )
+    for rec in manifest.records:  # refuse escaping paths at load time, before anything reads them
+        try:
+            manifest.resolve(rec)
+        except DataError as exc:
+            problems.extend(f"{path}: {line}" for line in exc.lines)
+    if problems:
+        raise DataError(problems)
+    return manifest
+
+
+def ensure_demo_data(manifest_path: str | Path, progress: bool = True) -> Manifest:
+    """Synthesize a manifest's dataset at its root if absent, then check it matches the manifest."""
+    from vesuvius_lab.synth import MARKER, synth
+
+    manifest = load_manifest(manifest_path)
+    if not manifest.synth:
+        raise ConfigError(f"{manifest_path}: manifest has no 'synth' section; it describes real data")
+    params = manifest.synth
+    if not (manifest.root / MARKER).is_file():
+        synth(
+            manifest.root,
+            volumes=int(params["volumes"]),
+            shape=tuple(int(s) for s in params["shape"]),
+            seed=int(params["seed"]),
+            scrolls=int(params["scrolls"]),
+            test_volumes=int(params.get("test_volumes", 0)),
+            progress=progress,
+        )
+    _, problems = manifest.locate()
+    if problems:
+        raise DataError(problems + [f"{manifest.root}: remove it and run again to regenerate the demo data"])
+    return manifest

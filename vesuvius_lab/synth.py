@@ -1,0 +1,240 @@
+"""Synthetic scroll chunks in the Kaggle layout: the embedded demo dataset.
+
+Each volume holds a stack of curved papyrus sheets (2-4 voxels thick, uneven spacing, some pairs
+touching where their undulations meet, which is the hard case for topology), cross-ply fibre
+texture, dense debris blobs the size of a sheet's thickness, blur, noise and a smooth intensity
+drift. Labels are partial as in the real data: 1 on labelled sheets, 2 on the 3-voxel border, on
+unlabelled sheets and on an unlabelled region. Debris and drift defeat a global threshold, while
+the sheets' planar shape stays learnable by a small 3D U-Net.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from vesuvius_lab.dataset import IMAGE_DIR, LABEL_DIR, TRAIN_CSV
+from vesuvius_lab.errors import DataError
+from vesuvius_lab.io import atomic_write_text, write_volume
+
+SCROLL_IDS = ("34117", "35360", "26010", "26002", "44430", "53997")
+BORDER = 3
+MARKER = ".vesuvius_lab_synth.json"
+
+
+@dataclass(frozen=True)
+class ScrollStyle:
+    """Acquisition traits shared by all chunks of one scroll."""
+
+    spacing: tuple[float, float]
+    noise: float
+    drift: float
+    debris: float
+
+
+def scroll_style(seed: int, scroll_index: int) -> ScrollStyle:
+    rng = np.random.default_rng([seed, 7919, scroll_index])
+    lo = rng.uniform(8.0, 11.0)
+    return ScrollStyle(
+        spacing=(lo, lo + rng.uniform(5.0, 9.0)),
+        noise=rng.uniform(0.10, 0.15),
+        drift=rng.uniform(0.35, 0.55),
+        debris=rng.uniform(0.8, 1.4),
+    )
+
+
+def _smooth_field(rng: np.random.Generator, coords: list[np.ndarray], amplitude: float, waves: int = 3):
+    """Sum of random low-frequency sinusoids over the given in-plane coordinates."""
+    field = 0.0
+    for _ in range(waves):
+        k = rng.normal(size=len(coords))
+        k *= 2 * np.pi / rng.uniform(40.0, 140.0) / max(np.linalg.norm(k), 1e-6)
+        phase = rng.uniform(0, 2 * np.pi)
+        arg = sum(ki * c for ki, c in zip(k, coords, strict=True))
+        field = field + np.sin(arg + phase).astype(np.float32)
+    return (amplitude / np.sqrt(waves)) * field
+
+
+def make_volume(shape: tuple[int, int, int], seed: int, index: int, style: ScrollStyle):
+    """One synthetic chunk: (image uint8, label uint8), deterministic for (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    zz, yy, xx = (np.arange(n, dtype=np.float32) - n / 2 for n in shape)
+    zz, yy, xx = zz[:, None, None], yy[None, :, None], xx[None, None, :]
+
+    # Orthonormal frame: the sheet normal n is tilted up to ~35 degrees from a random axis.
+    axis = np.eye(3)[rng.integers(3)]
+    normal = axis + rng.normal(scale=0.35, size=3)
+    normal /= np.linalg.norm(normal)
+    a = np.cross(normal, rng.normal(size=3))
+    a /= np.linalg.norm(a)
+    b = np.cross(normal, a)
+    pos = [zz, yy, xx]
+    u = sum(float(n) * p for n, p in zip(normal, pos, strict=True))
+    s = sum(float(c) * p for c, p in zip(a, pos, strict=True))
+    t = sum(float(c) * p for c, p in zip(b, pos, strict=True))
+
+    # Scroll curvature plus shared undulation: the depth coordinate along which sheets are stacked.
+    radius = rng.uniform(150.0, 500.0) * rng.choice([-1, 1])
+    depth = u + (s * s) / (2 * radius) + _smooth_field(rng, [s, t], rng.uniform(2.0, 6.0))
+
+    extent = float(np.sqrt(sum(n * n for n in shape))) / 2 + 10
+    offsets, o = [], -extent + rng.uniform(0, style.spacing[1])
+    while o < extent:
+        offsets.append(o)
+        o += rng.uniform(*style.spacing)
+    n_sheets = len(offsets)
+    thickness = rng.uniform(2.0, 4.0, size=n_sheets)
+    labelled = rng.random(n_sheets) > 0.25
+    if not labelled.any():
+        labelled[rng.integers(n_sheets)] = True
+    # One adjacent pair is pushed together at a random spot so that the sheets touch or merge.
+    merge_at = int(rng.integers(0, max(n_sheets - 1, 1)))
+    centre = rng.uniform(-0.3, 0.3, size=2) * np.array(shape[1:])
+
+    image = 0.14 + _smooth_field(rng, pos, 0.06)  # uneven packing material between the wraps
+    sheet_id = np.zeros(shape, dtype=np.int16)  # 1-based sheet index, 0 outside sheets
+    fibre_a = np.sin(2 * np.pi * s / rng.uniform(2.5, 4.0))
+    fibre_b = np.sin(2 * np.pi * t / rng.uniform(2.5, 4.0))
+    for i, (off, thick) in enumerate(zip(offsets, thickness, strict=True)):
+        shift = _smooth_field(rng, [s, t], rng.uniform(0.5, 2.5), waves=2)
+        if i == merge_at + 1:
+            gap = offsets[i] - offsets[i - 1] - 0.5 * (thickness[i] + thickness[i - 1])
+            bump = np.exp(-((s - centre[0]) ** 2 + (t - centre[1]) ** 2) / (2 * rng.uniform(10, 20) ** 2))
+            shift = shift - (gap + 0.8) * bump
+        rel = depth - off - shift
+        half = thick / 2
+        inside = np.abs(rel) < half
+        sheet_id[inside & (sheet_id == 0)] = i + 1
+        # Cross-ply fibres: one direction on the recto half, the other on the verso half.
+        fibres = np.where(rel < 0, fibre_a, fibre_b)
+        # Density varies along the sheet (damage, compression) as well as between sheets.
+        patchy = 1 + _smooth_field(rng, [s, t], 0.35, waves=2)
+        density = rng.uniform(0.32, 0.72) * patchy * (1 + 0.18 * fibres)
+        profile = np.clip(half + 0.5 - np.abs(rel), 0, 1)  # partial-volume edges
+        np.maximum(image, density * profile, out=image)
+
+    _add_debris(image, rng, style)
+    image = ndimage.gaussian_filter(image, sigma=0.7)
+    grad = rng.normal(size=3)
+    grad /= np.linalg.norm(grad)
+    ramp = sum(float(g) * p for g, p in zip(grad, pos, strict=True)) / (max(shape) / 2)
+    image *= 1 + style.drift * ramp
+    image += style.drift * 0.3 * ramp + rng.normal(scale=style.noise, size=shape).astype(np.float32)
+    image = np.clip(image * 255, 0, 255).astype(np.uint8)
+
+    label = np.zeros(shape, dtype=np.uint8)
+    sheets = sheet_id > 0
+    is_labelled = np.concatenate([[False], labelled])[sheet_id]
+    unlabelled = sheets & ~is_labelled
+    label[ndimage.binary_dilation(unlabelled, iterations=1)] = 2
+    label[sheets & is_labelled] = 1
+    if rng.random() < 0.6:  # an annotator left part of the chunk unlabelled
+        cut = rng.normal(size=3)
+        cut /= np.linalg.norm(cut)
+        plane = sum(float(c) * p for c, p in zip(cut, pos, strict=True))
+        label[plane > rng.uniform(0.35, 0.6) * max(shape) / 2] = 2
+    for axis_i in range(3):
+        sl = [slice(None)] * 3
+        sl[axis_i] = np.r_[0:BORDER, shape[axis_i] - BORDER : shape[axis_i]]
+        label[tuple(sl)] = 2
+    return image, label
+
+
+def _add_debris(image: np.ndarray, rng: np.random.Generator, style: ScrollStyle) -> None:
+    """Dense compact blobs as bright as papyrus: a threshold cannot tell them from sheets."""
+    count = int(style.debris * image.size / 8000)
+    if count == 0:
+        return
+    seeds = np.zeros(image.shape, dtype=np.float32)
+    idx = tuple(rng.integers(0, n, size=count) for n in image.shape)
+    seeds[idx] = rng.uniform(0.5, 0.85, size=count)
+    blobs = ndimage.grey_dilation(seeds, footprint=ndimage.generate_binary_structure(3, 1), size=None)
+    blobs = ndimage.grey_dilation(blobs, size=(4, 4, 4))
+    np.maximum(image, blobs, out=image)
+
+
+def parse_shape(text: str | int | tuple) -> tuple[int, int, int]:
+    """'96' -> (96, 96, 96); '64,96,96' -> (64, 96, 96)."""
+    if isinstance(text, int):
+        parts = [text]
+    elif isinstance(text, tuple | list):
+        parts = list(text)
+    else:
+        parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        raise DataError(f"shape {text!r}: expected N or Z,Y,X integers") from None
+    if len(dims) == 1:
+        dims *= 3
+    if len(dims) != 3 or min(dims) < 2 * BORDER + 8:
+        raise DataError(f"shape {text!r}: need 3 sizes, each at least {2 * BORDER + 8}")
+    return tuple(dims)
+
+
+def synth(
+    out: str | Path,
+    volumes: int,
+    shape: tuple[int, int, int],
+    seed: int = 0,
+    scrolls: int = 4,
+    test_volumes: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[tuple[str, str]]:
+    """Write a synthetic dataset in the Kaggle layout; returns the (id, scroll_id) rows."""
+    out = Path(out)
+    if volumes < 1:
+        raise DataError(f"--volumes {volumes}: need at least 1")
+    if not 1 <= scrolls <= len(SCROLL_IDS):
+        raise DataError(f"--scrolls {scrolls}: must be 1..{len(SCROLL_IDS)}")
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite and (out / MARKER).is_file()):
+            raise DataError(
+                f"{out}: directory is not empty"
+                + ("" if (out / MARKER).is_file() else " and is not a synthetic dataset; choose another path")
+                + ("; pass --overwrite to replace it" if (out / MARKER).is_file() else "")
+            )
+        shutil.rmtree(out)
+    ids = _volume_ids(seed, volumes + test_volumes)
+    styles = [scroll_style(seed, k) for k in range(scrolls)]
+    rows = []
+    jobs = [("train", k) for k in range(volumes)] + [("test", k) for k in range(test_volumes)]
+    for j, (split, k) in enumerate(tqdm(jobs, desc="synth", unit="vol", disable=not progress)):
+        scroll_index = k % scrolls
+        image, label = make_volume(shape, seed, j, styles[scroll_index])
+        rid, sid = ids[j], SCROLL_IDS[scroll_index]
+        if split == "train":
+            write_volume(out / IMAGE_DIR / f"{rid}.tif", image)
+            write_volume(out / LABEL_DIR / f"{rid}.tif", label)
+            rows.append((rid, sid))
+        else:
+            write_volume(out / "test_images" / f"{rid}.tif", image)
+    _write_csv(out / TRAIN_CSV, rows)
+    if test_volumes:
+        _write_csv(out / "test.csv", [(ids[volumes + k], SCROLL_IDS[k % scrolls]) for k in range(test_volumes)])
+    params = {"volumes": volumes, "shape": list(shape), "seed": seed, "scrolls": scrolls, "test_volumes": test_volumes}
+    atomic_write_text(out / MARKER, json.dumps(params, indent=1) + "\n")
+    return rows
+
+
+def _volume_ids(seed: int, n: int) -> list[str]:
+    """Distinct Kaggle-like numeric ids, deterministic for the seed."""
+    rng, ids = np.random.default_rng([seed, 104729]), []
+    while len(ids) < n:
+        candidate = str(int(rng.integers(10**8, 2 * 10**9)))
+        if candidate not in ids:
+            ids.append(candidate)
+    return ids
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    text = "id,scroll_id\n" + "".join(f"{r},{s}\n" for r, s in rows)
+    atomic_write_text(path, text)
