@@ -112,11 +112,38 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench -----------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from vesuvius_lab.bench import BENCHES, load
+
+    sub = p.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHES) + "}")
+    for name in BENCHES:
+        module = load(name)
+        b = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        b.add_argument("--json", action="store_true", help="print one JSON object")
+        module.add_args(b)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from vesuvius_lab.bench import load
+
+    result = load(args.bench).run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("synth", "write a synthetic dataset in the Kaggle layout", _synth_args, _synth),
     ("validate", "check a data root or manifest before training", _validate_args, _validate),
     ("manifest", "build or check a dataset manifest", _manifest_args, _manifest),
     ("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args, _demo),
+    ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
 ]
 
 

@@ -1,0 +1,28 @@
+"""Benchmarks behind ``vesuvius-lab bench NAME``: each compares against a baseline in the same run.
+
+A benchmark module exposes ``add_args(parser)`` and ``run(args) -> dict``; the CLI prints the dict
+as JSON with ``--json`` and as readable lines otherwise. Machines are noisy: report medians and ratios.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from collections.abc import Callable
+
+BENCHES: dict[str, str] = {}  # name -> module path; each module has add_args(parser) and run(args)
+
+
+def load(name: str):
+    return importlib.import_module(BENCHES[name])
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` over ``repeats`` calls, and all the samples."""
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), samples
