@@ -27,6 +27,36 @@ class DataConfig:
 
 
 @dataclass
+class SamplerConfig:
+    fg_fraction: float = 0.33  # share of patches centred on a label-1 voxel (nnU-Net: 0.33)
+    max_redraws: int = 10  # redraws of a patch that is all label 2 (ignored)
+    fg_points: int = 20000  # label-1 locations kept per volume for foreground draws
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    where: str = "worker"  # "worker": in the data workers; "device": batched on the training device
+    p_rotation: float = 0.2
+    max_rotation_deg: float = 30.0
+    p_scale: float = 0.2
+    scale_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    p_elastic: float = 0.2
+    elastic_magnitude: float = 4.0  # voxels, largest control-point displacement
+    elastic_grid: int = 5  # control points per axis
+    p_flip: float = 0.5  # per axis
+    permute_axes: bool = True  # among axes of equal patch size
+    p_gamma: float = 0.3
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    p_contrast: float = 0.15
+    contrast_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    p_noise: float = 0.15
+    noise_std: float = 0.05
+    p_blur: float = 0.1
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+
+
+@dataclass
 class TrainingConfig:
     train_batch_size: int = 2
     train_iterations_per_epoch: int | None = 200
@@ -46,6 +76,8 @@ class TrainingConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     root: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -162,6 +194,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         problems += _apply(config, {section: {key: value}}, "override")
     if len(config.data.patch_size) != 3 or min(config.data.patch_size) < 1:
         problems.append(f"data.patch_size: expected 3 positive sizes, got {config.data.patch_size}")
+    if config.augment.where not in ("worker", "device"):
+        problems.append(f"augment.where: expected 'worker' or 'device', got {config.augment.where!r}")
+    if config.training.multiprocessing_context not in ("fork", "spawn", "forkserver"):
+        problems.append(f"training.multiprocessing_context: expected fork, spawn or forkserver")
+    if not 0.0 <= config.sampler.fg_fraction <= 1.0:
+        problems.append(f"sampler.fg_fraction: expected a value in [0, 1], got {config.sampler.fg_fraction}")
     if problems:
         raise ConfigError(problems)
     return config
