@@ -111,3 +111,12 @@ def test_coverage_estimate():
     cov = coverage(plan, [(320, 320, 320)] * 806, (72, 136, 136))
     assert cov.unique_patches == 806 * 5 * 3 * 3 and cov.samples_per_epoch == 4000
     assert cov.ratio == pytest.approx(4000 / 36270) and 0 < cov.expected_distinct < cov.ratio
+
+
+def test_spawn_workers_give_the_same_stream(tiny_root, tmp_path):
+    ds = make_dataset(tiny_root, tmp_path / "c", augment=strong_augment())
+    ds.prepare(progress=False)
+    ref = _batches(build_loader(ds, load_config(None, ["training.workers=0"]), num_steps=2), 2)
+    cfg = load_config(None, ["training.workers=1", "training.multiprocessing_context=spawn", "training.prefetch_factor=1"])
+    for a, b in zip(ref, _batches(build_loader(ds, cfg, num_steps=2), 2), strict=True):
+        _same(a, b)

@@ -10,6 +10,7 @@ skeleton by nearest neighbour, on whatever device the batch lives on.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -135,11 +136,17 @@ def read_box(array: np.ndarray, lo: np.ndarray, hi: np.ndarray, fill) -> np.ndar
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _offsets(patch: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """(3, N) offsets of every output voxel from the patch centre; cached per patch size."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2 for n in patch]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).reshape(3, -1)
+
+
 def _grid(batch: dict, patch: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """(B, Z, Y, X, 3) sampling grid in grid_sample's normalised (x, y, z) order."""
     b = batch["matrix"].shape[0]
-    axes = [torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2 for n in patch]
-    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).reshape(3, -1)  # (3, N)
+    offsets = _offsets(tuple(patch), device)
     matrix = batch["matrix"].to(device=device, dtype=torch.float32)
     coords = matrix @ offsets + batch["centre"].to(device=device, dtype=torch.float32)[:, :, None]
     coords = coords.reshape(b, 3, *patch)
@@ -199,11 +206,13 @@ def apply_batch(batch: dict, patch: tuple[int, int, int]) -> dict:
     else:
         grid = _grid(batch, patch, device)
         linear = torch.cat([image.float()[:, None] / 255, batch["distance"].float()[:, None]], dim=1)
-        nearest = torch.stack([batch["label"], batch["skeleton"]], dim=1).float()
+        # Label and skeleton share one nearest-neighbour pass: both pick the same source voxel.
+        packed = (batch["label"] + 4 * batch["skeleton"]).float()[:, None]
         linear = F.grid_sample(linear, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        nearest = F.grid_sample(nearest, grid, mode="nearest", padding_mode="border", align_corners=True)
+        packed = F.grid_sample(packed, grid, mode="nearest", padding_mode="border", align_corners=True)
         img, dist = linear[:, 0], linear[:, 1]
-        lab, skel = nearest[:, 0].to(torch.uint8), nearest[:, 1].to(torch.uint8)
+        packed = packed[:, 0].to(torch.uint8)
+        lab, skel = packed % 4, packed // 4
     dist = dist * batch["distance_scale"].to(device=device, dtype=torch.float32).reshape(b, 1, 1, 1)
     out = {"image": img[:, None], "label": lab, "skeleton": skel, "distance": dist}
     flips, perms = batch["flips"].tolist(), batch["perm"].tolist()

@@ -100,25 +100,40 @@ def make_volume(shape: tuple[int, int, int], seed: int, index: int, style: Scrol
 
     image = 0.14 + _smooth_field(rng, pos, 0.06)  # uneven packing material between the wraps
     sheet_id = np.zeros(shape, dtype=np.int16)  # 1-based sheet index, 0 outside sheets
-    fibre_a = np.sin(2 * np.pi * s / rng.uniform(2.5, 4.0))
-    fibre_b = np.sin(2 * np.pi * t / rng.uniform(2.5, 4.0))
+    wavelengths = rng.uniform(2.5, 4.0), rng.uniform(2.5, 4.0)
+    # Each sheet touches only voxels whose depth lies in its band: sort voxels by depth once.
+    flat_s, flat_t = np.broadcast_to(s, shape).ravel(), np.broadcast_to(t, shape).ravel()
+    depth_bins = np.floor(depth.ravel()).astype(np.int32)
+    order = np.argsort(depth_bins, kind="stable")
+    sorted_bins = depth_bins[order]
+    flat_image, flat_id, flat_depth = image.reshape(-1), sheet_id.reshape(-1), depth.reshape(-1)
     for i, (off, thick) in enumerate(zip(offsets, thickness, strict=True)):
-        shift = _smooth_field(rng, [s, t], rng.uniform(0.5, 2.5), waves=2)
+        shift_amp = rng.uniform(0.5, 2.5)
+        gap = 0.0
         if i == merge_at + 1:
-            gap = offsets[i] - offsets[i - 1] - 0.5 * (thickness[i] + thickness[i - 1])
-            bump = np.exp(-((s - centre[0]) ** 2 + (t - centre[1]) ** 2) / (2 * rng.uniform(10, 20) ** 2))
-            shift = shift - (gap + 0.8) * bump
-        rel = depth - off - shift
+            gap = offsets[i] - offsets[i - 1] - 0.5 * (thickness[i] + thickness[i - 1]) + 0.8
+        reach = thick / 2 + 1 + shift_amp * np.sqrt(2) + max(gap, 0.0) + 1
+        a = np.searchsorted(sorted_bins, np.floor(off - reach))
+        b = np.searchsorted(sorted_bins, np.floor(off + reach), side="right")
+        idx = order[a:b]
+        bs, bt = flat_s[idx], flat_t[idx]
+        shift = _smooth_field(rng, [bs, bt], shift_amp, waves=2)
+        if gap:
+            width = rng.uniform(10, 20)
+            bump = np.exp(-((bs - centre[0]) ** 2 + (bt - centre[1]) ** 2) / (2 * width**2))
+            shift = shift - gap * bump
+        rel = flat_depth[idx] - off - shift
         half = thick / 2
         inside = np.abs(rel) < half
-        sheet_id[inside & (sheet_id == 0)] = i + 1
+        hit = idx[inside & (flat_id[idx] == 0)]
+        flat_id[hit] = i + 1
         # Cross-ply fibres: one direction on the recto half, the other on the verso half.
-        fibres = np.where(rel < 0, fibre_a, fibre_b)
+        fibres = np.where(rel < 0, np.sin(2 * np.pi * bs / wavelengths[0]), np.sin(2 * np.pi * bt / wavelengths[1]))
         # Density varies along the sheet (damage, compression) as well as between sheets.
-        patchy = 1 + _smooth_field(rng, [s, t], 0.35, waves=2)
+        patchy = 1 + _smooth_field(rng, [bs, bt], 0.35, waves=2)
         density = rng.uniform(0.32, 0.72) * patchy * (1 + 0.18 * fibres)
         profile = np.clip(half + 0.5 - np.abs(rel), 0, 1)  # partial-volume edges
-        np.maximum(image, density * profile, out=image)
+        flat_image[idx] = np.maximum(flat_image[idx], density * profile)
 
     _add_debris(image, rng, style)
     image = ndimage.gaussian_filter(image, sigma=0.7)

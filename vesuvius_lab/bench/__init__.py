@@ -11,7 +11,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-BENCHES: dict[str, str] = {}  # name -> module path; each module has add_args(parser) and run(args)
+# name -> module path; each module has add_args(parser) and run(args)
+BENCHES: dict[str, str] = {
+    "data": "vesuvius_lab.bench.data",
+}
 
 
 def load(name: str):
