@@ -674,3 +674,32 @@ def _events(U, F, betti, seed, stop_below):
     words = (betti + 64 + 63) // 64
     cid, ly, lz = random_cycles(F, words, 0x5EED0000 + seed)
     return linking_events(U, cid, ly, lz, betti, stop_below)
+
+
+# --- surface distances ---------------------------------------------------------------------
+@nb.njit(**_JIT)
+def within(a, b, offsets):
+    """For each True voxel of ``a`` (C order), whether ``b`` is True at one of the ``offsets``."""
+    n0, n1, n2 = a.shape
+    count = 0
+    for x in range(n0):
+        for y in range(n1):
+            for z in range(n2):
+                if a[x, y, z]:
+                    count += 1
+    out = np.zeros(count, dtype=np.bool_)
+    k = 0
+    for x in range(n0):
+        for y in range(n1):
+            for z in range(n2):
+                if not a[x, y, z]:
+                    continue
+                for i in range(offsets.shape[0]):
+                    u = x + offsets[i, 0]
+                    v = y + offsets[i, 1]
+                    w = z + offsets[i, 2]
+                    if 0 <= u < n0 and 0 <= v < n1 and 0 <= w < n2 and b[u, v, w]:
+                        out[k] = True
+                        break
+                k += 1
+    return out
