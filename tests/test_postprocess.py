@@ -1,0 +1,91 @@
+"""Post-processing, judged by the leaderboard score on hand-made probability volumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from vesuvius_lab.errors import ConfigError
+from vesuvius_lab.metrics import volume_score
+from vesuvius_lab.postprocess import PostprocessConfig, postprocess
+
+
+def sheet_label(shape=(24, 24, 24)) -> np.ndarray:
+    label = np.zeros(shape, np.uint8)
+    label[5:7] = 1
+    label[15:17] = 1
+    return label
+
+
+def test_threshold_is_strictly_greater():
+    prob = np.array([0.2, 0.5, 0.51, np.nan], np.float32).reshape(1, 1, 4)
+    out = postprocess(prob, PostprocessConfig(threshold=0.5))
+    assert out.dtype == np.uint8
+    assert out.ravel().tolist() == [0, 0, 1, 0]
+
+
+def test_hysteresis_keeps_weak_voxels_only_when_connected_to_strong_ones():
+    prob = np.zeros((3, 3, 12), np.float32)
+    prob[1, 1, 0:4] = [0.9, 0.5, 0.5, 0.5]  # weak run attached to a strong voxel
+    prob[1, 1, 7:10] = 0.5  # weak run on its own
+    out = postprocess(prob, {"method": "hysteresis", "low": 0.4, "high": 0.8})
+    assert out[1, 1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_small_components_go_and_26_neighbours_count_as_connected():
+    mask = np.zeros((10, 10, 10), np.float32)
+    mask[1, 1, 1] = mask[2, 2, 2] = mask[3, 3, 3] = 1  # a diagonal chain: one 26-component of 3
+    mask[7, 7, 7] = 1  # a single voxel
+    out = postprocess(mask, PostprocessConfig(min_component_size=2))
+    assert out[1, 1, 1] == out[2, 2, 2] == out[3, 3, 3] == 1
+    assert out[7, 7, 7] == 0
+
+
+def test_close_holes_fills_cavities_but_not_open_background():
+    prob = np.zeros((9, 9, 9), np.float32)
+    prob[1:6, 1:6, 1:6] = 1
+    prob[3, 3, 3] = 0  # enclosed
+    prob[3, 3, 1] = 0  # open to the outside of the block, not enclosed
+    out = postprocess(prob, PostprocessConfig(close_holes=True))
+    assert out[3, 3, 3] == 1 and out[3, 3, 1] == 0 and out[0, 0, 0] == 0
+    assert postprocess(prob)[3, 3, 3] == 0  # off by default
+
+
+def test_removing_small_spurious_components_raises_the_score():
+    label = sheet_label()
+    rng = np.random.default_rng(0)
+    prob = np.where(label == 1, 0.9, 0.1).astype(np.float32)
+    for c in ((10, 3, 3), (10, 12, 12), (20, 4, 18), (11, 19, 6), (2, 20, 20)):  # debris between sheets
+        prob[c[0] : c[0] + 2, c[1] : c[1] + 2, c[2] : c[2] + 2] = 0.85
+    prob += rng.uniform(-0.05, 0.05, prob.shape).astype(np.float32)
+    raw = volume_score(postprocess(prob, PostprocessConfig(threshold=0.5)), label)
+    clean = volume_score(postprocess(prob, PostprocessConfig(threshold=0.5, min_component_size=20)), label)
+    assert raw.score < 1.0
+    assert clean.score > raw.score
+    assert clean.voi_score > raw.voi_score and clean.topo > raw.topo
+    assert clean.as_dict() == {"score": 1.0, "topo": 1.0, "surface_dice": 1.0, "voi_score": 1.0}
+
+
+def test_input_is_not_modified():
+    prob = np.random.default_rng(1).random((8, 8, 8)).astype(np.float32)
+    before = prob.copy()
+    postprocess(prob, PostprocessConfig(min_component_size=3, close_holes=True))
+    assert np.array_equal(prob, before)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="postprocess.method"):
+        PostprocessConfig(method="otsu")
+    with pytest.raises(ConfigError, match="postprocess.min_component_size"):
+        PostprocessConfig(min_component_size=-1)
+    with pytest.raises(ConfigError, match="postprocess.treshold: unknown key"):
+        PostprocessConfig.from_mapping({"treshold": 0.4})
+    with pytest.raises(ConfigError, match="postprocess.threshold"):
+        PostprocessConfig(threshold=float("nan"))
+    cfg = dataclasses.replace(PostprocessConfig(method="hysteresis"), low=0.9)  # built key by key: fine
+    with pytest.raises(ConfigError, match="postprocess.low 0.9 is above postprocess.high 0.7"):
+        postprocess(np.zeros((2, 2, 2), np.float32), cfg)
+    with pytest.raises(ValueError, match="3D"):
+        postprocess(np.zeros((4, 4), np.float32))
