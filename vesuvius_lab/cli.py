@@ -138,12 +138,37 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluate --------------------------------------------------------------------------------
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", type=Path, required=True, help="folder of predictions {id}.tif")
+    p.add_argument("--labels", type=Path, required=True, help="folder of labels {id}.tif (2 = ignored)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--jobs", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--fg-threshold", type=float, default=None, help="foreground is value > T (default: value != 0)")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from vesuvius_lab.evaluate import evaluate_dirs, format_report
+
+    if args.jobs is not None and args.jobs < 1:
+        raise VLabError(f"--jobs {args.jobs}: need at least 1")
+    result = evaluate_dirs(args.pred, args.labels, jobs=args.jobs, fg_threshold=args.fg_threshold)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        format_report(result)
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("synth", "write a synthetic dataset in the Kaggle layout", _synth_args, _synth),
     ("validate", "check a data root or manifest before training", _validate_args, _validate),
     ("manifest", "build or check a dataset manifest", _manifest_args, _manifest),
     ("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args, _demo),
     ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
+    ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),
 ]
 
 
