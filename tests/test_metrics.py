@@ -277,3 +277,15 @@ def test_agrees_with_the_compiled_betti_matching_module():
         r = bm.compute_matching((~a).astype(np.float64), (~b).astype(np.float64))
         m = tuple(int(v) for v in r.num_matched)
         assert match_counts(a, b)[0] == m
+
+
+def test_bench_metric_reports_both_implementations_and_equal_scores(cli):
+    import json
+
+    code, out, err = cli("bench", "metric", "--json", "--size", "24", "--volumes", "1", "--baseline-volumes", "1")
+    assert code == 0 and not err
+    result = json.loads("\n".join(out))
+    for key in ("ours_seconds_per_volume", "ours_peak_rss_mib", "baseline_seconds_per_volume", "baseline_peak_rss_mib"):
+        assert result[key] > 0
+    assert result["speedup"] == pytest.approx(result["baseline_seconds_scaled_to_size"] / result["ours_seconds_per_volume"], rel=0.05)
+    assert result["max_abs_score_diff"] <= 1e-9

@@ -52,7 +52,7 @@ def match_dim0(X, Y):
     n = n0 * s0
     xf = X.ravel()
     yf = Y.ravel()
-    parent = np.arange(n, dtype=np.int64)
+    parent = np.arange(n, dtype=np.int32)
     flags = np.empty(n, dtype=np.uint8)
     for i in range(n):
         flags[i] = xf[i] | (yf[i] << 1)
@@ -259,14 +259,14 @@ def dual_start(F: np.ndarray, birthF: np.ndarray, birthU: np.ndarray, fast: bool
     ``fast=False`` returns the untouched state for the plain sweep over every square.
     """
     n = birthF.size
-    parent = np.arange(n, dtype=np.int64)
+    parent = np.arange(n, dtype=np.int32)
     if not fast:
         return parent, parent.copy(), parent.copy(), 0
     import cc3d
 
     background = np.ascontiguousarray(F == 0, dtype=np.uint8)
     labels, count = cc3d.connected_components(background, connectivity=26, return_N=True)
-    labels = labels.astype(np.int64, copy=False)
+    labels = labels.astype(np.int32, copy=False)
     touch = np.zeros(int(count) + 1, dtype=np.uint8)
     for axis in range(3):
         for side in (0, -1):
@@ -282,9 +282,9 @@ def dual_start(F: np.ndarray, birthF: np.ndarray, birthU: np.ndarray, fast: bool
 @nb.njit(**_JIT)
 def _merge_components(cube_label, touch, birthF, birthU, parent):
     inf = parent.size - 1
-    eldF = np.arange(inf + 1, dtype=np.int64)
-    eldU = np.arange(inf + 1, dtype=np.int64)
-    rep = np.full(touch.size, -1, dtype=np.int64)
+    eldF = np.arange(inf + 1, dtype=np.int32)
+    eldU = np.arange(inf + 1, dtype=np.int32)
+    rep = np.full(touch.size, -1, dtype=np.int32)
     for c in range(inf):
         lab = cube_label[c]
         if lab == 0:
@@ -327,7 +327,7 @@ def random_cycles(F, words, seed):
     s0 = n1 * n2
     n = n0 * s0
     ff = F.ravel()
-    cid = np.full(n, -1, dtype=np.int64)
+    cid = np.full(n, -1, dtype=np.int32)
     count = 0
     for v in range(n):
         if ff[v]:
@@ -336,8 +336,8 @@ def random_cycles(F, words, seed):
     acc = np.zeros((count, words), dtype=np.uint64)
     ly = np.zeros((count, words), dtype=np.uint64)
     lz = np.zeros((count, words), dtype=np.uint64)
-    par = np.full(count, -1, dtype=np.int64)  # parent voxel (flat index) in the forest
-    order = np.empty(count, dtype=np.int64)  # BFS order (flat voxel indices)
+    par = np.full(count, -1, dtype=np.int32)  # parent voxel (flat index) in the forest
+    order = np.empty(count, dtype=np.int32)  # BFS order (flat voxel indices)
     seen = np.zeros(count, dtype=np.uint8)
     head = 0
     tail = 0
@@ -499,10 +499,10 @@ def linking_events(U, cid, ly, lz, betti, stop_below):
     n0, n1, n2 = U.shape
     words = ly.shape[1]
     inf = (n0 - 1) * (n1 - 1) * (n2 - 1)
-    parent = np.arange(inf + 1, dtype=np.int64)
-    size = np.ones(inf + 1, dtype=np.int64)
+    parent = np.arange(inf + 1, dtype=np.int32)
+    size = np.ones(inf + 1, dtype=np.int32)
     pot = np.zeros((inf + 1, words), dtype=np.uint64)
-    path = np.empty(inf + 1, dtype=np.int64)
+    path = np.empty(inf + 1, dtype=np.int32)
     acc_y = np.zeros((n1, n2, words), dtype=np.uint64)
     acc_z = np.zeros((n1, n2, words), dtype=np.uint64)
     row = np.zeros((n2, words), dtype=np.uint64)

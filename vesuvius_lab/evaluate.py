@@ -65,6 +65,8 @@ def pair_files(pred_dir: str | os.PathLike, label_dir: str | os.PathLike) -> lis
             problems.append(f"{label}: expected a 3D volume, found shape {ls}")
         elif ps != ls:
             problems.append(f"{pred}: shape {ps} differs from label {label} shape {ls}")
+        elif min(ls) < 4:
+            problems.append(f"{label}: shape {ls} is too small for the metric (every axis needs 4 voxels)")
     if problems:
         raise VLabError(problems)
     return pairs

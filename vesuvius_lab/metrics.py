@@ -163,15 +163,10 @@ def _octant_counts(x: np.ndarray, y: np.ndarray) -> TopoCounts:
     from vesuvius_lab._betti import match_counts
 
     if min(x.shape) < 2:
-        return _thin_counts(x, y)
+        # Betti-Matching-3D switches to its 2D/1D code for flat octants; not reproduced here
+        raise ValueError(f"TopoScore needs every axis to be at least 4 voxels (an octant was {x.shape})")
     m, p, g = match_counts(x, y)
     return TopoCounts(m, p, g)
-
-
-def _thin_counts(x: np.ndarray, y: np.ndarray) -> TopoCounts:
-    """Octants one voxel thin (volumes under 4 voxels on an axis): pad-free 2D/1D case is not
-    reproduced; refuse clearly rather than guess."""
-    raise ValueError(f"TopoScore needs every axis of every octant to be at least 2 voxels, got octant {x.shape}")
 
 
 def topo_counts(x: np.ndarray, y: np.ndarray, jobs: int | None = None) -> TopoCounts:
@@ -291,12 +286,13 @@ def surface_dice_masks(x: np.ndarray, y: np.ndarray, tolerance: float = SURFACE_
 
 
 def _ball_offsets(tolerance: float) -> np.ndarray:
-    """Integer offsets o with sqrt(|o|^2) <= tolerance (float64), i.e. within the tolerance."""
+    """Integer offsets o with sqrt(|o|^2) <= tolerance (float64), nearest first (early hits)."""
     r = int(math.floor(max(tolerance, 0.0))) + 1
     grid = np.arange(-r, r + 1)
     o = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), axis=-1).reshape(-1, 3)
-    keep = np.sqrt((o.astype(np.float64) ** 2).sum(axis=1)) <= tolerance
-    return np.ascontiguousarray(o[keep], dtype=np.int64)
+    dist = np.sqrt((o.astype(np.float64) ** 2).sum(axis=1))
+    o, dist = o[dist <= tolerance], dist[dist <= tolerance]
+    return np.ascontiguousarray(o[np.argsort(dist, kind="stable")], dtype=np.int64)  # nearest first
 
 
 def _within(a: np.ndarray, b: np.ndarray, offsets: np.ndarray) -> np.ndarray:
