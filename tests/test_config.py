@@ -8,8 +8,11 @@ def test_file_then_overrides(tmp_path):
     cfg = tmp_path / "configs" / "c.yaml"
     cfg.parent.mkdir()
     cfg.write_text("training:\n  workers: 4\n  train_iterations_per_epoch: 50\ndata:\n  patch_size: [72, 136, 136]\n")
-    c = load_config(cfg, ["training.workers=1", "training.train_iterations_per_epoch=null", "training.seed=7"])
+    # 72 x 136 x 136 needs a U-Net whose stages divide it: 4 stages halve 3 times (8 | 72, 136).
+    overrides = ["training.workers=1", "training.train_iterations_per_epoch=null", "training.patches_per_volume=4"]
+    c = load_config(cfg, [*overrides, "training.seed=7"])
     assert (c.training.workers, c.training.train_iterations_per_epoch, c.training.seed) == (1, None, 7)
+    assert c.training.patches_per_volume == 4
     assert c.data.patch_size == [72, 136, 136]
     assert c.root == tmp_path  # the folder holding configs/
     assert c.path("data_manifests/x.yaml", "manifest") == (tmp_path / "data_manifests" / "x.yaml").resolve()
@@ -38,3 +41,12 @@ def test_config_paths_stay_inside_root(tmp_path):
     c.root = tmp_path
     with pytest.raises(Exception, match="escapes"):
         c.path("../../etc/passwd", "data.manifest")
+
+
+def test_cross_checks_name_the_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.patch_size=[72,136,136]", "model.features=[8,16,32,64,128]",
+                           "training.train_iterations_per_epoch=null", "postprocess.method=otsu"])
+    text = "\n".join(err.value.lines)
+    assert "must be divisible by 16" in text and "set train_iterations_per_epoch or patches_per_volume" in text
+    assert "postprocess.method: 'otsu' is not one of" in text

@@ -66,9 +66,16 @@ class VolumeCache:
         except (OSError, ValueError):
             return None
 
+    def meta(self, record: Record) -> dict | None:
+        """What the cache recorded when it decoded this record (shape, checksum, source signature)."""
+        return self._meta(self.folder(record))
+
     def is_fresh(self, record: Record) -> bool:
-        meta = self._meta(self.folder(record))
-        return meta is not None and meta.get("signature") == _signature(record)
+        meta = self.meta(record)
+        try:
+            return meta is not None and meta.get("signature") == _signature(record)
+        except OSError:
+            return False
 
     def load(self, record: Record) -> CachedVolume:
         """Open a record's cached arrays, (re)building them first if the source changed."""

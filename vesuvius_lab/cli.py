@@ -112,6 +112,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train -----------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="run config YAML (e.g. configs/demo.yaml)")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name> beside configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vesuvius_lab.config import load_config
+    from vesuvius_lab.train import train
+
+    config = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or config.root / "runs" / args.config.stem
+    result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{run_dir}: {result['message']}")
+    return 0 if result["state"] == "finished" else 3
+
+
 # --- bench -----------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
     from vesuvius_lab.bench import BENCHES, load
@@ -167,6 +188,7 @@ COMMANDS: list[Command] = [
     ("validate", "check a data root or manifest before training", _validate_args, _validate),
     ("manifest", "build or check a dataset manifest", _manifest_args, _manifest),
     ("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args, _demo),
+    ("train", "train the topology-aware 3D U-Net (also under torchrun)", _train_args, _train),
     ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
     ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),
 ]

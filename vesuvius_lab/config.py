@@ -16,6 +16,7 @@ import yaml
 
 from vesuvius_lab.errors import ConfigError
 from vesuvius_lab.io import resolve_inside
+from vesuvius_lab.postprocess import PostprocessConfig
 
 
 @dataclass
@@ -57,6 +58,55 @@ class AugmentConfig:
 
 
 @dataclass
+class ModelConfig:
+    features: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    deep_supervision: bool = True
+    deep_supervision_heads: int = 3  # full resolution + auxiliary heads at 1/2, 1/4
+
+
+@dataclass
+class LossConfig:
+    """Weights of the six terms (0 disables a term at no cost) and their settings."""
+
+    bce: float = 1.0
+    pos_weight: float = 2.0  # weighted BCE: label-1 voxels count this much more
+    dice: float = 1.0
+    cldice: float = 0.5
+    cldice_iterations: int = 3  # soft-skeleton iterations; sheets are 2-4 voxels thick
+    skeleton_recall: float = 0.5  # morphological skeleton: recall of the precomputed medial surface
+    surface: float = 0.1  # boundary loss against the precomputed signed distance map
+    topo: float = 0.0  # TopLoss (cubical persistence with cripser)
+    topo_every: int = 10  # steps between TopLoss evaluations
+    topo_downsample: int = 4  # probability map pooled by this factor before persistence
+    deep_supervision_terms: list[str] = field(default_factory=lambda: ["bce", "dice"])
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.99  # sgd (nesterov)
+    warmup_steps: int = 50
+    schedule: str = "poly"  # poly | cosine; step-based, so steps per epoch do not bend it
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    grad_clip: float = 12.0
+    accumulate: int = 1
+    amp: str = "bf16"  # bf16 | fp16 | off; used on CUDA only
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class ValConfig:
+    overlap: float = 0.25
+    batch: int = 2
+    tta: bool = False  # mirror test-time augmentation
+    threshold: float = 0.5
+    max_volumes: int | None = None
+
+
+@dataclass
 class TrainingConfig:
     train_batch_size: int = 2
     train_iterations_per_epoch: int | None = 200
@@ -78,6 +128,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     root: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -137,16 +192,17 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
         if not isinstance(values, dict):
             problems.append(f"{origin}: section {name!r} must be a mapping")
             continue
-        section = getattr(config, name)
-        hints = typing.get_type_hints(type(section))
+        hints = typing.get_type_hints(type(getattr(config, name)))
         for key, value in values.items():
             if key not in hints:
                 problems.append(f"{origin}: unknown key {name}.{key}")
                 continue
             try:
-                setattr(section, key, _check_type(value, hints[key], f"{name}.{key}"))
+                value = _check_type(value, hints[key], f"{name}.{key}")
+                # replace() re-runs a section's own validation (__post_init__), frozen or not
+                setattr(config, name, dataclasses.replace(getattr(config, name), **{key: value}))
             except ConfigError as exc:
-                problems.append(f"{origin}: {exc.lines[0]}")
+                problems.extend(f"{origin}: {line}" for line in exc.lines)
     return problems
 
 
@@ -198,6 +254,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         problems.append(f"augment.where: expected 'worker' or 'device', got {config.augment.where!r}")
     if config.training.multiprocessing_context not in ("fork", "spawn", "forkserver"):
         problems.append(f"training.multiprocessing_context: expected fork, spawn or forkserver")
+    divisor = 2 ** (len(config.model.features) - 1)
+    if len(config.data.patch_size) == 3 and any(p % divisor for p in config.data.patch_size):
+        problems.append(
+            f"data.patch_size: {config.data.patch_size} must be divisible by {divisor} "
+            f"({len(config.model.features)} U-Net stages in model.features)"
+        )
+    for key, allowed in (("name", ("adamw", "sgd")), ("schedule", ("poly", "cosine")), ("amp", ("bf16", "fp16", "off"))):
+        if getattr(config.optim, key) not in allowed:
+            problems.append(f"optim.{key}: expected one of {', '.join(allowed)}, got {getattr(config.optim, key)!r}")
+    unknown = set(config.loss.deep_supervision_terms) - {"bce", "dice", "cldice", "skeleton_recall", "surface"}
+    if unknown:
+        problems.append(f"loss.deep_supervision_terms: unknown term(s) {', '.join(sorted(unknown))}")
+    if config.training.train_iterations_per_epoch is None and config.training.patches_per_volume is None:
+        problems.append("training: set train_iterations_per_epoch or patches_per_volume")
     if not 0.0 <= config.sampler.fg_fraction <= 1.0:
         problems.append(f"sampler.fg_fraction: expected a value in [0, 1], got {config.sampler.fg_fraction}")
     if problems:

@@ -7,6 +7,7 @@ only pins down libraries that use global RNGs; the stream does not depend on the
 from __future__ import annotations
 
 import random
+import signal
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ def epoch_plan(config: Config, n_volumes: int, world_size: int = 1) -> EpochPlan
 
 
 def _worker_init(worker_id: int) -> None:
+    # A Ctrl-C or a SIGTERM sent to the whole process group must not kill workers mid-batch:
+    # the main process stops gracefully (checkpoint first) and then shuts them down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     info = get_worker_info()
     seed = info.seed % 2**32 if info is not None else worker_id
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism

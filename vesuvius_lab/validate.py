@@ -25,8 +25,11 @@ from vesuvius_lab.errors import VLabError
 from vesuvius_lab.io import read_volume
 
 
-def _inspect(record: Record) -> RecordStats | list[str]:
+def _inspect(record: Record, cache=None) -> RecordStats | list[str]:
     try:
+        if cache is not None and cache.is_fresh(record):
+            meta = cache.meta(record)
+            return RecordStats(tuple(meta["shape"]), "uint8", {}, meta["checksum"])
         return inspect_record(record)
     except VLabError as exc:
         return exc.lines
@@ -71,15 +74,22 @@ def preflight(
     patch_size: Sequence[int] | None = None,
     jobs: int | None = None,
     progress: bool = True,
+    manifest=None,
+    cache=None,
 ) -> list[str]:
-    """All problems with a data root or a manifest (YAML file); an empty list means ready to train."""
+    """All problems with a data root or a manifest (YAML file); an empty list means ready to train.
+
+    ``manifest``: the already-loaded manifest of ``source`` (e.g. with its root overridden).
+    ``cache``: a VolumeCache whose fresh entries were decoded and checked when they were built;
+    their recorded checksum stands in for decoding the file again.
+    """
     from vesuvius_lab.manifest import load_manifest  # manifest imports dataset; keep import order flat
 
     source = Path(source)
     expected: dict[str, RecordStats | None] = {}
-    if source.is_file() and source.suffix in (".yaml", ".yml"):
+    if manifest is not None or (source.is_file() and source.suffix in (".yaml", ".yml")):
         try:
-            manifest = load_manifest(source)
+            manifest = manifest or load_manifest(source)
         except VLabError as exc:
             return exc.lines
         records, problems = manifest.locate()
@@ -92,7 +102,7 @@ def preflight(
             return problems
     workers = jobs or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoders release the GIL
-        results = pool.map(_inspect, records)
+        results = pool.map(lambda r: _inspect(r, cache), records)
         for record, result in zip(records, tqdm(results, total=len(records), desc="validate", unit="vol", disable=not progress), strict=True):
             if isinstance(result, list):
                 problems.extend(result)

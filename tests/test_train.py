@@ -1,0 +1,168 @@
+"""The training engine end to end on a tiny dataset: run directory, exact resume, signals, DDP."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vesuvius_lab.config import OptimConfig, load_config
+from vesuvius_lab.manifest import build_manifest
+from vesuvius_lab.train import lr_at, train
+
+STEPS, EPOCHS = 6, 2
+
+
+@pytest.fixture()
+def tiny_config(tiny_root, tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    build_manifest(tiny_root, progress=False).save(manifest)
+
+    def make(**sections) -> Path:
+        doc = {
+            "data": {"manifest": str(manifest), "patch_size": [16, 16, 16]},
+            "model": {"features": [4, 8, 16], "deep_supervision_heads": 2},
+            "loss": {"cldice": 0.3, "skeleton_recall": 0.3, "surface": 0.1, "topo": 0.1, "topo_every": 3},
+            "optim": {"lr": 0.01, "warmup_steps": 2},
+            "val": {"max_volumes": 1, "overlap": 0.0, "batch": 8},
+            "training": {"train_batch_size": 2, "train_iterations_per_epoch": STEPS, "max_epochs": EPOCHS,
+                         "workers": 2, "persistent_workers": True, "checkpoint_every_steps": 2,
+                         "val_every_epochs": 1, "seed": 1},
+        }
+        for name, values in sections.items():
+            doc.setdefault(name, {}).update(values)
+        path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    return make
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(cfg: Path, run: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vesuvius_lab", "train", "--config", str(cfg), "--run-dir", str(run), "--no-progress", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return
+        try:
+            if json.loads((run / "status.json").read_text()).get("step", 0) >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"run never reached step {step}")
+
+
+def final_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+
+
+def test_lr_schedule_is_step_based():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="poly", poly_power=1.0)
+    assert lr_at(0, 110, cfg) == pytest.approx(0.1) and lr_at(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(60, 110, cfg) == pytest.approx(0.5) and lr_at(110, 110, cfg) == pytest.approx(0.0)
+    cos = OptimConfig(lr=1.0, warmup_steps=0, schedule="cosine", min_lr=0.1)
+    assert lr_at(50, 100, cos) == pytest.approx(0.55)
+
+
+def test_run_directory_logs_and_checkpoints(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    result = train(load_config(tiny_config(training={"workers": 0})), run, progress=False)
+    assert result["state"] == "finished" and result["step"] == STEPS * EPOCHS
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "status.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    lines = records(run)
+    train_lines = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train_lines] == list(range(1, STEPS * EPOCHS + 1))
+    for key in ("lr", "loss", "bce", "dice", "cldice", "skeleton_recall", "surface", "topo", "step_s",
+                "data_wait_s", "samples_per_s", "memory_mb"):
+        assert key in train_lines[0]
+    assert [r["topo"] is not None for r in train_lines[:4]] == [True, False, False, True]  # every 3 steps
+    vals = [r for r in lines if r["kind"] == "val"]
+    assert len(vals) == EPOCHS and all(0 <= v["score"] <= 1 for v in vals)
+    assert {"topo", "surface_dice", "voi_score"} <= vals[0].keys()
+    epochs = [r for r in lines if r["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(e["epoch_s"] > 0 for e in epochs)
+    ckpt = final_state(run)  # loads with weights_only=True
+    assert {"model", "optimizer", "scheduler", "scaler", "step", "rng"} <= ckpt.keys() and ckpt["step"] == 12
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    with pytest.raises(Exception, match="holds a checkpoint already"):
+        train(load_config(tiny_config()), run, progress=False)
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tiny_config, tmp_path):
+    cfg = tiny_config()
+    reference = tmp_path / "reference"
+    done = start(cfg, reference)
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    run, rng, kills = tmp_path / "killed", random.Random(7), 0
+    proc = start(cfg, run)
+    for target in sorted(rng.sample(range(1, STEPS * EPOCHS), 3)):
+        wait_for_step(run, target, proc)
+        time.sleep(rng.uniform(0, 0.3))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        proc = start(cfg, run, "--resume")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert kills >= 2
+    a, b = final_state(reference), final_state(run)
+    assert a["step"] == b["step"] == STEPS * EPOCHS
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    steps = [r["step"] for r in records(run) if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS * EPOCHS + 1))  # no duplicated or missing log lines
+
+
+def test_sigterm_stops_gracefully_with_a_checkpoint(tiny_config, tmp_path):
+    cfg, run = tiny_config(training={"checkpoint_every_steps": 100}), tmp_path / "run"
+    proc = start(cfg, run)
+    wait_for_step(run, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, data workers included
+    assert proc.wait(timeout=120) == 3, proc.stderr.read()
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and "SIGTERM" in status["message"]
+    assert final_state(run)["step"] == status["step"] >= 3
+    proc = start(cfg, run, "--resume")
+    assert proc.wait(timeout=300) == 0
+    assert final_state(run)["step"] == STEPS * EPOCHS
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_config, tmp_path):
+    cfg, run = tiny_config(optim={"lr": 1e30, "warmup_steps": 0, "max_nonfinite": 3}, training={"workers": 0}), tmp_path / "run"
+    proc = start(cfg, run)
+    assert proc.wait(timeout=300) == 2
+    err = proc.stderr.read().strip().splitlines()
+    assert err[-1].startswith("error: stopped: 3 non-finite losses in a row") and "Traceback" not in proc.stderr.read()
+    skipped = [r for r in records(run) if r["kind"] == "train" and r["skipped"]]
+    assert len(skipped) == 3 and skipped[-1]["nonfinite_total"] == 3
+    assert final_state(run)["step"] >= 2  # the last checkpoint is intact and loadable
+
+
+def test_torchrun_two_processes_on_cpu(tiny_config, tmp_path):
+    cfg, run = tiny_config(training={"workers": 1, "max_epochs": 1}), tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "vesuvius_lab", "train", "--config", str(cfg), "--run-dir", str(run), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = records(run)
+    train_lines = [r for r in lines if r["kind"] == "train"]
+    assert len(train_lines) == STEPS and all(r["global_batch"] == 4 for r in train_lines)  # written once, by rank 0
+    assert len([r for r in lines if r["kind"] == "val"]) == 1
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
