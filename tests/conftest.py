@@ -11,6 +11,8 @@ import pytest
 from vesuvius_lab.cli import main as cli_main
 from vesuvius_lab.synth import synth
 
+pytest_plugins = ["conftest_gui"]  # Xvfb, napari viewer and notebook fixtures of the workbench tests
+
 REPO = Path(__file__).resolve().parent.parent
 REQUIRE_ALL = os.environ.get("VLAB_REQUIRE_ALL") == "1"
 
