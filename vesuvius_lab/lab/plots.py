@@ -1,0 +1,76 @@
+"""Matplotlib views for the notebooks, rendered to PNG so they work with any backend and in tests."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from vesuvius_lab.lab.data import LABEL_COLORS
+
+AXES = "zyx"
+
+
+def label_rgba(label: np.ndarray) -> np.ndarray:
+    """RGBA overlay of a label slice in the shared label colours (unknown values transparent)."""
+    lut = np.zeros((256, 4))
+    for value, rgba in LABEL_COLORS.items():
+        lut[value] = rgba
+    return lut[np.asarray(label)]
+
+
+def figure_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return buf.getvalue()
+
+
+class OrthoSlices:
+    """Three orthogonal slices through one point with the labels overlaid and crosshairs.
+
+    The figure is built once and its artists updated in place, so moving a slider only redraws.
+    """
+
+    def __init__(self, image: np.ndarray, label: np.ndarray, figsize: tuple[float, float] = (11, 3.8)):
+        self.fig = Figure(figsize=figsize, dpi=80, layout="constrained")
+        self.axes = self.fig.subplots(1, 3)
+        self._images, self._overlays, self._lines = [], [], []
+        for ax in self.axes:
+            self._images.append(ax.imshow(np.zeros((1, 1)), cmap="gray", vmin=0, vmax=255, interpolation="nearest"))
+            self._overlays.append(ax.imshow(np.zeros((1, 1, 4)), interpolation="nearest"))
+            self._lines.append((ax.axhline(0, color="w", lw=0.6, alpha=0.6), ax.axvline(0, color="w", lw=0.6, alpha=0.6)))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self.set_volume(image, label)
+
+    def set_volume(self, image: np.ndarray, label: np.ndarray) -> None:
+        if image.shape != label.shape:
+            raise ValueError(f"image shape {image.shape} differs from label shape {label.shape}")
+        self.image, self.label = image, label
+        for axis, ax in enumerate(self.axes):
+            rows, cols = (a for a in range(3) if a != axis)
+            extent = (-0.5, image.shape[cols] - 0.5, image.shape[rows] - 0.5, -0.5)
+            self._images[axis].set_extent(extent)
+            self._overlays[axis].set_extent(extent)
+            ax.set_xlim(extent[:2])
+            ax.set_ylim(extent[2:])
+            ax.set_xlabel(AXES[cols])
+            ax.set_ylabel(AXES[rows])
+        self.show([s // 2 for s in image.shape])
+
+    def show(self, point: Sequence[int]) -> None:
+        """Slice through ``point`` (z, y, x): panel k shows the plane across axis k."""
+        self.point = tuple(int(p) for p in point)
+        for axis, ax in enumerate(self.axes):
+            rows, cols = (a for a in range(3) if a != axis)
+            self._images[axis].set_data(np.take(self.image, self.point[axis], axis=axis))
+            self._overlays[axis].set_data(label_rgba(np.take(self.label, self.point[axis], axis=axis)))
+            hline, vline = self._lines[axis]
+            hline.set_ydata([self.point[rows]] * 2)
+            vline.set_xdata([self.point[cols]] * 2)
+            ax.set_title(f"{AXES[axis]} = {self.point[axis]}")
+
+    def png(self) -> bytes:
+        return figure_png(self.fig)
