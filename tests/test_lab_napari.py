@@ -1,0 +1,136 @@
+"""napari views and the dock widget, in real viewers under Xvfb, checked through screenshots."""
+
+from itertools import pairwise
+
+import napari
+import numpy as np
+import pytest
+from npe2 import PluginManager, PluginManifest
+from npe2.manifest.utils import import_python_name
+
+import vesuvius_lab
+from conftest_gui import assert_rendered
+from vesuvius_lab.augment import patch_corners
+from vesuvius_lab.config import AugmentConfig, SamplerConfig
+from vesuvius_lab.lab import data, views
+from vesuvius_lab.lab.napari_widget import RecordPatchesWidget
+from vesuvius_lab.manifest import load_manifest
+from vesuvius_lab.preview import box_edges
+
+PLUGIN_YAML = vesuvius_lab.__file__.replace("__init__.py", "napari.yaml")
+
+
+def _segments(points):
+    return {frozenset(map(tuple, pair)) for pair in pairwise(np.round(points, 6))}
+
+
+def _rotation(deg: float) -> np.ndarray:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def test_box_path_walks_exactly_the_twelve_edges():
+    corners = patch_corners(np.array([10.0, 20, 30]), (8, 12, 16), _rotation(20))
+    assert _segments(views.box_path(corners)) == {frozenset(map(tuple, np.round(e, 6))) for e in box_edges(corners)}
+
+
+def test_box_sections_outline_the_box_on_each_slice():
+    corners = patch_corners(np.array([10.0, 20, 30]), (9, 13, 17), np.eye(3))  # z 6..14, y 14..26, x 22..38
+    sections = views.box_sections(corners)
+    assert [s[0, 0] for s in sections] == list(range(6, 15))
+    for s in sections:
+        assert sorted(map(tuple, s[:, 1:])) == [(14, 22), (14, 38), (26, 22), (26, 38)]
+    tilted = patch_corners(np.array([10.0, 20, 30]), (9, 13, 17), _rotation(30))
+    inverse = np.linalg.inv(_rotation(30))
+    for s in views.box_sections(tilted):
+        assert np.all(s[:, 0] == s[0, 0]) and len(s) >= 4  # planar polygons
+        local = (inverse @ (s - [10, 20, 30]).T).T  # back in the patch's own axes: on or in the box
+        assert np.all(np.abs(local) <= np.array([4, 6, 8]) + 1e-6)
+
+
+def _colour_share(rgb: np.ndarray, rgb_ref, tol: int = 40) -> float:
+    return float(np.mean(np.all(np.abs(rgb.astype(int) - np.asarray(rgb_ref)) < tol, axis=-1)))
+
+
+@pytest.mark.gui
+def test_record_patches_and_prediction_render_in_2d_and_3d(viewer, tiny_manifest, artifacts, tmp_path):
+    manifest = load_manifest(tiny_manifest)
+    rid = manifest.records[0].id
+    volume = data.open_record(manifest, rid)
+    prediction = (np.asarray(volume.label) == 1).astype(np.float32) * 0.9
+    layers = views.show_record(viewer, volume, prediction)
+    patches = data.sample_patches(manifest, rid, (24, 24, 24), 6, sampler=SamplerConfig(fg_fraction=0.5),
+                                  augment=AugmentConfig(enabled=False))
+    boxes, outlines = views.show_patch_boxes(viewer, patches)
+    assert [layer.name for layer in viewer.layers] == ["image", "surface", "ignored", "prediction", "patch boxes",
+                                                        "patch outlines"]
+    assert layers[0].data is volume.image and layers[1].data is volume.label  # the memmaps, not copies
+    assert len(boxes.data) == 6 and list(boxes.features["foreground_draw"]) == [p["foreground_draw"] for p in patches]
+    shot2d, shot3d = views.save_views(viewer, artifacts, "views-record-patches")
+    rgb2d, rgb3d = assert_rendered(shot2d), assert_rendered(shot3d)
+    # Box colours are drawn opaque over everything: both kinds of draw must show in both views.
+    for rgb in (rgb2d, rgb3d):
+        for colour in views.DRAW_COLORS.values():
+            assert _colour_share(rgb, np.array(colour[:3]) * 255) > 1e-4
+    assert not np.array_equal(rgb2d, rgb3d)
+    assert viewer.dims.ndisplay == 2 and viewer.layers["ignored"].visible
+
+
+@pytest.mark.gui
+def test_label_map_prediction_and_an_ndisplay_toggle_bound_both_ways(viewer, tiny_manifest):
+    manifest = load_manifest(tiny_manifest)
+    volume = data.open_record(manifest, manifest.records[0].id)
+    views.show_record(viewer, volume, (np.asarray(volume.label) == 1).astype(np.uint8))
+    assert [layer.name for layer in viewer.layers] == ["image", "surface", "ignored", "prediction"]
+    assert isinstance(viewer.layers["prediction"], napari.layers.Labels)  # integers: a label map
+    toggle = views.ndisplay_toggle(viewer)
+    toggle.value = 3
+    assert viewer.dims.ndisplay == 3 and tuple(viewer.scene.camera.angles) == pytest.approx(views.OBLIQUE)
+    assert not viewer.layers["ignored"].visible and viewer.layers["surface"].visible
+    viewer.dims.ndisplay = 2
+    assert toggle.value == 2 and viewer.layers["ignored"].visible
+
+
+def test_plugin_manifest_is_valid_and_points_at_the_widget():
+    manifest = PluginManifest.from_file(PLUGIN_YAML)
+    assert manifest.name == "vesuvius-lab"
+    (command,) = manifest.contributions.commands
+    (widget,) = manifest.contributions.widgets
+    assert widget.command == command.id
+    assert import_python_name(command.python_name) is RecordPatchesWidget
+
+
+@pytest.mark.gui
+def test_dock_widget_from_the_plugin_manifest_opens_record_and_patches(viewer, tiny_manifest, artifacts):
+    manifest = PluginManifest.from_file(PLUGIN_YAML)
+    plugins = PluginManager.instance()
+    plugins.register(manifest)
+    try:
+        _dock, widget = viewer.window.add_plugin_dock_widget("vesuvius-lab", "Record patches")
+    finally:
+        plugins.unregister(manifest.name)
+    assert isinstance(widget, RecordPatchesWidget)
+    widget.manifest_file.value = tiny_manifest
+    records = load_manifest(tiny_manifest).records
+    assert list(widget.record.choices) == [r.id for r in records]
+    widget.record.value = records[2].id
+    widget.patch_size.value, widget.n_patches.value, widget.seed.value = 20, 5, 7
+    widget.open_button.native.click()
+    assert {"image", "surface", "ignored", "patch boxes", "patch outlines"} <= {layer.name for layer in viewer.layers}
+    assert viewer.layers["image"].data.shape == (48, 48, 48) and len(viewer.layers["patch boxes"].data) == 5
+    assert widget.status.value.startswith(f"{records[2].id}: 5 patches")
+    for path in views.save_views(viewer, artifacts, "dock-widget"):
+        assert_rendered(path)
+    widget.manifest_file.value = tiny_manifest.parent / "missing.yaml"
+    assert widget.record.choices == () and "manifest not found" in widget.status.value
+
+
+def test_a_blank_or_flat_screenshot_is_rejected(tmp_path):
+    from PIL import Image
+
+    blank, two_tone = np.zeros((60, 80, 3), np.uint8), np.zeros((60, 80, 3), np.uint8)
+    two_tone[:, 40:] = 255
+    for name, rgb in (("blank", blank), ("two-tone", two_tone)):
+        Image.fromarray(rgb).save(tmp_path / f"{name}.png")
+        with pytest.raises(AssertionError, match="looks blank"):
+            assert_rendered(tmp_path / f"{name}.png")
