@@ -1,0 +1,100 @@
+"""Notebooks: paired with py:percent twins, stored without outputs, and run top to bottom small."""
+
+from pathlib import Path
+
+import jupytext
+import nbformat
+import numpy as np
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from conftest_gui import assert_rendered
+from vesuvius_lab.io import read_volume
+from vesuvius_lab.lab.runner import INJECTED_TAG, inject_parameters, run_notebook
+from vesuvius_lab.manifest import load_manifest
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+# Small parameters per notebook, on top of the tiny manifest, cache, screenshot folder and close_viewer.
+SMALL = {
+    "01_inspect_volumes": {},
+    "02_preview_patches": {"patch_size": [24, 24, 24], "n_patches": 6, "montage_samples": 2},
+}
+
+
+def _cells(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source) for c in nb.cells]
+
+
+def _tags(cell) -> list[str]:
+    return cell.metadata.get("tags", [])
+
+
+def test_every_notebook_has_a_twin_and_small_parameters():
+    assert {p.stem for p in NOTEBOOKS} >= {"01_inspect_volumes", "02_preview_patches"}
+    assert {p.stem for p in NOTEBOOK_DIR.glob("*.py")} == {p.stem for p in NOTEBOOKS}
+    assert set(SMALL) == {p.stem for p in NOTEBOOKS}, "each notebook needs small parameters to run in the tests"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_paired_clean_and_parameterised(path):
+    nb, twin = nbformat.read(path, as_version=4), jupytext.read(path.with_suffix(".py"))
+    for doc in (nb, twin):
+        assert doc.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+    assert _cells(nb) == _cells(twin), f"{path.name} and its .py twin differ: run jupytext --sync"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code), f"{path.name} has outputs"
+    assert [i for i, c in enumerate(code) if "parameters" in _tags(c)] == [0]
+    sources = [c.source for c in code]
+    viewer_cells = [i for i, s in enumerate(sources) if "napari.Viewer(" in s]
+    if viewer_cells:  # the Qt event loop, in a cell of its own, before any viewer; closed when asked
+        assert "%gui qt" in sources and sources.index("%gui qt") < viewer_cells[0]
+        assert "close_viewer" in sources[0] and "viewer.close()" in sources[-1]
+
+
+def test_inject_parameters_goes_after_the_parameters_cell_and_replaces_itself():
+    nb = new_notebook(cells=[new_markdown_cell("# t"), new_code_cell("a = 1\nb = 'x'", metadata={"tags": ["parameters"]}),
+                             new_code_cell("print(a, b)")])
+    inject_parameters(nb, {"a": 2, "p": None, "s": "it's"})
+    assert _tags(nb.cells[2]) == [INJECTED_TAG]
+    assert nb.cells[2].source == "# Injected parameters\na = 2\np = None\ns = \"it's\"\n"
+    inject_parameters(nb, {"a": [3, 4]})
+    assert len(nb.cells) == 4 and nb.cells[2].source.endswith("a = [3, 4]\n") and nb.cells[3].source == "print(a, b)"
+    with pytest.raises(ValueError, match="parameters"):
+        inject_parameters(new_notebook(cells=[new_code_cell("a = 1")]), {"a": 2})
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_manifest, artifacts, tmp_path):
+    parameters = {
+        "manifest_path": str(tiny_manifest),
+        "cache_dir": str(tmp_path / "cache"),
+        "close_viewer": True,
+        "screenshot_dir": str(artifacts),
+        **SMALL[path.stem],
+    }
+    manifest = load_manifest(tiny_manifest)
+    first = manifest.records[0]
+    if path.stem == "01_inspect_volumes":  # a probability map of the first record, to overlay
+        surface = read_volume(manifest.resolve(first).label) == 1
+        np.save(tmp_path / "prediction.npy", np.where(surface, 0.9, 0.05).astype(np.float32))
+        parameters["prediction_path"] = str(tmp_path / "prediction.npy")
+    nb = run_notebook(path, parameters, timeout=120)
+    nbformat.write(nb, artifacts / path.name)  # the executed notebook, to look at
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for ndisplay in (2, 3):
+        shot = artifacts / f"{path.stem}-{ndisplay}d.png"
+        assert str(shot) in printed
+        assert_rendered(shot)
+    shown = _widget_texts(nb)
+    assert any(t.startswith(f"<b>{first.id}</b>: scroll {first.scroll_id}") for t in shown)  # the record summary
+    if path.stem == "02_preview_patches":
+        assert any(t.startswith(f"6 patches of {first.id}") for t in shown)
+
+
+def _widget_texts(nb) -> list[str]:
+    """String values of the widgets as the executed notebook saved them."""
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    return [m["state"]["value"] for m in state.values() if isinstance(m["state"].get("value"), str)]
