@@ -17,8 +17,9 @@ prediction), Y (input 2, the label), U = X | Y (the comparison image min(f_X, f_
   iff [boundary s] lies in the image of H1(K_X) and of H1(K_Y) in H1 of the complex before s; that
   image loses a dimension exactly there. By Alexander duality this rank is the rank of the linking
   pairing between cycles of K_X and loops of the dual graph of the squares not yet added, which a
-  reverse sweep with an XOR-potential union-find tracks; cycles of K_X enter as random cycles
-  (beta_1 + 64 of them, so they span H1 except with probability < 2**-64).
+  reverse sweep with an XOR-potential union-find tracks; cycles of K_X enter as random cycles,
+  min(beta_1(X), beta_1(U)) + 64 of them: their images span im(H1(K_X) -> H1(K_U)), whose
+  dimension is at most both numbers, except with probability below 2**-64 per octant.
 """
 
 from __future__ import annotations
@@ -484,6 +485,28 @@ def _reduce_insert(vec, basis, pivot_of, rank):
 
 
 @nb.njit(**_JIT)
+def _seen_slot(vec, seen, used):
+    """Slot of ``vec`` in the open-addressing table (occupied: found; free: where it would go)."""
+    h = np.uint64(0x51ED2701)
+    for j in range(vec.size):
+        h = _mix(h ^ vec[j])
+    n = used.size
+    slot = np.int64(h % np.uint64(n))
+    while used[slot]:
+        same = True
+        for j in range(vec.size):
+            if seen[slot, j] != vec[j]:
+                same = False
+                break
+        if same:
+            return slot
+        slot += 1
+        if slot == n:
+            slot = 0
+    return slot
+
+
+@nb.njit(**_JIT)
 def linking_events(U, cid, ly, lz, betti, stop_below):
     """Value-1 squares of U at which im(H1(K_F) -> H1) loses a dimension, as square codes.
 
@@ -511,6 +534,12 @@ def linking_events(U, cid, ly, lz, betti, stop_below):
     basis = np.zeros((max(betti, 1), words), dtype=np.uint64)
     pivot_of = np.full(words * 64, -1, dtype=np.int64)
     events = np.empty(max(betti, 1), dtype=np.int64)
+    capacity = 1024
+    while capacity < 8 * betti:
+        capacity *= 2
+    seen = np.zeros((capacity, words), dtype=np.uint64)  # open addressing, vectors already met
+    seen_used = np.zeros(capacity, dtype=np.uint8)
+    seen_count = 0
     rank = 0
     s0 = n1 * n2
     for x in range(n0 - 1, -1, -1):
@@ -574,6 +603,14 @@ def linking_events(U, cid, ly, lz, betti, stop_below):
                         continue
                     if not nonzero:
                         continue
+                    # loops through the same tunnels repeat one vector: known ones are in the span
+                    slot = _seen_slot(vec, seen, seen_used)
+                    if seen_used[slot]:
+                        continue
+                    if seen_count * 2 < seen_used.size:
+                        seen[slot] = vec
+                        seen_used[slot] = 1
+                        seen_count += 1
                     new_rank = _reduce_insert(vec, basis, pivot_of, rank)
                     if new_rank > rank:
                         events[rank] = code
@@ -662,18 +699,24 @@ def match_counts(X: np.ndarray, Y: np.ndarray, fast: bool = True) -> tuple[tuple
     m2 = int(match_dim2(U, bU, keys_x, keys_y, parent, eld, start))
     m1 = 0
     if p[1] > 0 and g[1] > 0:
-        (f1, b1, s1), (f2, b2, s2) = sorted([(X, p[1], 1), (Y, g[1], 2)], key=lambda item: item[1])
-        first = _events(U, f1, b1, s1, -1)
-        if first.size:
-            second = _events(U, f2, b2, s2, int(first.min()))
-            m1 = int(np.intersect1d(first, second).size)
+        # only the image of H1(K_F) in H1(K_U) can die later, and its dimension is at most
+        # beta_1(U): that many random cycles (+64) suffice, however many tunnels F has
+        b1_u = betti_numbers(U)[1]
+        if b1_u > 0:
+            sides = sorted([(X, min(p[1], b1_u), 1), (Y, min(g[1], b1_u), 2)], key=lambda item: item[1])
+            (f1, d1, s1), (f2, d2, s2) = sides
+            first = _events(U, f1, d1, s1, -1)
+            if first.size:
+                second = _events(U, f2, d2, s2, int(first.min()))
+                m1 = int(np.intersect1d(first, second).size)
     return (m0, m1, m2), p, g
 
 
-def _events(U, F, betti, seed, stop_below):
-    words = (betti + 64 + 63) // 64
+def _events(U, F, rank_bound, seed, stop_below):
+    """Squares where im(H1(K_F)) loses a dimension; ``rank_bound`` >= dim im(H1(K_F) -> H1(K_U))."""
+    words = (rank_bound + 64 + 63) // 64
     cid, ly, lz = random_cycles(F, words, 0x5EED0000 + seed)
-    return linking_events(U, cid, ly, lz, betti, stop_below)
+    return linking_events(U, cid, ly, lz, rank_bound, stop_below)
 
 
 # --- surface distances ---------------------------------------------------------------------

@@ -128,9 +128,6 @@ def _foreground(a: np.ndarray, threshold: float | None) -> np.ndarray:
     return (np.nan_to_num(a, nan=0.0) if floating else a) > threshold
 
 
-_masks = binarize
-
-
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Slices of the smallest box holding every True voxel, or None for an empty mask."""
     out = []
@@ -208,7 +205,7 @@ def topo_score(
     jobs: int | None = None,
 ) -> float:
     """TopoScore: weighted topological F1 of the Betti matching on the 2x2x2 octants."""
-    x, y = _masks(pred, labels, fg_threshold, ignore_label)
+    x, y = binarize(pred, labels, fg_threshold, ignore_label)
     return topo_counts(x, y, jobs).score()
 
 
@@ -310,7 +307,7 @@ def surface_dice(
     ignore_label: int | None = IGNORE_LABEL,
 ) -> float:
     """SurfaceDice@tolerance after the official ignore rule (see ``surface_dice_masks``)."""
-    x, y = _masks(pred, labels, fg_threshold, ignore_label)
+    x, y = binarize(pred, labels, fg_threshold, ignore_label)
     return surface_dice_masks(x, y, tolerance)
 
 
@@ -357,7 +354,7 @@ def voi_score(
     ignore_label: int | None = IGNORE_LABEL,
 ) -> float:
     """VOI_score = 1 / (1 + alpha * (H(GT|PR) + H(PR|GT))) over 26-connected components."""
-    x, y = _masks(pred, labels, fg_threshold, ignore_label)
+    x, y = binarize(pred, labels, fg_threshold, ignore_label)
     return voi_score_masks(x, y, alpha)[0]
 
 
@@ -392,14 +389,14 @@ def volume_score(
 ) -> VolumeScore:
     """The competition's score of one volume and its parts (``.as_dict()`` gives score, topo,
     surface_dice, voi_score). ``jobs`` threads work on the octants (default: all cores)."""
-    x, y = _masks(pred, labels, fg_threshold, ignore_label)
+    x, y = binarize(pred, labels, fg_threshold, ignore_label)
     return score_masks(x, y, jobs)
 
 
 def straightforward_score(pred: np.ndarray, labels: np.ndarray, **kw) -> VolumeScore:
     """The same score the plain way: serial octants, surface distances and components on the whole
     volume (no cropping). For tests and benchmarks that check the fast path changes nothing."""
-    x, y = _masks(pred, labels, kw.get("fg_threshold"), kw.get("ignore_label", IGNORE_LABEL))
+    x, y = binarize(pred, labels, kw.get("fg_threshold"), kw.get("ignore_label", IGNORE_LABEL))
     counts = ZERO_COUNTS
     for s in octant_slices(x.shape):
         counts = counts + _octant_counts(x[s], y[s])
