@@ -24,6 +24,9 @@ prediction), Y (input 2, the label), U = X | Y (the comparison image min(f_X, f_
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numba as nb
 import numpy as np
 
@@ -712,11 +715,18 @@ def match_counts(X: np.ndarray, Y: np.ndarray, fast: bool = True) -> tuple[tuple
     return (m0, m1, m2), p, g
 
 
+# A linking sweep holds ``words`` 64-bit potentials per 3-cube; octants with many tunnels take their
+# turn one at a time, so parallel octants do not multiply the peak memory.
+_WIDE = threading.Semaphore(1)
+WIDE_WORDS = 8
+
+
 def _events(U, F, rank_bound, seed, stop_below):
     """Squares where im(H1(K_F)) loses a dimension; ``rank_bound`` >= dim im(H1(K_F) -> H1(K_U))."""
     words = (rank_bound + 64 + 63) // 64
-    cid, ly, lz = random_cycles(F, words, 0x5EED0000 + seed)
-    return linking_events(U, cid, ly, lz, rank_bound, stop_below)
+    with _WIDE if words > WIDE_WORDS else contextlib.nullcontext():
+        cid, ly, lz = random_cycles(F, words, 0x5EED0000 + seed)
+        return linking_events(U, cid, ly, lz, rank_bound, stop_below)
 
 
 # --- surface distances ---------------------------------------------------------------------
