@@ -7,13 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 import yaml
 
 from vesuvius_lab.config import OptimConfig, load_config
+from vesuvius_lab.io import read_volume
 from vesuvius_lab.manifest import build_manifest
 from vesuvius_lab.train import lr_at, train
 
@@ -103,6 +107,25 @@ def test_run_directory_logs_and_checkpoints(tiny_config, tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     with pytest.raises(Exception, match="holds a checkpoint already"):
         train(load_config(tiny_config()), run, progress=False)
+
+
+def test_predict_writes_masks_and_submission(tiny_config, tiny_root, tmp_path, cli):
+    run = tmp_path / "run"
+    train(load_config(tiny_config(training={"workers": 0, "max_epochs": 1, "val_every_epochs": 0})), run, progress=False)
+    out = tmp_path / "pred"
+    code, lines, err = cli("predict", "--checkpoint", run / "checkpoints" / "last.pt", "--input", tiny_root / "test_images",
+                           "--output", out, "postprocess.threshold=0.4")
+    assert code == 0, err
+    test_ids = sorted(p.stem for p in (tiny_root / "test_images").glob("*.tif"))
+    masks = sorted(out.glob("*.tif"))
+    assert [m.stem for m in masks] == test_ids
+    mask = read_volume(masks[0])
+    assert mask.shape == read_volume(tiny_root / "test_images" / masks[0].name).shape and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 1}
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == [f"{i}.tif" for i in test_ids]
+    code, _, err = cli("predict", "--checkpoint", tmp_path / "nope.pt", "--input", tiny_root, "--output", out)
+    assert code == 2 and err == [f"error: {tmp_path / 'nope.pt'}: checkpoint not found"]
 
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tiny_config, tmp_path):

@@ -133,6 +133,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if result["state"] == "finished" else 3
 
 
+# --- predict ---------------------------------------------------------------------------------
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.pt) written by train")
+    p.add_argument("--input", type=Path, required=True, help="a volume .tif or a folder of them")
+    p.add_argument("--output", type=Path, required=True, help="folder for {id}.tif masks and submission.zip")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. val.tta=true postprocess.threshold=0.6")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vesuvius_lab.predict import predict
+
+    written = predict(args.checkpoint, args.input, args.output, args.overrides, args.device)
+    print(f"wrote {len(written)} masks and {args.output / 'submission.zip'}")
+    return 0
+
+
 # --- bench -----------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
     from vesuvius_lab.bench import BENCHES, load
@@ -189,6 +206,7 @@ COMMANDS: list[Command] = [
     ("manifest", "build or check a dataset manifest", _manifest_args, _manifest),
     ("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args, _demo),
     ("train", "train the topology-aware 3D U-Net (also under torchrun)", _train_args, _train),
+    ("predict", "predict masks with a checkpoint; writes submission.zip", _predict_args, _predict),
     ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
     ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),
 ]

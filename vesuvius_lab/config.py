@@ -226,21 +226,26 @@ def config_root(path: Path) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then overrides; every problem is reported at once."""
-    config, problems = Config(), []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config not found")
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        problems += _apply(config, doc, str(path))
-        config.root = config_root(path)
-    else:
-        config.root = Path.cwd()
+    if path is None:
+        return config_from_dict({}, overrides, origin="defaults", root=Path.cwd())
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config not found")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return config_from_dict(doc, overrides, origin=str(path), root=config_root(path))
+
+
+def config_from_dict(doc: dict, overrides: list[str] | tuple[str, ...] = (), origin: str = "config",
+                     root: Path | None = None) -> Config:
+    """A Config from a mapping of sections (a YAML document, or the copy stored in a checkpoint)."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping of sections")
+    config = Config()
+    config.root = root or Path.cwd()
+    problems = _apply(config, doc, origin)
     for text in overrides:
         try:
             section, key, value = parse_override(text)
@@ -248,6 +253,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             problems += exc.lines
             continue
         problems += _apply(config, {section: {key: value}}, "override")
+    problems += _cross_checks(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(config: Config) -> list[str]:
+    problems = []
     if len(config.data.patch_size) != 3 or min(config.data.patch_size) < 1:
         problems.append(f"data.patch_size: expected 3 positive sizes, got {config.data.patch_size}")
     if config.augment.where not in ("worker", "device"):
@@ -270,9 +283,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         problems.append("training: set train_iterations_per_epoch or patches_per_volume")
     if not 0.0 <= config.sampler.fg_fraction <= 1.0:
         problems.append(f"sampler.fg_fraction: expected a value in [0, 1], got {config.sampler.fg_fraction}")
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return problems
 
 
 def save_config(config: Config, path: str | Path) -> None:

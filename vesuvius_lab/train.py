@@ -85,7 +85,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
-        raise DataError(f"{path}: no checkpoint to resume from")
+        raise DataError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is a one-line error

@@ -14,6 +14,7 @@ from collections.abc import Callable
 # name -> module path; each module has add_args(parser) and run(args)
 BENCHES: dict[str, str] = {
     "data": "vesuvius_lab.bench.data",
+    "losses": "vesuvius_lab.bench.losses",
     "metric": "vesuvius_lab.bench.metric",
 }
 
