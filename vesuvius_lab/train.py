@@ -175,6 +175,87 @@ def memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+@dataclass
+class Engine:
+    """What one optimizer step needs; shared by the training loop and the planner's measurements."""
+
+    model: torch.nn.Module
+    criterion: TopologyLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dataset: object  # PatchDataset: device-side augmentation happens here when it asks for it
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_clip: float
+    world: int = 1
+
+
+@dataclass
+class StepResult:
+    finite: bool
+    loss: float
+    terms: dict
+    data_wait_s: float
+
+
+def forward_backward(engine: Engine, batches, step: int, accumulate: int = 1) -> StepResult:
+    """Fetch ``accumulate`` micro-batches, run forward, loss and backward; time the wait for data."""
+    e = engine
+    data_wait, sums, loss_value, finite = 0.0, {}, 0.0, True
+    for micro in range(accumulate):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        batch = {k: v.to(e.device, non_blocking=True) for k, v in batch.items()}
+        if e.dataset.device_augment:
+            batch = apply_batch(batch, e.dataset.patch)
+        data_wait += time.perf_counter() - t0
+        last = micro == accumulate - 1
+        ctx = e.model.no_sync() if (e.world > 1 and not last) else contextlib.nullcontext()
+        with ctx, torch.autocast(e.device.type, dtype=e.amp_dtype or torch.float32, enabled=e.amp_dtype is not None):
+            outputs = e.model(as_input(batch["image"]))
+            loss, terms = e.criterion(outputs, batch, step)
+        finite = finite and bool(torch.isfinite(loss))
+        e.scaler.scale(loss / accumulate).backward()
+        loss_value += float(loss.detach()) / accumulate
+        for k, v in terms.items():
+            if v is not None:
+                sums[k] = sums.get(k, 0.0) + v / accumulate
+    return StepResult(finite, loss_value, sums, data_wait)
+
+
+def optimizer_update(engine: Engine, finite: bool) -> float:
+    """Clip and apply the gradients (or drop them after a non-finite loss); returns the grad norm."""
+    e = engine
+    grad_norm = float("nan")
+    if finite:
+        e.scaler.unscale_(e.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(e.model.parameters(), e.grad_clip))
+        e.scaler.step(e.optimizer)
+        e.scaler.update()
+    e.optimizer.zero_grad(set_to_none=True)
+    if e.device.type == "cuda":
+        torch.cuda.synchronize(e.device)
+    return grad_norm
+
+
+def build_engine(config: Config, dataset, device: torch.device, world: int = 1, local_rank: int = 0) -> Engine:
+    """Model, optimizer, precision and loss as configured (the model wrapped in DDP when world > 1)."""
+    torch.manual_seed(config.training.seed)
+    model = build_model(config.model).to(device)
+    if world > 1:
+        # 1x1x1 head kernels have the same memory in both layouts; DDP's stride warning is moot there.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    o = config.optim
+    if o.name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return Engine(model, TopologyLoss(config.loss), optimizer, scaler, dataset, device, amp_dtype, o.grad_clip, world)
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) training as configured; returns the final status."""
     ddp = setup_distributed()
@@ -210,21 +291,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
     total_steps = config.training.max_epochs * steps_per_epoch
 
     # --- model, optimizer, precision ---
-    torch.manual_seed(config.training.seed)
-    model = build_model(config.model).to(device)
-    raw_model = model
-    if ddp.world > 1:
-        # 1x1x1 head kernels have the same memory in both layouts; DDP's stride warning is moot there.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+    engine = build_engine(config, dataset, device, ddp.world, ddp.local_rank)
+    model, optimizer, scaler = engine.model, engine.optimizer, engine.scaler
+    raw_model = model.module if ddp.world > 1 else model
     o = config.optim
-    if o.name == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    criterion = TopologyLoss(config.loss)
 
     # --- resume ---
     step, best, nonfinite_total = 0, -math.inf, 0
@@ -292,45 +362,20 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
                 group["lr"] = lr
 
             # --- the step: forward, loss, backward over `accumulate` micro-batches ---
-            data_wait, sums, loss_value = 0.0, {}, 0.0
-            finite = True
-            for micro in range(accumulate):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if dataset.device_augment:
-                    batch = apply_batch(batch, dataset.patch)
-                data_wait += time.perf_counter() - t0
-                sync = micro == accumulate - 1
-                ctx = model.no_sync() if (ddp.world > 1 and not sync) else contextlib.nullcontext()
-                with ctx, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    outputs = model(as_input(batch["image"]))
-                    loss, terms = criterion(outputs, batch, step)
-                finite = finite and bool(torch.isfinite(loss))
-                scaler.scale(loss / accumulate).backward()
-                loss_value += float(loss.detach()) / accumulate
-                for k, v in terms.items():
-                    if v is not None:
-                        sums[k] = sums.get(k, 0.0) + v / accumulate
+            fb = forward_backward(engine, batches, step, accumulate)
+            finite, loss_value, sums, data_wait = fb.finite, fb.loss, fb.terms, fb.data_wait_s
             if ddp.world > 1:  # every rank must agree on skipping and on stopping
                 flags = torch.tensor([float(not finite), float(stop["signal"] is not None)], device=device)
                 dist.all_reduce(flags)
                 finite = flags[0].item() == 0
                 if flags[1].item() > 0 and stop["signal"] is None:
                     stop["signal"] = "SIGTERM"
+            grad_norm = optimizer_update(engine, finite)
             if finite:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
-                scaler.step(optimizer)
-                scaler.update()
                 consecutive_nonfinite = 0
             else:
-                grad_norm = float("nan")
                 nonfinite_total += 1
                 consecutive_nonfinite += 1
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
             step += 1
             step_s = time.perf_counter() - t_step
 
