@@ -1,0 +1,113 @@
+"""The run launcher of notebook 04: argv, incremental metrics, and a real tiny run started, stopped,
+resumed and reattached through the widget's buttons."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from lab_runs_helpers import write_tiny_config
+from vesuvius_lab.lab import runs
+from vesuvius_lab.losses import TERMS
+
+
+def test_train_argv_one_process_and_torchrun():
+    assert runs.train_argv("c.yaml", "r", python="py") == [
+        "py", "-m", "vesuvius_lab", "train", "--config", "c.yaml", "--run-dir", "r", "--no-progress"]
+    argv = runs.train_argv("c.yaml", "r", devices=4, resume=True, overrides=["loss.topo=0"], python="py")
+    assert argv[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m"]
+    assert argv[6:8] == ["vesuvius_lab", "train"] and argv[-2:] == ["--resume", "loss.topo=0"]
+
+
+def test_metrics_reader_is_incremental_and_keeps_a_torn_line_back(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    reader = runs.MetricsReader(path)
+    assert reader.read() == []  # no file yet
+    line = json.dumps({"kind": "train", "step": 1, "loss": 0.5, "step_s": 2.0, "data_wait_s": 0.5})
+    path.write_text(line + "\n" + '{"kind": "train", "st')
+    assert [r["step"] for r in reader.read()] == [1]
+    with open(path, "a") as fh:
+        fh.write('ep": 2, "loss": 0.4}\n')
+    assert [r["step"] for r in reader.read()] == [2]
+    assert reader.read() == []
+    path.write_text(line + "\n")  # truncated by a resume: read again from the start
+    assert [r["step"] for r in reader.read()] == [1] and reader.reset
+    history = runs.History()
+    history.add([json.loads(line), {"kind": "val", "step": 1, "score": 0.3, "topo": 0.2, "surface_dice": 0.4,
+                                     "voi_score": 0.5}])
+    assert history.data_wait_share == [0.25] and history.val["voi_score"] == [0.5]
+    assert runs.eta_seconds({"step": 1, "total_steps": 11}, history) == 20.0
+    assert runs.format_duration(3725) == "1:02:05" and runs.format_duration(None) == "?"
+
+
+def test_pid_alive():
+    assert runs.pid_alive(os.getpid()) and not runs.pid_alive(None) and not runs.pid_alive(2**22 + 12345)
+
+
+@pytest.mark.slow
+def test_start_stop_resume_and_reattach_through_the_buttons(tiny_root, tmp_path):
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=60)
+    monitor = runs.RunMonitor(config, tmp_path / "runs", run_name="tiny")
+    assert monitor.refresh()["state_shown"] == "not started" and monitor.stop_button.disabled
+    monitor.start_button.click()
+    try:
+        assert monitor.process.popen is not None and monitor.process.pgid == monitor.process.popen.pid
+        assert os.getpgid(monitor.process.popen.pid) == monitor.process.popen.pid  # its own process group
+        status = monitor.wait_for(lambda s: len(monitor.history.steps) >= 2, timeout=180)
+        assert status["alive"] and monitor.start_button.disabled and not monitor.stop_button.disabled
+        assert monitor.history.steps[:2] == [1, 2]
+        assert all(len(monitor.history.terms[t]) == len(monitor.history.steps) for t in TERMS)
+        assert 0 <= monitor.history.data_wait_share[0] <= 1 and monitor.history.samples_per_s[0] > 0
+        assert monitor.progress.max == 60 and monitor.progress.value >= 2
+        assert status["eta_s"] is not None and "ETA" in monitor.status.value
+        assert monitor.plot.value[:4] == b"\x89PNG"
+        monitor.stop_button.click()
+        monitor.process.wait(timeout=120)
+        status = monitor.wait_for(lambda s: not s["alive"], timeout=30)
+        stopped = runs.read_status(monitor.run_dir)
+        assert stopped["state"] == "stopped" and 2 <= stopped["step"] < 60, stopped
+        assert (monitor.run_dir / "checkpoints" / "last.pt").exists()
+        assert "stopped" in monitor.status.value and not monitor.start_button.disabled
+
+        monitor.start_button.click()  # a fresh start over a checkpoint is refused
+        assert "Resume" in monitor.message.value and not monitor.process.alive()
+        monitor.resume_button.click()
+        assert "--resume" in monitor.process.popen.args
+        monitor.process.wait(timeout=240)
+        status = monitor.wait_for(lambda s: not s["alive"], timeout=30)
+        assert status["state"] == "finished", (monitor.run_dir / runs.CONSOLE_LOG).read_text()[-2000:]
+        assert monitor.progress.value == monitor.progress.max == 60
+        assert monitor.history.steps[-1] == 60 and len(monitor.history.val_steps) == 1
+        assert set(monitor.history.steps) == set(range(1, 61))
+
+        again = runs.RunMonitor(config, tmp_path / "runs", run_name="tiny")  # the notebook reopened
+        shown = again.refresh()
+        assert shown["state_shown"] == "finished" and not shown["alive"]
+        assert again.history.steps == monitor.history.steps and again.history.val == monitor.history.val
+        assert again.progress.value == 60 and again.stop_button.disabled
+    finally:
+        monitor.process.stop()
+
+
+@pytest.mark.slow
+def test_reattach_to_a_running_run_and_stop_it(tiny_root, tmp_path):
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=400)
+    first = runs.RunMonitor(config, tmp_path / "runs", run_name="live", interval=0.2)
+    first.start_button.click()
+    try:
+        first.wait_for(lambda s: len(first.history.steps) >= 2, timeout=180)
+        second = runs.RunMonitor(config, tmp_path / "runs", run_name="live", interval=0.2)  # no Popen of its own
+        assert second.process.popen is None and second.process.alive()
+        second.watch()  # the background refresh keeps the kernel free
+        step = second.history.last_step
+        second.wait_for(lambda s: second.history.last_step > step, timeout=60)
+        second.stop_button.click()
+        second.wait_for(lambda s: not s["alive"], timeout=120)
+        second.unwatch()
+        assert runs.read_status(second.run_dir)["state"] == "stopped"
+        assert first.process.popen.wait(timeout=10) == 3  # the CLI: 0 finished, 3 stopped
+    finally:
+        first.process.stop()

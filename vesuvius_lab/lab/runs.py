@@ -1,0 +1,428 @@
+"""Launch, stop, resume and watch training runs from a notebook (notebook 04).
+
+A run is a separate process group (``vesuvius-lab train`` or torchrun over it), so the kernel stays
+responsive and neither can take the other down. Everything shown is read back from the run
+directory the trainer writes (``status.json``, ``metrics.jsonl``), so a reopened notebook reattaches
+to a running or finished run by its directory alone. The widget is built from small functions and
+classes that tests drive without a browser (``button.click()``, ``refresh()``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ipywidgets as w
+from matplotlib.figure import Figure
+
+from vesuvius_lab.lab.plots import figure_png
+from vesuvius_lab.losses import TERMS
+
+CONSOLE_LOG = "console.log"  # the run's stdout and stderr (train.log is the trainer's own log)
+LAUNCH_FILE = "launch.json"  # argv, pid and process group of the last launch, for reattaching
+VAL_PARTS = ("score", "topo", "surface_dice", "voi_score")
+
+
+# --- command lines ---------------------------------------------------------------------------------
+
+
+def train_argv(config: str | Path, run_dir: str | Path, devices: int = 1, resume: bool = False,
+               overrides: Sequence[str] = (), python: str = sys.executable) -> list[str]:
+    """The argv of one run: one process for ``devices <= 1``, else torchrun with one process per GPU."""
+    if devices > 1:
+        head = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(devices)}",
+                "-m", "vesuvius_lab"]
+    else:
+        head = [python, "-m", "vesuvius_lab"]
+    argv = [*head, "train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    if resume:
+        argv.append("--resume")
+    return argv + [str(o) for o in overrides]
+
+
+# --- reading a run directory -----------------------------------------------------------------------
+
+
+def read_status(run_dir: str | Path) -> dict:
+    """status.json, or {} when it is absent or being replaced."""
+    try:
+        return json.loads((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{int(pid)}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class MetricsReader:
+    """Reads metrics.jsonl incrementally: only bytes not read before, and never a torn last line.
+
+    A line without its newline yet is kept back until it is complete. When the file shrinks (a
+    resumed run truncates lines written after its last checkpoint), it is read again from the start
+    and ``reset`` is set so the caller can drop what it had.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path, self.offset, self.reset = Path(path), 0, False
+
+    def read(self) -> list[dict]:
+        self.reset = False
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size < self.offset:
+            self.offset, self.reset = 0, True
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in chunk[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+@dataclass
+class History:
+    """The series the live plot draws, gathered from metrics records."""
+
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    terms: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TERMS})
+    lr: list[float] = field(default_factory=list)
+    samples_per_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    data_wait_share: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in VAL_PARTS})
+
+    def add(self, records: Sequence[dict]) -> None:
+        for r in records:
+            if r.get("kind") == "train":
+                self.steps.append(r["step"])
+                self.loss.append(_num(r.get("loss")))
+                for t in TERMS:
+                    self.terms[t].append(_num(r.get(t)))
+                self.lr.append(_num(r.get("lr")))
+                self.samples_per_s.append(_num(r.get("samples_per_s")))
+                step_s = _num(r.get("step_s"))
+                self.step_s.append(step_s)
+                self.data_wait_share.append(_num(r.get("data_wait_s")) / step_s if step_s > 0 else math.nan)
+            elif r.get("kind") == "val":
+                self.val_steps.append(r["step"])
+                for k in VAL_PARTS:
+                    self.val[k].append(_num(r.get(k)))
+
+    @property
+    def last_step(self) -> int:
+        return self.steps[-1] if self.steps else 0
+
+    def recent_step_s(self, n: int = 20) -> float | None:
+        recent = [s for s in self.step_s[-n:] if s == s]
+        return sorted(recent)[len(recent) // 2] if recent else None
+
+
+def _num(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def eta_seconds(status: dict, history: History) -> float | None:
+    """Remaining steps times the median of the recent step times; None when unknown."""
+    step, total, per_step = status.get("step"), status.get("total_steps"), history.recent_step_s()
+    if step is None or not total or per_step is None:
+        return None
+    return max(total - step, 0) * per_step
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# --- the process ------------------------------------------------------------------------------------
+
+
+class RunProcess:
+    """One run's process group: started detached, stopped with SIGTERM to the whole group."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.popen: subprocess.Popen | None = None
+        self.pgid: int | None = None
+        launch = self._launch_info()
+        if launch and pid_alive(launch.get("pid")):
+            self.pgid = launch.get("pgid")
+
+    def _launch_info(self) -> dict:
+        try:
+            return json.loads((self.run_dir / LAUNCH_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def start(self, argv: Sequence[str], cwd: str | Path | None = None) -> subprocess.Popen:
+        if self.alive():
+            raise RuntimeError(f"{self.run_dir}: a run is already going (pid {self.pid})")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / CONSOLE_LOG, "ab") as log:
+            log.write(f"$ {' '.join(argv)}\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, cwd=cwd)
+        self.pgid = self.popen.pid  # a new session: the leader's pid is the group id
+        (self.run_dir / LAUNCH_FILE).write_text(json.dumps(
+            {"argv": list(argv), "pid": self.popen.pid, "pgid": self.pgid, "started": time.time()}))
+        return self.popen
+
+    @property
+    def pid(self) -> int | None:
+        if self.popen is not None:
+            return self.popen.pid
+        return self._launch_info().get("pid") or read_status(self.run_dir).get("pid")
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return pid_alive(self.pid) or pid_alive(read_status(self.run_dir).get("pid"))
+
+    def stop(self, sig: int = signal.SIGTERM) -> bool:
+        """Signal the process group (the trainer checkpoints, then exits); False if nothing runs."""
+        if not self.alive():
+            return False
+        pgid = self.pgid
+        if pgid is None:  # attached by status.json alone: its process's group
+            try:
+                pgid = os.getpgid(int(read_status(self.run_dir)["pid"]))
+            except (KeyError, ProcessLookupError):
+                return False
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.popen is not None:
+            return self.popen.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.alive():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.run_dir}: still running after {timeout} s")
+            time.sleep(0.1)
+        return None
+
+
+# --- the plot --------------------------------------------------------------------------------------
+
+
+def history_figure(history: History, title: str = "") -> Figure:
+    """Losses, LR, throughput, data-wait share and validation scores against the step."""
+    fig = Figure(figsize=(12, 6.5), dpi=72, layout="constrained")
+    (ax_loss, ax_lr, ax_speed), (ax_wait, ax_val, ax_info) = fig.subplots(2, 3)
+    if title:
+        fig.suptitle(title)
+    s = history.steps
+    ax_loss.plot(s, history.loss, color="black", lw=2, label="total")
+    for term, values in history.terms.items():
+        if any(v == v for v in values):
+            ax_loss.plot(s, values, lw=1, label=term)
+    ax_loss.set_title("loss and terms")
+    ax_lr.plot(s, history.lr, color="tab:purple")
+    ax_lr.set_title("learning rate")
+    ax_speed.plot(s, history.samples_per_s, color="tab:green")
+    ax_speed.set_title("samples / s")
+    ax_wait.plot(s, history.data_wait_share, color="tab:red")
+    ax_wait.set_ylim(0, 1.05)
+    ax_wait.set_title("data-wait share of step time")
+    for part in VAL_PARTS:
+        ax_val.plot(history.val_steps, history.val[part], marker="o", lw=2 if part == "score" else 1, label=part)
+    ax_val.set_ylim(0, 1.05)
+    ax_val.set_title("validation")
+    for ax in (ax_loss, ax_val):
+        if ax.lines:
+            ax.legend(fontsize=7, loc="best")
+    for ax in (ax_loss, ax_lr, ax_speed, ax_wait, ax_val):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax_info.axis("off")
+    ax_info.text(0.0, 1.0, f"steps logged: {len(s)}\nlast step: {history.last_step}\n"
+                 f"validations: {len(history.val_steps)}", va="top", family="monospace")
+    return fig
+
+
+# --- the widget --------------------------------------------------------------------------------------
+
+
+class RunMonitor:
+    """Config, run name, devices, Start / Stop / Resume, a progress bar with ETA and the live plot.
+
+    ``refresh()`` reads what is new in the run directory and redraws; ``watch()`` does that from a
+    background thread every ``interval`` seconds, so the kernel stays free. Constructing it on an
+    existing run directory reattaches (reads everything logged, and the process if it is alive).
+    """
+
+    def __init__(self, config: str | Path, runs_dir: str | Path, run_name: str = "run", devices: int = 1,
+                 overrides: Sequence[str] = (), interval: float = 2.0, cwd: str | Path | None = None):
+        self.runs_dir, self.interval, self.cwd = Path(runs_dir), interval, cwd
+        self.config = w.Text(value=str(config), description="config", layout=w.Layout(width="520px"))
+        self.run_name = w.Text(value=run_name, description="run name")
+        self.devices = w.BoundedIntText(value=devices, min=1, max=64, description="GPUs",
+                                        tooltip="1: one process; N > 1: torchrun with N processes")
+        self.overrides = w.Text(value=" ".join(overrides), description="overrides",
+                                placeholder="section.key=value ...", layout=w.Layout(width="520px"))
+        self.start_button = w.Button(description="Start", button_style="success", icon="play")
+        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop")
+        self.resume_button = w.Button(description="Resume", button_style="info", icon="repeat")
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="progress")
+        self.status = w.HTML()
+        self.message = w.HTML()
+        self.plot = w.Image(format="png")
+        self.start_button.on_click(lambda _b: self.start(resume=False))
+        self.stop_button.on_click(lambda _b: self.stop())
+        self.resume_button.on_click(lambda _b: self.start(resume=True))
+        self.run_name.observe(lambda _c: self.attach(), names="value")
+        self.widget = w.VBox([
+            w.HBox([self.config, self.devices]), w.HBox([self.run_name, self.overrides]),
+            w.HBox([self.start_button, self.stop_button, self.resume_button]),
+            w.HBox([self.progress, self.status]), self.message, self.plot,
+        ])
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._halt = threading.Event()
+        self.attach()
+
+    # -- state --
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_name.value
+
+    def argv(self, resume: bool = False) -> list[str]:
+        return train_argv(self.config.value, self.run_dir, self.devices.value, resume, self.overrides.value.split())
+
+    def attach(self) -> None:
+        """Point at the run directory named now: forget what was read, read it all again."""
+        with self._lock:
+            self.process = RunProcess(self.run_dir)
+            self.reader = MetricsReader(self.run_dir / "metrics.jsonl")
+            self.history = History()
+            self._drawn = -1
+        self.refresh()
+
+    def start(self, resume: bool = False) -> None:
+        with self._lock:
+            if self.process.alive():
+                self.message.value = f"already running (pid {self.process.pid}): stop it first"
+                return
+            if not resume and (self.run_dir / "checkpoints" / "last.pt").exists():
+                self.message.value = "this run has a checkpoint: press Resume, or choose another run name"
+                return
+            argv = self.argv(resume)
+            self.process.start(argv, cwd=self.cwd)
+            self.message.value = f"<code>{html.escape(' '.join(argv))}</code>"
+        self.refresh()
+
+    def stop(self) -> None:
+        with self._lock:
+            sent = self.process.stop()
+            self.message.value = "SIGTERM sent: the run checkpoints, then exits" if sent else "nothing is running"
+
+    # -- display --
+    def refresh(self) -> dict:
+        """Read new metrics and status, update the progress bar, status line and plot; returns status."""
+        with self._lock:
+            new = self.reader.read()
+            if self.reader.reset:
+                self.history = History()
+            self.history.add(new)
+            status = read_status(self.run_dir)
+            alive = self.process.alive()
+            state = status.get("state", "not started")
+            if state in ("running", "preflight") and not alive:
+                state = f"{state}? (process gone)"
+            total, step = status.get("total_steps") or 0, max(status.get("step") or 0, self.history.last_step)
+            self.progress.max = max(total, 1)
+            self.progress.value = min(step, self.progress.max)
+            eta = eta_seconds({"step": step, "total_steps": total}, self.history) if alive else None
+            parts = [f"<b>{html.escape(state)}</b>", f"step {step} / {total or '?'}"]
+            if eta is not None:
+                parts.append(f"ETA {format_duration(eta)}")
+            if status.get("message"):
+                parts.append(html.escape(status["message"]))
+            self.status.value = " · ".join(parts)
+            self.start_button.disabled = alive
+            self.resume_button.disabled = alive
+            self.stop_button.disabled = not alive
+            if len(self.history.steps) + len(self.history.val_steps) != self._drawn:
+                self._drawn = len(self.history.steps) + len(self.history.val_steps)
+                self.plot.value = figure_png(history_figure(self.history, f"{self.run_name.value}: {state}"))
+            return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
+
+    def watch(self, interval: float | None = None) -> None:
+        """Refresh from a background thread until ``unwatch()``."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._halt.clear()
+        period = interval or self.interval
+
+        def loop() -> None:
+            while not self._halt.wait(period):
+                try:
+                    self.refresh()
+                except Exception as exc:  # keep watching; show why a refresh failed
+                    self.message.value = f"refresh failed: {html.escape(repr(exc))}"
+
+        self._thread = threading.Thread(target=loop, name=f"watch {self.run_dir.name}", daemon=True)
+        self._thread.start()
+
+    def unwatch(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wait_for(self, predicate, timeout: float = 120.0, poll: float = 0.1) -> dict:
+        """Refresh until ``predicate(status_dict)`` is true; the status dict of ``refresh()``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.refresh()
+            if predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.run_dir}: condition not met within {timeout} s; last status {status}")
+            time.sleep(poll)
+
+    def save_plot(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.plot.value)
+        return path
