@@ -133,6 +133,53 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if result["state"] == "finished" else 3
 
 
+# --- plan ------------------------------------------------------------------------------------
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--target-epoch-minutes", type=float, default=60.0, help="wanted epoch duration (default 60)")
+    p.add_argument("--budget-hours", type=float, help="total training budget; sets the number of epochs")
+    p.add_argument("--batch-sizes", help="comma-separated candidates (default: 1, 2, 4, ... until no gain or OOM)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per batch size (default 8)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per batch size (default 2)")
+    p.add_argument("--memory-cap-mb", type=float, help="treat this as the device memory")
+    p.add_argument("--max-seconds", type=float, default=90.0, help="time budget for the batch-size sweep (default 90)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--apply", type=Path, metavar="OUT.yaml", help="write the config with the plan applied")
+    p.add_argument("--plan-file", type=Path, help="where to save plan.json (default: runs/<config>/plan.json)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from vesuvius_lab.config import load_config
+    from vesuvius_lab.io import atomic_write_text
+    from vesuvius_lab.plan import apply_plan, measure, recommend
+
+    config = load_config(args.config, args.overrides)
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+    m = measure(config, sizes, warmup=args.warmup, steps=args.steps, memory_cap_mb=args.memory_cap_mb,
+                progress=not args.json, max_seconds=args.max_seconds)
+    plan = recommend(m, config, args.target_epoch_minutes, args.budget_hours)
+    plan_file = args.plan_file or config.root / "runs" / args.config.stem / "plan.json"
+    atomic_write_text(plan_file, json.dumps(plan.to_dict(), indent=1))
+    if args.apply:
+        apply_plan(args.config, plan, args.apply)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+        return 0
+    for line in plan.explanation:
+        print(line)
+    print(plan.lr_note)
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    for p in plan.presets:
+        print(f"preset {p.name}: {p.train_iterations_per_epoch} steps x {p.max_epochs} epochs, "
+              f"{p.forecast_epoch_s / 60:.1f} min/epoch, coverage {p.coverage:.0%} - {p.reason}")
+    print(f"saved {plan_file}" + (f"; wrote {args.apply}" if args.apply else ""))
+    return 0
+
+
 # --- predict ---------------------------------------------------------------------------------
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.pt) written by train")
@@ -206,6 +253,7 @@ COMMANDS: list[Command] = [
     ("manifest", "build or check a dataset manifest", _manifest_args, _manifest),
     ("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args, _demo),
     ("train", "train the topology-aware 3D U-Net (also under torchrun)", _train_args, _train),
+    ("plan", "measure this machine and plan batch size and steps per epoch", _plan_args, _plan),
     ("predict", "predict masks with a checkpoint; writes submission.zip", _predict_args, _predict),
     ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
     ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),

@@ -39,6 +39,7 @@ from vesuvius_lab.loader import build_dataset, build_loader
 from vesuvius_lab.losses import TERMS, TopologyLoss
 from vesuvius_lab.manifest import Manifest, load_manifest
 from vesuvius_lab.metrics import volume_score
+from vesuvius_lab.metrics import warm_up as metrics_warm_up
 from vesuvius_lab.model import as_input, build_model
 from vesuvius_lab.postprocess import postprocess
 from vesuvius_lab.validate import preflight
@@ -350,6 +351,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
         log.info("train: %d records, val: %d, %d steps/epoch x %d epochs, global batch %d",
                  len(train_records), len(val_records), steps_per_epoch, config.training.max_epochs,
                  plan.global_batch * accumulate)
+    if val_records and config.training.val_every_epochs:
+        metrics_warm_up()  # start-up cost, not charged to the first epoch
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and ddp.master))
     consecutive_nonfinite, epoch_start, state = 0, time.perf_counter(), "running"
     message = ""

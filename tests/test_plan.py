@@ -1,0 +1,110 @@
+"""The planner: recommendation logic on hand-made measurements, the CLI, and an honest forecast."""
+
+import json
+
+import pytest
+import yaml
+
+from vesuvius_lab.config import load_config
+from vesuvius_lab.manifest import build_manifest
+from vesuvius_lab.plan import BatchTiming, Measurements, apply_plan, measure, recommend
+from vesuvius_lab.train import train
+
+
+def timing(b, step_s, wait=0.0, mem=1000.0, oom=False):
+    if oom:
+        return BatchTiming(b, out_of_memory=True)
+    return BatchTiming(b, step_s=step_s, data_wait_s=wait, compute_s=step_s - wait, step_spread_s=0.01,
+                       samples_per_s=b / step_s, peak_memory_mb=mem, first_batch_s=2.0, out_of_memory=oom)
+
+
+def measurements(timings, val_s=60.0, unique=4000, capacity=80_000.0, workers=2):
+    return Measurements("cuda", timings, val_s=val_s, checkpoint_s=1.0, memory_capacity_mb=capacity,
+                        train_records=800, val_records=6, unique_patches=unique, workers=workers)
+
+
+def test_best_throughput_within_memory_headroom_and_steps_for_the_target():
+    m = measurements([timing(1, 1.0, mem=30_000), timing(2, 1.6, mem=60_000), timing(4, 2.8, mem=75_000),
+                      timing(8, None, oom=True)])
+    cfg = load_config(None, ["training.checkpoint_every_steps=0"])
+    plan = recommend(m, cfg, target_epoch_minutes=60)
+    # batch 4 would be fastest but exceeds 85 % of 80 GB; batch 2 (1.25/s) beats batch 1 (1/s)
+    assert plan.train_batch_size == 2
+    assert plan.train_iterations_per_epoch == int((3600 - 61) // 1.6)
+    assert plan.forecast_epoch_s == pytest.approx(plan.train_iterations_per_epoch * 1.6 + 60 + 1)
+    assert plan.samples_per_epoch == 2 * plan.train_iterations_per_epoch
+    assert plan.coverage == pytest.approx(plan.samples_per_epoch / 4000)
+    assert [p.name for p in plan.presets] == ["Conservative", "Aggressive", "Time-constrained"]
+    assert any("Batch size 2" in line for line in plan.explanation)
+
+
+def test_budget_sets_the_epochs_and_the_schedule_note():
+    m = measurements([timing(2, 2.0)])
+    plan = recommend(m, load_config(None), target_epoch_minutes=30, budget_hours=10)
+    assert plan.max_epochs == int(10 * 3600 // plan.forecast_epoch_s)
+    assert plan.forecast_run_s <= 10 * 3600 + plan.forecast_epoch_s
+    assert "step-based" in plan.lr_note and str(plan.max_epochs * plan.train_iterations_per_epoch) in plan.lr_note
+
+
+def test_each_pitfall_gives_a_warning():
+    data_bound = recommend(measurements([timing(2, 9.0, wait=7.5)], workers=2), load_config(None), 60)
+    warn = " ".join(data_bound.warnings)
+    assert "Data-bound: 83% of each step waits for data" in warn and "workers" in warn
+    low = recommend(measurements([timing(2, 9.0)], unique=10_000), load_config(None), 10)
+    assert any(w.startswith("Too few steps") for w in low.warnings)
+    long = recommend(measurements([timing(2, 1.0)]), load_config(None), 13 * 60)
+    assert any(w.startswith("Too many steps") for w in long.warnings)
+    ok = recommend(measurements([timing(2, 1.0, wait=0.05)], unique=3000), load_config(None), 60)
+    assert not any(w.startswith(("Data-bound", "Too few", "Too many")) for w in ok.warnings)
+
+
+def test_slow_validation_is_spread_over_epochs():
+    plan = recommend(measurements([timing(2, 1.0)], val_s=1200), load_config(None), 60)
+    assert plan.val_every_epochs == 2  # 20 min of validation in a 60 min epoch is too much every epoch
+
+
+@pytest.fixture()
+def plan_config(tiny_root, tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    build_manifest(tiny_root, progress=False).save(manifest)
+    path = tmp_path / "configs" / "tiny.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({
+        "data": {"manifest": str(manifest), "patch_size": [32, 32, 32]},
+        "model": {"features": [8, 16, 32], "deep_supervision_heads": 2},
+        "val": {"max_volumes": 2, "overlap": 0.25, "batch": 4},
+        "training": {"train_batch_size": 1, "train_iterations_per_epoch": 5, "max_epochs": 2, "workers": 1,
+                     "checkpoint_every_steps": 20, "val_every_epochs": 1},
+    }))
+    return path
+
+
+def test_plan_cli_json_apply_and_plan_file(cli, plan_config, tmp_path):
+    out = tmp_path / "planned.yaml"
+    code, lines, err = cli("plan", "--config", plan_config, "--target-epoch-minutes", 0.5, "--batch-sizes", "1,2",
+                           "--steps", 3, "--warmup", 1, "--json", "--apply", out)
+    assert code == 0, err
+    result = json.loads(lines[-1])
+    assert {"train_batch_size", "train_iterations_per_epoch", "forecast_epoch_s", "measurements"} <= result.keys()
+    assert [t["batch_size"] for t in result["measurements"]["timings"]] == [1, 2]
+    assert all(t["step_s"] > 0 and t["peak_memory_mb"] > 0 for t in result["measurements"]["timings"])
+    applied = load_config(out)
+    assert applied.training.train_batch_size == result["train_batch_size"]
+    assert applied.training.train_iterations_per_epoch == result["train_iterations_per_epoch"]
+    saved = json.loads((plan_config.parent.parent / "runs" / "tiny" / "plan.json").read_text())
+    assert saved["forecast_epoch_s"] == result["forecast_epoch_s"]
+
+
+def test_forecast_matches_the_measured_epochs_within_10_percent(plan_config, tmp_path):
+    config = load_config(plan_config)
+    plan = recommend(measure(config, [2], warmup=3, steps=12, progress=False), config, target_epoch_minutes=0.5)
+    planned = tmp_path / "planned.yaml"
+    apply_plan(plan_config, plan, planned)
+    run = tmp_path / "run"
+    train(load_config(planned, ["training.max_epochs=2"]), run, progress=False)
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e["epoch_s"] for e in epochs if e["kind"] == "epoch"]
+    first_error = abs(epochs[0] - plan.forecast_first_epoch_s) / epochs[0]
+    steady_error = abs(epochs[1] - plan.forecast_epoch_s) / epochs[1]
+    print(f"forecast error: first epoch {first_error:.1%}, second epoch {steady_error:.1%}")
+    assert first_error < 0.10 and steady_error < 0.10, (epochs, plan.forecast_first_epoch_s, plan.forecast_epoch_s)

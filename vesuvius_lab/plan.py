@@ -1,0 +1,321 @@
+"""Steps per epoch and batch size from timings measured on this machine.
+
+The seed notes chose steps per epoch by hand from a 10-step test and were far off. Here the real
+model, losses, data pipeline and config are timed for each candidate batch size (warm-up, then N
+steps split into data wait and compute), one validation pass and one checkpoint are timed, and the
+plan follows: the batch size with the best samples/s inside a memory headroom, steps per epoch for
+a target epoch duration, epochs for a budget, coverage, validation cadence, a forecast of the wall
+time, the seed's three presets, and a warning for each pitfall.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from vesuvius_lab.cache import VolumeCache
+from vesuvius_lab.config import Config
+from vesuvius_lab.io import atomic_write_text
+from vesuvius_lab.loader import build_dataset, build_loader
+from vesuvius_lab.manifest import load_manifest
+from vesuvius_lab.metrics import warm_up as metrics_warm_up
+from vesuvius_lab.sampling import unique_patches
+
+COVERAGE_MIN, EPOCH_MAX_H, DATA_BOUND = 0.5, 12.0, 0.20
+
+
+@dataclass
+class BatchTiming:
+    """N timed steps at one batch size (seconds are medians over the steps)."""
+
+    batch_size: int
+    step_s: float = math.nan
+    data_wait_s: float = math.nan
+    compute_s: float = math.nan
+    step_spread_s: float = math.nan  # interquartile range of the step time
+    samples_per_s: float = math.nan
+    peak_memory_mb: float = math.nan
+    first_batch_s: float = math.nan  # worker start-up and first batch: paid once per run
+    out_of_memory: bool = False
+
+
+@dataclass
+class Measurements:
+    device: str
+    timings: list[BatchTiming]
+    val_s: float  # one validation pass over the validation split
+    checkpoint_s: float
+    memory_capacity_mb: float
+    train_records: int
+    val_records: int
+    unique_patches: int
+    workers: int
+    seconds: float = 0.0  # how long measuring took
+
+
+@dataclass
+class Preset:
+    name: str
+    train_iterations_per_epoch: int
+    max_epochs: int
+    forecast_epoch_s: float
+    coverage: float
+    reason: str
+
+
+@dataclass
+class Plan:
+    train_batch_size: int
+    train_iterations_per_epoch: int
+    max_epochs: int
+    val_every_epochs: int
+    samples_per_epoch: int
+    coverage: float
+    forecast_epoch_s: float  # a typical epoch: steps, validation and checkpoints
+    forecast_first_epoch_s: float  # plus worker start-up
+    forecast_run_s: float
+    target_epoch_s: float
+    explanation: list[str]
+    warnings: list[str]
+    presets: list[Preset]
+    measurements: Measurements
+    lr_note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _capacity_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**20
+    return psutil.virtual_memory().total / 2**20
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
+
+
+def time_batch_size(config: Config, records, batch_size: int, device: torch.device, warmup: int, steps: int) -> BatchTiming:
+    """Time the real training step at one batch size with the configured data loader."""
+    from vesuvius_lab.train import build_engine, forward_backward, optimizer_update
+
+    cfg = replace(config, training=replace(config.training, train_batch_size=batch_size,
+                                           train_iterations_per_epoch=warmup + steps, persistent_workers=False))
+    timing = BatchTiming(batch_size)
+    dataset = build_dataset(cfg, records)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        engine = build_engine(cfg, dataset, device)
+        batches = iter(build_loader(dataset, cfg, num_steps=warmup + steps))
+        totals, waits = [], []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            fb = forward_backward(engine, batches, i)
+            optimizer_update(engine, fb.finite)
+            elapsed = time.perf_counter() - t0
+            if i == 0:
+                timing.first_batch_s = fb.data_wait_s
+            if i >= warmup:
+                totals.append(elapsed)
+                waits.append(fb.data_wait_s)
+        del batches
+    except RuntimeError as exc:
+        if not _is_oom(exc):
+            raise
+        timing.out_of_memory = True
+        return timing
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    q = statistics.quantiles(totals, n=4) if len(totals) > 1 else [totals[0]] * 3
+    timing.step_s = statistics.median(totals)
+    timing.data_wait_s = statistics.median(waits)
+    timing.compute_s = statistics.median(t - w for t, w in zip(totals, waits, strict=True))
+    timing.step_spread_s = q[2] - q[0]
+    timing.samples_per_s = batch_size / timing.step_s
+    timing.peak_memory_mb = _peak_memory_mb(device)
+    return timing
+
+
+def measure(
+    config: Config,
+    batch_sizes: list[int] | None = None,
+    warmup: int = 2,
+    steps: int = 8,
+    memory_cap_mb: float | None = None,
+    progress: bool = True,
+    max_seconds: float = 90.0,
+) -> Measurements:
+    """Time each candidate batch size (1, 2, 4, ... until out of memory, the memory cap, a doubling
+    that gains under 5 % samples/s, or a next size that would not fit in ``max_seconds``)."""
+    from vesuvius_lab.train import build_engine, records_for, save_checkpoint, validate_model
+
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    manifest = load_manifest(config.path(config.data.manifest, "data.manifest"), root=config.path(config.data.root, "data.root"))
+    train_records, val_records = records_for(manifest)
+    cache = VolumeCache(config.path(config.data.cache_dir, "data.cache_dir"))
+    build_dataset(config, train_records).prepare(progress=progress)
+    capacity = memory_cap_mb or _capacity_mb(device)
+    candidates = batch_sizes or [2**i for i in range(8)]
+    timings: list[BatchTiming] = []
+    bar = tqdm(candidates, desc="plan: batch sizes", unit="size", disable=not progress)
+    last_cost = 0.0
+    for b in bar:
+        if batch_sizes is None and timings and time.perf_counter() - started + 2 * last_cost > max_seconds:
+            break  # the next size (about twice the last one's cost) would overrun the time budget
+        bar.set_postfix(batch=b)
+        t0 = time.perf_counter()
+        t = time_batch_size(config, train_records, b, device, warmup, steps)
+        last_cost = time.perf_counter() - t0
+        timings.append(t)
+        if t.out_of_memory or t.peak_memory_mb > capacity:
+            break
+        earlier = [x.samples_per_s for x in timings[:-1] if not x.out_of_memory]
+        if batch_sizes is None and earlier and t.samples_per_s < 1.05 * max(earlier):
+            break  # a doubling without 5 % more throughput: larger batches will not pay
+    engine = build_engine(config, build_dataset(config, train_records), device)
+    val_s = 0.0
+    if val_records and config.training.val_every_epochs:
+        metrics_warm_up()  # as training does before its first epoch
+        t0 = time.perf_counter()
+        validate_model(engine.model, val_records, config, cache, device, progress=False)
+        val_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        save_checkpoint(Path(tmp) / "c.pt", {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict()})
+        checkpoint_s = time.perf_counter() - t0
+    shapes = [rec.stats.shape for rec in manifest.records if rec.stats is not None and rec.id in {r.id for r in train_records}]
+    return Measurements(
+        device=str(device), timings=timings, val_s=val_s, checkpoint_s=checkpoint_s, memory_capacity_mb=capacity,
+        train_records=len(train_records), val_records=len(val_records),
+        unique_patches=unique_patches(shapes, config.data.patch_size) if shapes else 0,
+        workers=config.training.workers, seconds=time.perf_counter() - started,
+    )
+
+
+def _epoch_seconds(steps: int, t: BatchTiming, m: Measurements, config: Config, val_every: int) -> float:
+    ckpt_every = config.training.checkpoint_every_steps
+    checkpoints = 1 + (steps // ckpt_every if ckpt_every else 0)
+    return steps * t.step_s + (m.val_s if val_every else 0.0) + checkpoints * m.checkpoint_s
+
+
+def recommend(
+    m: Measurements,
+    config: Config,
+    target_epoch_minutes: float = 60.0,
+    budget_hours: float | None = None,
+    headroom: float = 0.85,
+) -> Plan:
+    """Turn measurements into a plan, with reasons and warnings in a researcher's words."""
+    usable = [t for t in m.timings if not t.out_of_memory and t.peak_memory_mb <= headroom * m.memory_capacity_mb]
+    if not usable:
+        raise RuntimeError("no batch size fits in memory; reduce data.patch_size or model.features")
+    best = max(usable, key=lambda t: (round(t.samples_per_s, 6), -t.batch_size))
+    target_s = target_epoch_minutes * 60
+    val_every = config.training.val_every_epochs
+    overhead = m.val_s + m.checkpoint_s
+    steps = max(1, int((target_s - overhead) // best.step_s))
+    if config.training.checkpoint_every_steps:  # checkpoints inside the epoch cost time too
+        while steps > 1 and _epoch_seconds(steps, best, m, config, val_every) > target_s:
+            steps -= 1
+    epoch_s = _epoch_seconds(steps, best, m, config, val_every)
+    if budget_hours:
+        epochs = max(1, int(budget_hours * 3600 // epoch_s))
+    else:
+        epochs = config.training.max_epochs
+    # Validation should not eat more than a quarter of the training time.
+    if val_every and m.val_s > 0.25 * max(epoch_s - m.val_s, 1e-9):
+        val_every = max(val_every, math.ceil(m.val_s / (0.25 * (epoch_s - m.val_s))))
+        epoch_s = _epoch_seconds(steps, best, m, config, 1) - m.val_s + m.val_s / val_every
+    samples = steps * best.batch_size
+    coverage = samples / m.unique_patches if m.unique_patches else math.nan
+    first_epoch_s = epoch_s + best.first_batch_s
+    run_s = first_epoch_s + (epochs - 1) * epoch_s
+
+    explanation = [
+        f"Batch size {best.batch_size}: {best.samples_per_s:.2f} samples/s, the best of "
+        + ", ".join(f"{t.batch_size} ({t.samples_per_s:.2f}/s)" for t in usable)
+        + f", within {headroom:.0%} of {m.memory_capacity_mb / 1024:.1f} GiB ({best.peak_memory_mb:.0f} MB peak).",
+        f"A step takes {best.step_s:.3f} s (median of the timed steps, spread {best.step_spread_s:.3f} s): "
+        f"{best.compute_s:.3f} s compute and {best.data_wait_s:.3f} s waiting for data.",
+        f"{steps} steps fill a {target_epoch_minutes:g}-minute epoch after validation ({m.val_s:.1f} s) "
+        f"and checkpoints ({m.checkpoint_s:.2f} s each): {samples} samples per epoch.",
+        f"Coverage: {samples} samples over {m.unique_patches} unique patch positions = {coverage:.0%} per epoch"
+        " (the seed notes aim for 50-100 %).",
+        f"Forecast: {epoch_s / 60:.1f} min per epoch ({first_epoch_s / 60:.1f} min for the first, with worker start-up),"
+        f" {epochs} epochs = {run_s / 3600:.2f} h" + (f" within the {budget_hours:g} h budget." if budget_hours else "."),
+    ]
+    warnings = []
+    if coverage < COVERAGE_MIN:
+        warnings.append(f"Too few steps: an epoch covers {coverage:.0%} of the unique patches (< 50 %); "
+                        "lengthen the epoch or raise the batch size if memory allows.")
+    if epoch_s > EPOCH_MAX_H * 3600:
+        warnings.append(f"Too many steps: an epoch lasts {epoch_s / 3600:.1f} h (> {EPOCH_MAX_H:g} h); "
+                        "progress is hard to watch and validation is rare. Shorten the target epoch.")
+    share = best.data_wait_s / best.step_s if best.step_s else 0.0
+    if share > DATA_BOUND:
+        need = min(psutil.cpu_count() or 1, max(m.workers + 1, math.ceil(max(m.workers, 1) * best.step_s / max(best.compute_s, 1e-9))))
+        warnings.append(f"Data-bound: {share:.0%} of each step waits for data (> 20 %); about {need} workers "
+                        f"(training.workers, now {m.workers}) would keep the model fed, or set augment.where: device on a GPU.")
+    if coverage > 2.0:
+        explanation.append(f"Each epoch revisits every patch position about {coverage:.0f} times (diminishing returns "
+                           "per epoch): shorter epochs would validate more often for the same total steps.")
+    if steps < 20:
+        warnings.append(f"Only {steps} steps per epoch: per-epoch numbers will be noisy; consider a longer epoch.")
+    total_steps = steps * epochs
+    lr_note = (f"The LR schedule is step-based: {config.optim.schedule} decay over {total_steps} steps "
+               f"({epochs} epochs x {steps}); changing steps per epoch changes only how often you validate, "
+               "not the shape of the curve for the same total steps.")
+    if config.optim.warmup_steps > 0.1 * total_steps:
+        warnings.append(f"Warm-up ({config.optim.warmup_steps} steps) is over 10 % of the run ({total_steps} steps); "
+                        "reduce optim.warmup_steps.")
+    if val_every != config.training.val_every_epochs:
+        explanation.append(f"Validation every {val_every} epochs keeps it under a quarter of the training time.")
+
+    def preset(name: str, factor: float, reason: str) -> Preset:
+        s = max(1, int(steps * factor))
+        e = max(1, round(total_steps / s)) if factor < 1 else epochs
+        return Preset(name, s, e, _epoch_seconds(s, best, m, config, val_every),
+                      s * best.batch_size / m.unique_patches if m.unique_patches else math.nan, reason)
+
+    presets = [
+        preset("Conservative", 1.0, "the recommendation: the target epoch length, coverage as measured"),
+        preset("Aggressive", 1.5, "50 % more steps per epoch: more coverage, longer epochs, rarer validation"),
+        preset("Time-constrained", 0.75, "25 % fewer steps and more epochs: faster feedback, same total steps"),
+    ]
+    return Plan(
+        train_batch_size=best.batch_size, train_iterations_per_epoch=steps, max_epochs=epochs,
+        val_every_epochs=val_every, samples_per_epoch=samples, coverage=coverage,
+        forecast_epoch_s=epoch_s, forecast_first_epoch_s=first_epoch_s, forecast_run_s=run_s,
+        target_epoch_s=target_s, explanation=explanation, warnings=warnings, presets=presets,
+        measurements=m, lr_note=lr_note,
+    )
+
+
+def apply_plan(config_path: str | Path, plan: Plan, out: str | Path) -> None:
+    """Write the config with the plan's training keys set; other keys are left as the user wrote them."""
+    doc = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    training = doc.setdefault("training", {})
+    training.update(train_batch_size=plan.train_batch_size, train_iterations_per_epoch=plan.train_iterations_per_epoch,
+                    max_epochs=plan.max_epochs, val_every_epochs=plan.val_every_epochs)
+    training.pop("patches_per_volume", None)
+    atomic_write_text(out, yaml.safe_dump(doc, sort_keys=False))
