@@ -14,7 +14,7 @@ from vesuvius_lab.train import train
 def timing(b, step_s, wait=0.0, mem=1000.0, oom=False):
     if oom:
         return BatchTiming(b, out_of_memory=True)
-    return BatchTiming(b, step_s=step_s, data_wait_s=wait, compute_s=step_s - wait, step_spread_s=0.01,
+    return BatchTiming(b, step_s=step_s, step_median_s=step_s, data_wait_s=wait, compute_s=step_s - wait, step_spread_s=0.01,
                        samples_per_s=b / step_s, peak_memory_mb=mem, first_batch_s=2.0, out_of_memory=oom)
 
 

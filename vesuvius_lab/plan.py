@@ -38,7 +38,8 @@ class BatchTiming:
     """N timed steps at one batch size (seconds are medians over the steps)."""
 
     batch_size: int
-    step_s: float = math.nan
+    step_s: float = math.nan  # mean: an epoch is a sum of steps
+    step_median_s: float = math.nan
     data_wait_s: float = math.nan
     compute_s: float = math.nan
     step_spread_s: float = math.nan  # interquartile range of the step time
@@ -146,7 +147,8 @@ def time_batch_size(config: Config, records, batch_size: int, device: torch.devi
         if device.type == "cuda":
             torch.cuda.empty_cache()
     q = statistics.quantiles(totals, n=4) if len(totals) > 1 else [totals[0]] * 3
-    timing.step_s = statistics.median(totals)
+    timing.step_s = statistics.fmean(totals)
+    timing.step_median_s = statistics.median(totals)
     timing.data_wait_s = statistics.median(waits)
     timing.compute_s = statistics.median(t - w for t, w in zip(totals, waits, strict=True))
     timing.step_spread_s = q[2] - q[0]
@@ -192,6 +194,12 @@ def measure(
         earlier = [x.samples_per_s for x in timings[:-1] if not x.out_of_memory]
         if batch_sizes is None and earlier and t.samples_per_s < 1.05 * max(earlier):
             break  # a doubling without 5 % more throughput: larger batches will not pay
+    usable = [t for t in timings if not t.out_of_memory and t.peak_memory_mb <= capacity]
+    if usable:  # the sweep's few steps pick the size; a longer run of that size sets the forecast
+        best = max(usable, key=lambda t: t.samples_per_s)
+        confirmed = time_batch_size(config, train_records, best.batch_size, device, warmup, 2 * steps)
+        if not confirmed.out_of_memory:
+            timings[timings.index(best)] = confirmed
     engine = build_engine(config, build_dataset(config, train_records), device)
     val_s = 0.0
     if val_records and config.training.val_every_epochs:
@@ -255,7 +263,7 @@ def recommend(
         f"Batch size {best.batch_size}: {best.samples_per_s:.2f} samples/s, the best of "
         + ", ".join(f"{t.batch_size} ({t.samples_per_s:.2f}/s)" for t in usable)
         + f", within {headroom:.0%} of {m.memory_capacity_mb / 1024:.1f} GiB ({best.peak_memory_mb:.0f} MB peak).",
-        f"A step takes {best.step_s:.3f} s (median of the timed steps, spread {best.step_spread_s:.3f} s): "
+        f"A step takes {best.step_s:.3f} s on average (median {best.step_median_s:.3f} s, spread {best.step_spread_s:.3f} s): "
         f"{best.compute_s:.3f} s compute and {best.data_wait_s:.3f} s waiting for data.",
         f"{steps} steps fill a {target_epoch_minutes:g}-minute epoch after validation ({m.val_s:.1f} s) "
         f"and checkpoints ({m.checkpoint_s:.2f} s each): {samples} samples per epoch.",
