@@ -102,13 +102,10 @@ def test_plugin_manifest_is_valid_and_points_at_the_widget():
 
 @pytest.mark.gui
 def test_dock_widget_from_the_plugin_manifest_opens_record_and_patches(viewer, tiny_manifest, artifacts):
-    manifest = PluginManifest.from_file(PLUGIN_YAML)
     plugins = PluginManager.instance()
-    plugins.register(manifest)
-    try:
-        _dock, widget = viewer.window.add_plugin_dock_widget("vesuvius-lab", "Record patches")
-    finally:
-        plugins.unregister(manifest.name)
+    plugins.discover()  # the package's napari.manifest entry point, as an installed plugin is found
+    assert plugins.get_manifest("vesuvius-lab").name == PluginManifest.from_file(PLUGIN_YAML).name
+    _dock, widget = viewer.window.add_plugin_dock_widget("vesuvius-lab", "Record patches")
     assert isinstance(widget, RecordPatchesWidget)
     widget.manifest_file.value = tiny_manifest
     records = load_manifest(tiny_manifest).records
