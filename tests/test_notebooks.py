@@ -1,5 +1,6 @@
 """Notebooks: paired with py:percent twins, stored without outputs, and run top to bottom small."""
 
+import json
 from pathlib import Path
 
 import jupytext
@@ -9,6 +10,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from conftest_gui import assert_rendered
+from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.io import read_volume
 from vesuvius_lab.lab.runner import INJECTED_TAG, inject_parameters, run_notebook
 from vesuvius_lab.manifest import load_manifest
@@ -19,7 +21,12 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 SMALL = {
     "01_inspect_volumes": {},
     "02_preview_patches": {"patch_size": [24, 24, 24], "n_patches": 6, "montage_samples": 2},
+    # a tiny run (config written by the test), started, followed for a few steps, then stopped
+    "04_train_live": {"run_name": "nb", "start": True, "wait_steps": 3, "stop_at_end": True, "refresh_s": 0.5},
 }
+# The screenshots each notebook saves (suffixes of tests/artifacts/<notebook>-<suffix>.png).
+SHOTS = {"04_train_live": ["plot"]}
+NAPARI_SHOTS = ["2d", "3d"]
 
 
 def _cells(nb) -> list[tuple[str, str]]:
@@ -67,7 +74,7 @@ def test_inject_parameters_goes_after_the_parameters_cell_and_replaces_itself():
 @pytest.mark.gui
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_manifest, artifacts, tmp_path):
+def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manifest, artifacts, tmp_path):
     parameters = {
         "manifest_path": str(tiny_manifest),
         "cache_dir": str(tmp_path / "cache"),
@@ -81,14 +88,23 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_manifest, artifac
         surface = read_volume(manifest.resolve(first).label) == 1
         np.save(tmp_path / "prediction.npy", np.where(surface, 0.9, 0.05).astype(np.float32))
         parameters["prediction_path"] = str(tmp_path / "prediction.npy")
-    nb = run_notebook(path, parameters, timeout=120)
+    if path.stem == "04_train_live":
+        parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=200))
+        parameters["runs_dir"] = str(tmp_path / "runs")
+    nb = run_notebook(path, parameters, timeout=180)
     nbformat.write(nb, artifacts / path.name)  # the executed notebook, to look at
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    for ndisplay in (2, 3):
-        shot = artifacts / f"{path.stem}-{ndisplay}d.png"
+    for suffix in SHOTS.get(path.stem, NAPARI_SHOTS):
+        shot = artifacts / f"{path.stem}-{suffix}.png"
         assert str(shot) in printed
         assert_rendered(shot)
     shown = _widget_texts(nb)
+    if path.stem == "04_train_live":
+        status = json.loads((tmp_path / "runs" / "nb" / "status.json").read_text())
+        assert status["state"] == "stopped" and 3 <= status["step"] < 200, status
+        assert "stopped\n" in printed and any("steps logged in" in line for line in printed.splitlines())
+        assert any(t.startswith("<b>stopped</b> · step ") for t in shown)
+        return
     assert any(t.startswith(f"<b>{first.id}</b>: scroll {first.scroll_id}") for t in shown)  # the record summary
     if path.stem == "02_preview_patches":
         assert any(t.startswith(f"6 patches of {first.id}") for t in shown)

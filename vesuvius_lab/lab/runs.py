@@ -256,7 +256,7 @@ def history_figure(history: History, title: str = "") -> Figure:
     ax_loss.plot(s, history.loss, color="black", lw=2, label="total")
     for term, values in history.terms.items():
         if any(v == v for v in values):
-            ax_loss.plot(s, values, lw=1, label=term)
+            ax_loss.plot(s, values, lw=1, marker=".", ms=3, label=term)  # topo: only every topo_every steps
     ax_loss.set_title("loss and terms")
     ax_lr.plot(s, history.lr, color="tab:purple")
     ax_lr.set_title("learning rate")
