@@ -1,0 +1,31 @@
+"""The planner form of notebook 03 on a tiny config: Measure in its thread, recommend, Apply."""
+
+import pytest
+import yaml
+
+from lab_runs_helpers import write_tiny_config
+from vesuvius_lab.lab.planning import PlanForm
+
+
+@pytest.mark.slow
+def test_measure_recommend_apply(tiny_root, tmp_path):
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=30)
+    form = PlanForm(config, tmp_path / "planned.yaml", target_epoch_minutes=0.5, coverage_target=1e9,
+                    batch_sizes=[1, 2], warmup=1, steps=2)
+    assert form.apply_button.disabled and form.recommend() is None
+    form.measure_button.click()
+    assert form.measure_button.disabled
+    form.thread.join(timeout=300)
+    assert not form.thread.is_alive() and not form.measure_button.disabled, form.message.value
+    assert form.progress.value == form.progress.max == 2
+    assert [t.batch_size for t in form.measurements.timings] == [1, 2]
+    assert form.table.value.count("<tr>") == 3 and form.plot.value[:4] == b"\x89PNG"
+    plan = form.plan
+    assert "batch " in form.recommendation.value and "steps/epoch" in form.recommendation.value
+    assert any("below the target" in x for x in form.warnings)
+    form.target.value = 1.0  # a new target recommends again from the same measurements
+    assert form.plan is not plan and form.plan.target_epoch_s == pytest.approx(60)
+    form.apply_button.click()
+    training = yaml.safe_load((tmp_path / "planned.yaml").read_text())["training"]
+    assert training["train_iterations_per_epoch"] == form.plan.train_iterations_per_epoch
+    assert training["train_batch_size"] == form.plan.train_batch_size and training["workers"] == 0
