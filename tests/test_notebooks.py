@@ -21,11 +21,13 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 SMALL = {
     "01_inspect_volumes": {},
     "02_preview_patches": {"patch_size": [24, 24, 24], "n_patches": 6, "montage_samples": 2},
+    "03_plan_epoch": {"batch_sizes": [1, 2], "warmup": 1, "steps": 2, "target_epoch_minutes": 0.5,
+                      "measure_now": True},
     # a tiny run (config written by the test), started, followed for a few steps, then stopped
     "04_train_live": {"run_name": "nb", "start": True, "wait_steps": 3, "stop_at_end": True, "refresh_s": 0.5},
 }
 # The screenshots each notebook saves (suffixes of tests/artifacts/<notebook>-<suffix>.png).
-SHOTS = {"04_train_live": ["plot"]}
+SHOTS = {"03_plan_epoch": ["timings"], "04_train_live": ["plot"]}
 NAPARI_SHOTS = ["2d", "3d"]
 
 
@@ -88,6 +90,9 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         surface = read_volume(manifest.resolve(first).label) == 1
         np.save(tmp_path / "prediction.npy", np.where(surface, 0.9, 0.05).astype(np.float32))
         parameters["prediction_path"] = str(tmp_path / "prediction.npy")
+    if path.stem == "03_plan_epoch":
+        parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg"))
+        parameters["out_path"] = str(tmp_path / "planned.yaml")
     if path.stem == "04_train_live":
         parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=200))
         parameters["runs_dir"] = str(tmp_path / "runs")
@@ -99,6 +104,10 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         assert str(shot) in printed
         assert_rendered(shot)
     shown = _widget_texts(nb)
+    if path.stem == "03_plan_epoch":
+        assert str(tmp_path / "planned.yaml") in printed and (tmp_path / "planned.yaml").exists()
+        assert any("steps/epoch" in t for t in shown) and any("<th>samples/s</th>" in t and t.count("<tr>") == 3 for t in shown)
+        return
     if path.stem == "04_train_live":
         status = json.loads((tmp_path / "runs" / "nb" / "status.json").read_text())
         assert status["state"] == "stopped" and 3 <= status["step"] < 200, status

@@ -1,0 +1,51 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Plan the epoch
+#
+# How many steps per epoch, at which batch size, for how many epochs: set the wanted epoch
+# duration, the total budget and the coverage target, press "Measure" (the real training step and
+# loader are timed at each batch size, in the background), and read the recommendation, its
+# warnings and the presets. "Apply" writes the config with the plan's training keys.
+
+# %% tags=["parameters"]
+config_path = "../configs/demo.yaml"  # the run config to plan
+out_path = "../configs/demo_planned.yaml"  # where Apply writes the planned config
+target_epoch_minutes = 60.0
+budget_hours = None  # None: no budget
+coverage_target = 1.0  # wanted share of the training patches seen per epoch
+batch_sizes = None  # None: 1, 2, 4, ... until memory or speed stops growing
+warmup = 2
+steps = 8
+measure_now = False  # True for unattended runs: measure and apply here
+screenshot_dir = None  # a folder: save the timings plot there as 03_plan_epoch-timings.png
+
+# %%
+from pathlib import Path
+
+from vesuvius_lab.lab.planning import PlanForm
+
+form = PlanForm(config_path, out_path, target_epoch_minutes, budget_hours, coverage_target, batch_sizes, warmup, steps)
+form.widget
+
+# %%
+if measure_now:
+    form.measure()
+    print(form.apply())
+if screenshot_dir and form.plot.value:
+    shot = Path(screenshot_dir) / "03_plan_epoch-timings.png"
+    shot.write_bytes(form.plot.value)
+    print(shot)
