@@ -1,6 +1,8 @@
 """Notebooks: paired with py:percent twins, stored without outputs, and run top to bottom small."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jupytext
@@ -25,6 +27,7 @@ SMALL = {
                       "measure_now": True},
     # a tiny run (config written by the test), started, followed for a few steps, then stopped
     "04_train_live": {"run_name": "nb", "start": True, "wait_steps": 3, "stop_at_end": True, "refresh_s": 0.5},
+    "05_evaluate": {"max_volumes": 1, "overlap": 0.0},
 }
 # The screenshots each notebook saves (suffixes of tests/artifacts/<notebook>-<suffix>.png).
 SHOTS = {"03_plan_epoch": ["timings"], "04_train_live": ["plot"]}
@@ -93,6 +96,12 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
     if path.stem == "03_plan_epoch":
         parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg"))
         parameters["out_path"] = str(tmp_path / "planned.yaml")
+    if path.stem == "05_evaluate":  # a checkpoint trained a few steps
+        run = tmp_path / "run"
+        subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--config",
+                        str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=4)), "--run-dir", str(run),
+                        "--no-progress"], check=True, capture_output=True, timeout=300)
+        parameters["checkpoint_path"] = str(run / "checkpoints" / "last.pt")
     if path.stem == "04_train_live":
         parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=200))
         parameters["runs_dir"] = str(tmp_path / "runs")
@@ -104,6 +113,11 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         assert str(shot) in printed
         assert_rendered(shot)
     shown = _widget_texts(nb)
+    if path.stem == "05_evaluate":
+        tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if "text/plain" in o.get("data", {})]
+        assert any("surface_dice" in t and "mean" in t for t in tables)
+        return
     if path.stem == "03_plan_epoch":
         assert str(tmp_path / "planned.yaml") in printed and (tmp_path / "planned.yaml").exists()
         assert any("steps/epoch" in t for t in shown) and any("<th>samples/s</th>" in t and t.count("<tr>") == 3 for t in shown)

@@ -1,0 +1,62 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Evaluate a checkpoint
+#
+# Predict the validation volumes with a checkpoint (sliding window, then the config's
+# post-processing), score each with the leaderboard metric (score, topo, surface Dice, VOI), and
+# look at the errors in napari: true positives white, false positives red, false negatives cyan.
+
+# %% tags=["parameters"]
+checkpoint_path = "../runs/demo/checkpoints/best.pt"  # a vesuvius_lab checkpoint
+manifest_path = None  # None: the manifest the checkpoint was trained on
+cache_dir = None  # None: $VLAB_CACHE_DIR, else ~/.cache/vesuvius_lab
+max_volumes = None  # None: every validation volume
+overlap = 0.25  # sliding-window overlap
+show_volume = 0  # which validation volume napari shows
+close_viewer = False  # True for unattended runs: close napari at the end
+screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
+
+# %%
+from vesuvius_lab.lab import evaluation
+
+results = evaluation.evaluate(checkpoint_path, manifest_path, cache_dir, max_volumes, overlap)
+table = evaluation.score_table(results)
+table
+
+# %% [markdown]
+# napari needs the Qt event loop in the kernel; this must run before the viewer is created.
+
+# %%
+# %gui qt
+
+# %%
+import napari
+
+from vesuvius_lab.lab import views
+
+viewer = napari.Viewer()
+evaluation.show_errors(viewer, results[show_volume])
+views.ndisplay_toggle(viewer)
+
+# %%
+if screenshot_dir:
+    for path in views.save_views(viewer, screenshot_dir, "05_evaluate"):
+        print(path)
+
+# %%
+if close_viewer:
+    viewer.close()
