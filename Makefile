@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml vesuvius_lab/__init__.py
 demo-data: $(STAMP)
 	$(PY) -m vesuvius_lab demo-data
 
+# Jupyter refuses to run as root without --allow-root (containers and CI machines often are root).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: demo-data
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
