@@ -14,11 +14,10 @@ import numpy as np
 
 import pytest
 import torch
-import yaml
 
+from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import OptimConfig, load_config
 from vesuvius_lab.io import read_volume
-from vesuvius_lab.manifest import build_manifest
 from vesuvius_lab.train import lr_at, train
 
 STEPS, EPOCHS = 6, 2
@@ -26,25 +25,14 @@ STEPS, EPOCHS = 6, 2
 
 @pytest.fixture()
 def tiny_config(tiny_root, tmp_path):
-    manifest = tmp_path / "tiny.yaml"
-    build_manifest(tiny_root, progress=False).save(manifest)
+    """Config files for the tiny run, each in its own folder (two workers, frequent checkpoints)."""
+    made = []
 
     def make(**sections) -> Path:
-        doc = {
-            "data": {"manifest": str(manifest), "patch_size": [16, 16, 16]},
-            "model": {"features": [4, 8, 16], "deep_supervision_heads": 2},
-            "loss": {"cldice": 0.3, "skeleton_recall": 0.3, "surface": 0.1, "topo": 0.1, "topo_every": 3},
-            "optim": {"lr": 0.01, "warmup_steps": 2},
-            "val": {"max_volumes": 1, "overlap": 0.0, "batch": 8},
-            "training": {"train_batch_size": 2, "train_iterations_per_epoch": STEPS, "max_epochs": EPOCHS,
-                         "workers": 2, "persistent_workers": True, "checkpoint_every_steps": 2,
-                         "val_every_epochs": 1, "seed": 1},
-        }
-        for name, values in sections.items():
-            doc.setdefault(name, {}).update(values)
-        path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        return path
+        training = {"workers": 2, "persistent_workers": True, "checkpoint_every_steps": 2, **sections.pop("training", {})}
+        made.append(write_tiny_config(tiny_root, tmp_path / f"cfg{len(made)}", steps=STEPS, epochs=EPOCHS,
+                                      training=training, **sections))
+        return made[-1]
 
     return make
 
