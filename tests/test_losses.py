@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from vesuvius_lab.bench.losses import _saved_mb, pooled_dilate, pooled_erode
 from vesuvius_lab.config import LossConfig
-from vesuvius_lab.losses import TERMS, TopologyLoss, cl_dice, soft_skeleton, topo_loss
+from vesuvius_lab.losses import TERMS, TopologyLoss, _soft_dilate, _soft_erode, cl_dice, soft_skeleton, topo_loss
 from vesuvius_lab.targets import DISTANCE_CLIP
 
 
@@ -67,6 +68,35 @@ def test_cldice_by_hand_on_a_one_voxel_sheet():
     n = fg.sum().item()
     empty = cl_dice(torch.zeros_like(fg), fg, valid, fg, 3).item()
     assert empty == pytest.approx(1 - 2 / (n + 2), rel=1e-6)  # t_prec = 1, t_sens = 1 / (n + 1)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 7, 9, 11), (1, 1, 1, 5, 4)])
+def test_neighbour_kernels_equal_max_pooling_in_values_and_gradients(shape):
+    """The int8-coded erosion and dilation are the classic clDice pooling kernels, borders included."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(shape, generator=gen, dtype=torch.float64)
+    x[0, 0, 0, :2] = 1.0  # ties, where both must pick the voxel itself or an equal neighbour
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    for ours, pooled in ((_soft_erode, pooled_erode), (_soft_dilate, pooled_dilate)):
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        (ours(a) * weight).sum().backward()
+        (pooled(b) * weight).sum().backward()
+        assert torch.equal(ours(x), pooled(x))
+        assert a.grad.sum().item() == pytest.approx(weight.sum().item())  # each output's gradient lands once
+        untied = x + 1e-3 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        assert torch.autograd.gradcheck(ours, (untied.requires_grad_(),))
+    skel_a = soft_skeleton(x, 3)
+    skel_b = soft_skeleton(x, 3, pooled_erode, pooled_dilate)
+    assert torch.allclose(skel_a, skel_b)
+
+
+def test_soft_skeleton_keeps_a_fraction_of_the_pooling_memory():
+    """int8 codes instead of int64 pooling indices: at 32^3 the skeleton keeps under a quarter."""
+    prob = torch.rand(1, 1, 32, 32, 32).requires_grad_()
+    ours = _saved_mb(lambda: soft_skeleton(prob, 3).sum())
+    pooled = _saved_mb(lambda: soft_skeleton(prob, 3, pooled_erode, pooled_dilate).sum())
+    assert 0 < ours < pooled / 4
 
 
 def test_topo_loss_counts_spurious_components():

@@ -53,3 +53,14 @@ def test_bench_data_json(cli):
     assert run["ours"]["patches_per_s"] > 0 and run["baseline"]["patches_per_s"] > 0
     assert result["ratio"] == round(run["ours"]["patches_per_s"] / run["baseline"]["patches_per_s"], 2)
     assert run["ours"]["peak_rss_mb"] > 50
+
+
+def test_bench_losses_json(cli):
+    code, out, err = cli("bench", "losses", "--json", "--size", 24, "--repeats", 1, "--features", 4, 8, 16)
+    assert code == 0, err
+    result = json.loads(out[-1])
+    assert set(result["terms"]) == {"bce", "dice", "cldice", "skeleton_recall", "surface", "topo"}
+    assert all(term["saved_mb"] > 0 for term in result["terms"].values())
+    skel = result["soft_skeleton"]
+    assert skel["memory_ratio"] == round(skel["max_pool3d_baseline"]["saved_mb"] / skel["neighbour_kernels"]["saved_mb"], 2)
+    assert result["model"]["saved_mb"] > result["terms"]["bce"]["saved_mb"]

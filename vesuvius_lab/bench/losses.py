@@ -1,8 +1,9 @@
 """Memory and time of each loss term: what it keeps for backward, and forward+backward seconds.
 
 Memory is counted exactly with autograd's saved-tensor hooks (unique storages, so views are not
-counted twice); it is the activation memory a term adds on any device. clDice is also measured
-without activation checkpointing, the baseline that shows why its soft skeleton is recomputed.
+counted twice); it is the activation memory a term adds on any device. The soft skeleton is also
+measured with the classic clDice kernels (``max_pool3d`` erosion and dilation), the baseline for
+the int8-coded neighbour kernels in ``vesuvius_lab.losses``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from vesuvius_lab.config import LossConfig
+from vesuvius_lab.config import LossConfig, ModelConfig
 from vesuvius_lab.losses import TERMS, TopologyLoss, soft_skeleton
+from vesuvius_lab.model import as_input, build_model
 
 MB = 2**20
 
@@ -23,6 +26,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=128, help="patch edge (default 128)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256],
+                   help="U-Net widths whose activation memory puts the terms in proportion (default: exp001_full's)")
+
+
+def pooled_erode(x: torch.Tensor) -> torch.Tensor:
+    """The classic clDice erosion: the minimum of three 1D min-pools (a 6-neighbourhood cross)."""
+    p1 = -F.max_pool3d(-x, (3, 1, 1), 1, (1, 0, 0))
+    p2 = -F.max_pool3d(-x, (1, 3, 1), 1, (0, 1, 0))
+    p3 = -F.max_pool3d(-x, (1, 1, 3), 1, (0, 0, 1))
+    return torch.minimum(torch.minimum(p1, p2), p3)
+
+
+def pooled_dilate(x: torch.Tensor) -> torch.Tensor:
+    """The classic clDice dilation: a 3x3x3 max-pool."""
+    return F.max_pool3d(x, 3, 1, 1)
 
 
 def _saved_mb(fn) -> float:
@@ -64,12 +82,28 @@ def run(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
         results[term] = {"saved_mb": round(mb, 1), "seconds": round(statistics.median(times), 3)}
     prob = torch.sigmoid(logits.detach()).requires_grad_()
-    plain = _saved_mb(lambda: soft_skeleton(prob, LossConfig().cldice_iterations).sum())
+    iterations = LossConfig().cldice_iterations
+    skeletons = {}
+    for name, erode, dilate in (("neighbour_kernels", None, None), ("max_pool3d_baseline", pooled_erode, pooled_dilate)):
+        times, mb = [], 0.0
+        for _ in range(args.repeats):
+            prob.grad = None
+            t0 = time.perf_counter()
+            mb = _saved_mb(lambda: soft_skeleton(prob, iterations, erode, dilate).sum())  # noqa: B023
+            times.append(time.perf_counter() - t0)
+        skeletons[name] = {"saved_mb": round(mb, 1), "seconds": round(statistics.median(times), 3)}
+    base, ours = skeletons["max_pool3d_baseline"], skeletons["neighbour_kernels"]
+    skeletons["memory_ratio"] = round(base["saved_mb"] / max(ours["saved_mb"], 1e-9), 2)
+    skeletons["speedup"] = round(base["seconds"] / max(ours["seconds"], 1e-9), 2)
     input_mb = logits.numel() * 4 / MB
+    model = build_model(ModelConfig(features=args.features))
+    image = as_input(torch.randn(shape))
+    model_mb = _saved_mb(lambda: sum(o.float().mean() for o in model(image)))
     return {
         "patch": list(shape[2:]), "batch": args.batch,
         "input_mb": round(input_mb, 1),
         "terms": results,
-        "cldice_without_checkpointing_saved_mb": round(plain, 1),
+        "soft_skeleton": skeletons,
+        "model": {"features": args.features, "saved_mb": round(model_mb, 1)},
         "note": "saved_mb: activation memory held for backward; the logits themselves are input_mb",
     }
