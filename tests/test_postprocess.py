@@ -34,13 +34,16 @@ def test_hysteresis_keeps_weak_voxels_only_when_connected_to_strong_ones():
     assert out[1, 1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
 
 
-def test_small_components_go_and_26_neighbours_count_as_connected():
+def test_small_components_go_and_connectivity_is_the_metrics_6():
+    """A diagonal chain is three components to the metric (6-connected foreground), so it goes."""
     mask = np.zeros((10, 10, 10), np.float32)
-    mask[1, 1, 1] = mask[2, 2, 2] = mask[3, 3, 3] = 1  # a diagonal chain: one 26-component of 3
-    mask[7, 7, 7] = 1  # a single voxel
+    mask[1, 1, 1] = mask[2, 2, 2] = mask[3, 3, 3] = 1  # a diagonal chain: three 6-components of 1
+    mask[6, 6, 6:8] = 1  # two face neighbours: one 6-component of 2
+    mask[8, 8, 8] = 1  # a single voxel
     out = postprocess(mask, PostprocessConfig(min_component_size=2))
-    assert out[1, 1, 1] == out[2, 2, 2] == out[3, 3, 3] == 1
-    assert out[7, 7, 7] == 0
+    assert out[1, 1, 1] == out[2, 2, 2] == out[3, 3, 3] == 0
+    assert out[6, 6, 6] == out[6, 6, 7] == 1
+    assert out[8, 8, 8] == 0
 
 
 def test_close_holes_fills_cavities_but_not_open_background():

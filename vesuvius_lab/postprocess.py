@@ -26,7 +26,8 @@ class PostprocessConfig:
 
     method: "threshold" (foreground where prob > threshold) or "hysteresis" (prob > low, connected
         to a voxel with prob > high; skimage.filters.apply_hysteresis_threshold).
-    min_component_size: 26-connected foreground components with fewer voxels are removed (0: keep).
+    min_component_size: foreground components with fewer voxels are removed (0: keep); 6-connected,
+        as the metric counts them, so fragments touching a sheet only by an edge or corner go too.
     close_holes: fill enclosed cavities, i.e. background (26-connected, the dual of the 6-connected
         foreground the metric's topology uses) that does not reach the volume's border.
     """
@@ -80,12 +81,12 @@ def binarize_probabilities(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarr
 
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop 26-connected components with fewer than ``min_size`` voxels."""
+    """Drop 6-connected components (the metric's foreground connectivity) with fewer than ``min_size`` voxels."""
     if min_size <= 1 or not mask.any():
         return mask
     import cc3d
 
-    labels, n = cc3d.connected_components(np.ascontiguousarray(mask, dtype=np.uint8), connectivity=26, return_N=True)
+    labels, n = cc3d.connected_components(np.ascontiguousarray(mask, dtype=np.uint8), connectivity=6, return_N=True)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     keep = sizes >= min_size
     keep[0] = False
