@@ -17,12 +17,13 @@ def test_measure_recommend_apply(tiny_root, tmp_path):
     assert form.measure_button.disabled
     form.thread.join(timeout=300)
     assert not form.thread.is_alive() and not form.measure_button.disabled, form.message.value
-    assert form.progress.value == form.progress.max == 2
+    assert form.progress.value == form.progress.max == 4  # two batch sizes, the confirmation, validation
     assert [t.batch_size for t in form.measurements.timings] == [1, 2]
     assert form.table.value.count("<tr>") == 3 and form.plot.value[:4] == b"\x89PNG"
     plan = form.plan
     assert "batch " in form.recommendation.value and "steps/epoch" in form.recommendation.value
-    assert any("below the target" in x for x in form.warnings)
+    assert any(x.startswith("Too few steps") and "(< 100000000000%)" in x for x in plan.warnings)
+    assert "Coverage 100000000000%" in form.recommendation.value  # the preset that reaches the target
     form.target.value = 1.0  # a new target recommends again from the same measurements
     assert form.plan is not plan and form.plan.target_epoch_s == pytest.approx(60)
     form.apply_button.click()

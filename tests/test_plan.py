@@ -58,6 +58,20 @@ def test_each_pitfall_gives_a_warning():
     assert not any(w.startswith(("Data-bound", "Too few", "Too many")) for w in ok.warnings)
 
 
+def test_coverage_target_sets_the_warning_and_adds_a_preset_that_reaches_it():
+    m = measurements([timing(2, 1.0, wait=0.05)], unique=3000)
+    plain = recommend(m, load_config(None), 60)
+    assert plain.coverage < 3 and [p.name for p in plain.presets] == ["Conservative", "Aggressive", "Time-constrained"]
+    wanted = recommend(m, load_config(None), 60, coverage_target=3.0)
+    assert wanted.train_iterations_per_epoch == plain.train_iterations_per_epoch  # the time target still rules
+    assert any(w.startswith("Too few steps") and "(< 300%)" in w for w in wanted.warnings)
+    reach = wanted.presets[-1]
+    assert reach.name == "Coverage 300%" and reach.train_iterations_per_epoch == 4500
+    assert reach.coverage == pytest.approx(3.0)
+    total = wanted.max_epochs * wanted.train_iterations_per_epoch
+    assert reach.max_epochs == max(1, round(total / 4500))
+
+
 def test_slow_validation_is_spread_over_epochs():
     plan = recommend(measurements([timing(2, 1.0)], val_s=1200), load_config(None), 60)
     assert plan.val_every_epochs == 2  # 20 min of validation in a 60 min epoch is too much every epoch

@@ -138,6 +138,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--target-epoch-minutes", type=float, default=60.0, help="wanted epoch duration (default 60)")
     p.add_argument("--budget-hours", type=float, help="total training budget; sets the number of epochs")
+    p.add_argument("--coverage-target", type=float,
+                   help="share of the unique patch positions an epoch should see (default: warn below 0.5)")
     p.add_argument("--batch-sizes", help="comma-separated candidates (default: 1, 2, 4, ... until no gain or OOM)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per batch size (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per batch size (default 2)")
@@ -160,7 +162,7 @@ def _plan(args: argparse.Namespace) -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
     m = measure(config, sizes, warmup=args.warmup, steps=args.steps, memory_cap_mb=args.memory_cap_mb,
                 progress=not args.json, max_seconds=args.max_seconds)
-    plan = recommend(m, config, args.target_epoch_minutes, args.budget_hours)
+    plan = recommend(m, config, args.target_epoch_minutes, args.budget_hours, coverage_target=args.coverage_target)
     plan_file = args.plan_file or config.root / "runs" / args.config.stem / "plan.json"
     atomic_write_text(plan_file, json.dumps(plan.to_dict(), indent=1))
     if args.apply:

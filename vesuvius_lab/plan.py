@@ -14,6 +14,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -165,9 +166,14 @@ def measure(
     memory_cap_mb: float | None = None,
     progress: bool = True,
     max_seconds: float = 90.0,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Measurements:
     """Time each candidate batch size (1, 2, 4, ... until out of memory, the memory cap, a doubling
-    that gains under 5 % samples/s, or a next size that would not fit in ``max_seconds``)."""
+    that gains under 5 % samples/s, or a next size that would not fit in ``max_seconds``), re-time
+    the best one, then time a validation pass and a checkpoint.
+
+    ``on_progress(done, total, message)`` is called as each part finishes (a widget's progress bar);
+    ``total`` shrinks when the sweep stops early."""
     from vesuvius_lab.train import build_engine, records_for, save_checkpoint, validate_model
 
     started = time.perf_counter()
@@ -179,6 +185,8 @@ def measure(
     capacity = memory_cap_mb or _capacity_mb(device)
     candidates = batch_sizes or [2**i for i in range(8)]
     timings: list[BatchTiming] = []
+    report = on_progress or (lambda done, total, message: None)
+    report(0, len(candidates) + 2, "measuring batch sizes")
     bar = tqdm(candidates, desc="plan: batch sizes", unit="size", disable=not progress)
     last_cost = 0.0
     for b in bar:
@@ -189,17 +197,21 @@ def measure(
         t = time_batch_size(config, train_records, b, device, warmup, steps)
         last_cost = time.perf_counter() - t0
         timings.append(t)
+        report(len(timings), len(candidates) + 2, f"batch size {b}: " + (
+            "out of memory" if t.out_of_memory else f"{t.samples_per_s:.2f} samples/s, {t.peak_memory_mb:.0f} MB"))
         if t.out_of_memory or t.peak_memory_mb > capacity:
             break
         earlier = [x.samples_per_s for x in timings[:-1] if not x.out_of_memory]
         if batch_sizes is None and earlier and t.samples_per_s < 1.05 * max(earlier):
             break  # a doubling without 5 % more throughput: larger batches will not pay
+    total = len(timings) + 2
     usable = [t for t in timings if not t.out_of_memory and t.peak_memory_mb <= capacity]
     if usable:  # the sweep's few steps pick the size; a longer run of that size sets the forecast
         best = max(usable, key=lambda t: t.samples_per_s)
         confirmed = time_batch_size(config, train_records, best.batch_size, device, warmup, 2 * steps)
         if not confirmed.out_of_memory:
             timings[timings.index(best)] = confirmed
+    report(total - 1, total, "confirmed the best batch size; timing validation and a checkpoint")
     engine = build_engine(config, build_dataset(config, train_records), device)
     val_s = 0.0
     if val_records and config.training.val_every_epochs:
@@ -211,6 +223,7 @@ def measure(
         t0 = time.perf_counter()
         save_checkpoint(Path(tmp) / "c.pt", {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict()})
         checkpoint_s = time.perf_counter() - t0
+    report(total, total, "done")
     shapes = [rec.stats.shape for rec in manifest.records if rec.stats is not None and rec.id in {r.id for r in train_records}]
     return Measurements(
         device=str(device), timings=timings, val_s=val_s, checkpoint_s=checkpoint_s, memory_capacity_mb=capacity,
@@ -232,8 +245,13 @@ def recommend(
     target_epoch_minutes: float = 60.0,
     budget_hours: float | None = None,
     headroom: float = 0.85,
+    coverage_target: float | None = None,
 ) -> Plan:
-    """Turn measurements into a plan, with reasons and warnings in a researcher's words."""
+    """Turn measurements into a plan, with reasons and warnings in a researcher's words.
+
+    The epoch length follows the time target; ``coverage_target`` (share of the unique patch
+    positions an epoch should see, default the seed notes' 50 % floor) sets when coverage is
+    called too low and adds a preset that reaches it."""
     usable = [t for t in m.timings if not t.out_of_memory and t.peak_memory_mb <= headroom * m.memory_capacity_mb]
     if not usable:
         raise RuntimeError("no batch size fits in memory; reduce data.patch_size or model.features")
@@ -273,8 +291,9 @@ def recommend(
         f" {epochs} epochs = {run_s / 3600:.2f} h" + (f" within the {budget_hours:g} h budget." if budget_hours else "."),
     ]
     warnings = []
-    if coverage < COVERAGE_MIN:
-        warnings.append(f"Too few steps: an epoch covers {coverage:.0%} of the unique patches (< 50 %); "
+    wanted = COVERAGE_MIN if coverage_target is None else coverage_target
+    if coverage < wanted:
+        warnings.append(f"Too few steps: an epoch covers {coverage:.0%} of the unique patches (< {wanted:.0%}); "
                         "lengthen the epoch or raise the batch size if memory allows.")
     if epoch_s > EPOCH_MAX_H * 3600:
         warnings.append(f"Too many steps: an epoch lasts {epoch_s / 3600:.1f} h (> {EPOCH_MAX_H:g} h); "
@@ -299,17 +318,26 @@ def recommend(
     if val_every != config.training.val_every_epochs:
         explanation.append(f"Validation every {val_every} epochs keeps it under a quarter of the training time.")
 
-    def preset(name: str, factor: float, reason: str) -> Preset:
-        s = max(1, int(steps * factor))
-        e = max(1, round(total_steps / s)) if factor < 1 else epochs
+    def preset(name: str, s: int, e: int, reason: str) -> Preset:
+        s = max(1, s)
         return Preset(name, s, e, _epoch_seconds(s, best, m, config, val_every),
                       s * best.batch_size / m.unique_patches if m.unique_patches else math.nan, reason)
 
+    def same_total(s: int) -> int:
+        """Epochs that keep the recommendation's total steps at ``s`` steps per epoch."""
+        return max(1, round(total_steps / max(1, s)))
+
     presets = [
-        preset("Conservative", 1.0, "the recommendation: the target epoch length, coverage as measured"),
-        preset("Aggressive", 1.5, "50 % more steps per epoch: more coverage, longer epochs, rarer validation"),
-        preset("Time-constrained", 0.75, "25 % fewer steps and more epochs: faster feedback, same total steps"),
+        preset("Conservative", steps, epochs, "the recommendation: the target epoch length, coverage as measured"),
+        preset("Aggressive", int(steps * 1.5), epochs,
+               "50 % more steps per epoch: more coverage, longer epochs, rarer validation"),
+        preset("Time-constrained", int(steps * 0.75), same_total(int(steps * 0.75)),
+               "25 % fewer steps and more epochs: faster feedback, same total steps"),
     ]
+    if coverage_target and m.unique_patches:
+        s = math.ceil(coverage_target * m.unique_patches / best.batch_size)
+        presets.append(preset(f"Coverage {coverage_target:.0%}", s, same_total(s),
+                              f"{s} steps reach the coverage target; the same total steps over {same_total(s)} epochs"))
     return Plan(
         train_batch_size=best.batch_size, train_iterations_per_epoch=steps, max_epochs=epochs,
         val_every_epochs=val_every, samples_per_epoch=samples, coverage=coverage,

@@ -4,7 +4,6 @@ Apply (writes the config). Callbacks are plain methods, so tests drive it withou
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import threading
 from pathlib import Path
@@ -65,24 +64,19 @@ class PlanForm:
         self.thread: threading.Thread | None = None
 
     def measure(self) -> planner.Measurements:
-        """Measure each batch size in turn (the progress bar counts them), then recommend."""
-        config = load_config(self.config_path)
-        sizes = self.batch_sizes or [2**i for i in range(8)]
-        self.progress.max, self.progress.value = len(sizes), 0
-        parts: list[planner.Measurements] = []
-        for b in sizes:
-            self.message.value = f"measuring batch size {b} ..."
-            parts.append(planner.measure(config, [b], warmup=self.warmup, steps=self.steps, progress=False))
-            self.progress.value += 1
-            if parts[-1].timings[-1].out_of_memory:
-                break
-        timings = [t for m in parts for t in m.timings]
-        self.measurements = dataclasses.replace(parts[-1], timings=timings, seconds=sum(m.seconds for m in parts))
-        self.message.value = f"measured {len(timings)} batch sizes in {self.measurements.seconds:.0f} s on {self.measurements.device}"
-        self.table.value = html_table(timings_rows(self.measurements), ("batch", "samples/s", "step s", "data wait s", "peak MB"))
-        self.plot.value = figure_png(timings_figure(self.measurements))
+        """Run the planner's sweep (the progress bar follows its parts), then recommend."""
+        def on_progress(done: int, total: int, message: str) -> None:
+            self.progress.max, self.progress.value = total, done
+            self.message.value = html.escape(message)
+
+        self.measurements = planner.measure(load_config(self.config_path), self.batch_sizes, warmup=self.warmup,
+                                            steps=self.steps, progress=False, on_progress=on_progress)
+        m = self.measurements
+        self.message.value = f"measured {len(m.timings)} batch sizes in {m.seconds:.0f} s on {m.device}"
+        self.table.value = html_table(timings_rows(m), ("batch", "samples/s", "step s", "data wait s", "peak MB"))
+        self.plot.value = figure_png(timings_figure(m))
         self.recommend()
-        return self.measurements
+        return m
 
     def measure_async(self) -> threading.Thread:
         def run() -> None:
@@ -102,21 +96,16 @@ class PlanForm:
         if self.measurements is None:
             return None
         self.plan = planner.recommend(self.measurements, load_config(self.config_path), self.target.value,
-                                      self.budget.value or None)
+                                      self.budget.value or None, coverage_target=self.coverage.value or None)
         p = self.plan
-        warnings = list(p.warnings)
-        if p.coverage < self.coverage.value:
-            warnings.append(f"coverage {p.coverage:.2f} is below the target {self.coverage.value:.2f}: "
-                            "raise the epoch duration or the budget")
         head = (f"<b>batch {p.train_batch_size} × {p.train_iterations_per_epoch} steps/epoch × {p.max_epochs} epochs</b>"
                 f", coverage {p.coverage:.2f}, epoch ≈ {p.forecast_epoch_s / 60:.1f} min, run ≈ {p.forecast_run_s / 3600:.2f} h")
         items = "".join(f"<li>{html.escape(x)}</li>" for x in p.explanation)
-        warn = "".join(f"<li style='color:#b00'>{html.escape(x)}</li>" for x in warnings)
+        warn = "".join(f"<li style='color:#b00'>{html.escape(x)}</li>" for x in p.warnings)
         presets = html_table([[s.name, s.train_iterations_per_epoch, s.max_epochs, f"{s.forecast_epoch_s / 60:.1f}",
                                f"{s.coverage:.2f}", s.reason] for s in p.presets],
                              ("preset", "steps/epoch", "epochs", "epoch min", "coverage", "why"))
         self.recommendation.value = f"{head}<ul>{items}</ul><ul>{warn}</ul>{presets}"
-        self.warnings = warnings
         self.apply_button.disabled = False
         return p
 
