@@ -131,3 +131,29 @@ def test_a_blank_or_flat_screenshot_is_rejected(tmp_path):
         Image.fromarray(rgb).save(tmp_path / f"{name}.png")
         with pytest.raises(AssertionError, match="looks blank"):
             assert_rendered(tmp_path / f"{name}.png")
+
+
+@pytest.mark.gui
+def test_error_view_colours_false_positives_red_and_false_negatives_cyan(viewer, artifacts):
+    """Notebook 05's napari view: a prediction shifted off a sheet shows both error colours."""
+    from vesuvius_lab.lab.evaluation import VolumeResult, show_errors
+
+    label = np.zeros((24, 48, 48), np.uint8)
+    label[:, 20:24] = 1  # a sheet, four voxels thick
+    label[:, :, :4] = 2  # an ignored strip: no error colour may show there
+    mask = np.zeros_like(label)
+    mask[:, 22:26] = 1  # half on the sheet, half beside it
+    image = (label == 1).astype(np.uint8) * 200 + 20
+    result = VolumeResult("v1", image, label, mask.astype(np.float32), mask, {"score": 0.5})
+    show_errors(viewer, result)
+    assert [layer.name for layer in viewer.layers] == ["v1 image", "probability", "ground truth",
+                                                        "errors (TP white, FP red, FN cyan)"]
+    errors = viewer.layers[-1].data
+    assert errors[0, 20, 10] == 3 and errors[0, 22, 10] == 1 and errors[0, 25, 10] == 2 and errors[0, 22, 2] == 0
+    shot = artifacts / "evaluate-errors.png"
+    viewer.reset_view()
+    viewer.screenshot(path=str(shot), canvas_only=True)
+    rgb = assert_rendered(shot, min_std=10.0, min_colours=3)
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    red, cyan = (r > 150) & (g < 80) & (b < 80), (r < 110) & (g > 150) & (b > 150)  # the 0.8-opaque blends
+    assert red.mean() > 0.01 and cyan.mean() > 0.01
