@@ -9,6 +9,7 @@ inside), as produced by the patch pipeline.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import cripser
 import numpy as np
@@ -93,7 +94,10 @@ def _soft_dilate(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def soft_skeleton(x: torch.Tensor, iterations: int, erode=None, dilate=None) -> torch.Tensor:
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def soft_skeleton(x: torch.Tensor, iterations: int, erode: Kernel | None = None, dilate: Kernel | None = None) -> torch.Tensor:
     """Differentiable skeleton (Shit et al., clDice): what opening removes, over repeated erosions.
 
     ``erode``/``dilate`` default to the int8-coded neighbour kernels; benchmarks pass the classic
