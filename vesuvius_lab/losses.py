@@ -48,9 +48,10 @@ def _shifted(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
 class _NeighbourExtremum(torch.autograd.Function):
     """Max (or min) of each voxel and its neighbours one step along the given axes.
 
-    Same values and gradients as the equivalent ``max_pool3d``, but what it keeps for backward is
-    one int8 code per voxel (which neighbour won) instead of pooling's int64 indices, and on CPU it
-    runs several times faster. Ties go to the voxel itself, so a repeated border voxel never wins.
+    Same values as the equivalent ``max_pool3d`` and the same gradients wherever the winner is
+    unique, but what it keeps for backward is one int8 code per voxel (which neighbour won) instead
+    of pooling's int64 indices (8x less memory, about 2x faster on CPU at 128^3). Ties go to the
+    voxel itself, so a repeated border voxel never wins.
     """
 
     @staticmethod

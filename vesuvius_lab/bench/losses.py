@@ -56,6 +56,17 @@ def _saved_mb(fn) -> float:
     return sum(storages.values()) / MB
 
 
+def _measure(fn, leaf: torch.Tensor, repeats: int) -> dict:
+    """Saved-for-backward MB and median seconds of forward+backward of ``fn`` (its gradient reaches ``leaf``)."""
+    times, mb = [], 0.0
+    for _ in range(repeats):
+        leaf.grad = None
+        t0 = time.perf_counter()
+        mb = _saved_mb(fn)
+        times.append(time.perf_counter() - t0)
+    return {"saved_mb": round(mb, 1), "seconds": round(statistics.median(times), 3)}
+
+
 def _targets(batch: int, size: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     label = torch.zeros(batch, size, size, size, dtype=torch.uint8)
@@ -74,24 +85,14 @@ def run(args: argparse.Namespace) -> dict:
         weights = {t: 0.0 for t in TERMS}
         weights[term] = 1.0
         loss_fn = TopologyLoss(LossConfig(**weights, topo_every=1))
-        times = []
-        for _ in range(args.repeats):
-            logits.grad = None
-            t0 = time.perf_counter()
-            mb = _saved_mb(lambda: loss_fn(logits, targets, 0)[0])
-            times.append(time.perf_counter() - t0)
-        results[term] = {"saved_mb": round(mb, 1), "seconds": round(statistics.median(times), 3)}
+        results[term] = _measure(lambda: loss_fn(logits, targets, 0)[0], logits, args.repeats)  # noqa: B023
     prob = torch.sigmoid(logits.detach()).requires_grad_()
     iterations = LossConfig().cldice_iterations
-    skeletons = {}
-    for name, erode, dilate in (("neighbour_kernels", None, None), ("max_pool3d_baseline", pooled_erode, pooled_dilate)):
-        times, mb = [], 0.0
-        for _ in range(args.repeats):
-            prob.grad = None
-            t0 = time.perf_counter()
-            mb = _saved_mb(lambda: soft_skeleton(prob, iterations, erode, dilate).sum())  # noqa: B023
-            times.append(time.perf_counter() - t0)
-        skeletons[name] = {"saved_mb": round(mb, 1), "seconds": round(statistics.median(times), 3)}
+    skeletons = {
+        name: _measure(lambda: soft_skeleton(prob, iterations, erode, dilate).sum(), prob, args.repeats)  # noqa: B023
+        for name, erode, dilate in (("neighbour_kernels", None, None),
+                                    ("max_pool3d_baseline", pooled_erode, pooled_dilate))
+    }
     base, ours = skeletons["max_pool3d_baseline"], skeletons["neighbour_kernels"]
     skeletons["memory_ratio"] = round(base["saved_mb"] / max(ours["saved_mb"], 1e-9), 2)
     skeletons["speedup"] = round(base["seconds"] / max(ours["seconds"], 1e-9), 2)
