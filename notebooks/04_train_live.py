@@ -46,7 +46,7 @@ monitor.widget
 
 # %%
 if start:
-    monitor.start(resume=(monitor.run_dir / "checkpoints" / "last.pt").exists())
+    monitor.start(resume=monitor.has_checkpoint)
 if wait_steps:
     monitor.wait_for(lambda s: len(monitor.history.steps) >= wait_steps or not s["alive"], timeout=600)
 print(f"step {monitor.history.last_step}, {len(monitor.history.steps)} steps logged in {monitor.run_dir}")
@@ -55,8 +55,7 @@ print(f"step {monitor.history.last_step}, {len(monitor.history.steps)} steps log
 # The run's own output (the command line, then stdout and stderr), last lines:
 
 # %%
-log = monitor.run_dir / runs.CONSOLE_LOG
-print("".join(log.read_text().splitlines(keepends=True)[-15:]) if log.exists() else "(not started)")
+print(monitor.log_tail(15))
 
 # %%
 if screenshot_dir:

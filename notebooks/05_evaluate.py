@@ -16,24 +16,26 @@
 # %% [markdown]
 # # 05 · Evaluate a checkpoint
 #
-# Predict the validation volumes with a checkpoint (sliding window, then the config's
-# post-processing), score each with the leaderboard metric (score, topo, surface Dice, VOI), and
-# look at the errors in napari: true positives white, false positives red, false negatives cyan.
+# Predict the validation volumes with a checkpoint, exactly as its training validated them (the
+# stored sliding-window, TTA, precision and post-processing settings), score each with the
+# leaderboard metric (score, topo, surface Dice, VOI), and look at the errors in napari: true
+# positives white, false positives red, false negatives cyan.
 
 # %% tags=["parameters"]
 checkpoint_path = "../runs/demo/checkpoints/best.pt"  # a vesuvius_lab checkpoint
 manifest_path = None  # None: the manifest the checkpoint was trained on
 cache_dir = None  # None: $VLAB_CACHE_DIR, else ~/.cache/vesuvius_lab
 max_volumes = None  # None: every validation volume
-overlap = 0.25  # sliding-window overlap
+overrides = []  # change the stored inference settings, e.g. ["val.tta=true", "postprocess.threshold=0.4"]
 show_volume = 0  # which validation volume napari shows
 close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
 
 # %%
+from vesuvius_lab.evaluate import evaluate_checkpoint
 from vesuvius_lab.lab import evaluation
 
-results = evaluation.evaluate(checkpoint_path, manifest_path, cache_dir, max_volumes, overlap)
+results = evaluate_checkpoint(checkpoint_path, manifest_path, cache_dir, max_volumes, overrides)
 table = evaluation.score_table(results)
 table
 

@@ -29,6 +29,7 @@ def require(available: bool, what: str) -> None:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VLAB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vlab-cache"))
+    monkeypatch.setenv("VLAB_RUNS_DIR", str(tmp_path_factory.getbasetemp() / "vlab-runs"))  # never the repo's runs/
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,15 @@
 
 from vesuvius_lab.cache import VolumeCache
 from vesuvius_lab.config import AugmentConfig, SamplerConfig
-from vesuvius_lab.dataset import discover
-from vesuvius_lab.sampling import EpochPlan, PatchDataset
+from vesuvius_lab.layout import discover
+from vesuvius_lab.sampling import EpochLayout, PatchDataset
 
 
 def make_dataset(root, cache_dir, patch=(32, 32, 32), batch=2, steps=4, ppv=None, augment=None, fg=0.33, seed=0, **kw):
     records = discover(root)[0]
-    plan = EpochPlan(len(records), batch, steps_per_epoch=None if ppv else steps, patches_per_volume=ppv, **kw)
+    layout = EpochLayout(len(records), batch, steps_per_epoch=None if ppv else steps, patches_per_volume=ppv, **kw)
     return PatchDataset(
-        records, VolumeCache(cache_dir), patch, plan, SamplerConfig(fg_fraction=fg),
+        records, VolumeCache(cache_dir), patch, layout, SamplerConfig(fg_fraction=fg),
         augment if augment is not None else AugmentConfig(), seed=seed,
     )
 

@@ -21,6 +21,7 @@ from conftest import require
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab import runs
 from vesuvius_lab.lab.runner import inject_parameters
+from vesuvius_lab.training.run_dir import RunDir
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_train_live.ipynb"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -138,7 +139,7 @@ def _drive(page, run_dir: Path, shot: Path) -> None:
 
 def _cleanup(run_dir: Path, server: subprocess.Popen, log) -> None:
     try:
-        _kill_group(json.loads((run_dir / runs.LAUNCH_FILE).read_text())["pgid"])
+        _kill_group(json.loads((run_dir / RunDir.LAUNCH).read_text())["pgid"])
     except (OSError, ValueError, KeyError):
         pass
     _kill_group(server.pid)

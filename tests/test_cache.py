@@ -3,7 +3,7 @@ import os
 import numpy as np
 
 from vesuvius_lab.cache import VolumeCache
-from vesuvius_lab.dataset import discover
+from vesuvius_lab.layout import discover
 from vesuvius_lab.io import read_volume, write_volume
 
 

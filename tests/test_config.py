@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from vesuvius_lab.config import load_config
@@ -14,8 +16,8 @@ def test_file_then_overrides(tmp_path):
     assert (c.training.workers, c.training.train_iterations_per_epoch, c.training.seed) == (1, None, 7)
     assert c.training.patches_per_volume == 4
     assert c.data.patch_size == [72, 136, 136]
-    assert c.root == tmp_path  # the folder holding configs/
-    assert c.path("data_manifests/x.yaml", "manifest") == (tmp_path / "data_manifests" / "x.yaml").resolve()
+    assert c.root == cfg.parent  # the config file's own folder, whatever its name
+    assert c.path("../data_manifests/x.yaml", "manifest") == (tmp_path / "data_manifests" / "x.yaml").resolve()
 
 
 def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
@@ -36,11 +38,19 @@ def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
     assert len(err.value.lines) == 6
 
 
-def test_config_paths_stay_inside_root(tmp_path):
-    c = load_config(None)
-    c.root = tmp_path
-    with pytest.raises(Exception, match="escapes"):
-        c.path("../../etc/passwd", "data.manifest")
+def test_config_paths_resolve_against_the_config_folder_and_env(tmp_path, monkeypatch):
+    """One rule: relative to the file that holds them; absolute, ~ and ${ENV} paths as written."""
+    cfg = tmp_path / "anywhere" / "c.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("data:\n  manifest: m/x.yaml\n  root: ${VLAB_TEST_DATA}/d\n  cache_dir: /abs/cache\n")
+    monkeypatch.setenv("VLAB_TEST_DATA", str(tmp_path / "data"))
+    c = load_config(cfg)
+    assert c.path(c.data.manifest, "data.manifest") == cfg.parent / "m" / "x.yaml"
+    assert c.path(c.data.root, "data.root") == tmp_path / "data" / "d"
+    assert c.path(c.data.cache_dir, "data.cache_dir") == Path("/abs/cache")
+    monkeypatch.delenv("VLAB_TEST_DATA")
+    with pytest.raises(ConfigError, match="data.root: .*environment variable that is not set"):
+        c.path(c.data.root, "data.root")
 
 
 def test_cross_checks_name_the_keys():

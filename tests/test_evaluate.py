@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vesuvius_lab.io import write_volume
-from vesuvius_lab.metrics import volume_score
+from vesuvius_lab.leaderboard import volume_score
 
 BIN = Path(sys.executable).parent
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lab_runs_helpers import write_tiny_config
+from vesuvius_lab.evaluate import evaluate_checkpoint
 from vesuvius_lab.lab import evaluation
 
 
@@ -22,7 +23,7 @@ def test_evaluate_a_tiny_checkpoint(tiny_root, tmp_path):
     run = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--config", str(config), "--run-dir", str(run),
                     "--no-progress"], check=True, capture_output=True, timeout=300)
-    results = evaluation.evaluate(run / "checkpoints" / "last.pt", max_volumes=1, overlap=0.0)
+    results = evaluate_checkpoint(run / "checkpoints" / "last.pt", max_volumes=1, overrides=["val.overlap=0.0"])
     assert len(results) == 1 and results[0].probability.shape == results[0].label.shape
     assert 0.0 <= results[0].scores["score"] <= 1.0
     table = evaluation.score_table(results)

@@ -136,7 +136,8 @@ def test_a_blank_or_flat_screenshot_is_rejected(tmp_path):
 @pytest.mark.gui
 def test_error_view_colours_false_positives_red_and_false_negatives_cyan(viewer, artifacts):
     """Notebook 05's napari view: a prediction shifted off a sheet shows both error colours."""
-    from vesuvius_lab.lab.evaluation import VolumeResult, show_errors
+    from vesuvius_lab.evaluate import VolumeResult
+    from vesuvius_lab.lab.evaluation import show_errors
 
     label = np.zeros((24, 48, 48), np.uint8)
     label[:, 20:24] = 1  # a sheet, four voxels thick

@@ -78,7 +78,7 @@ def test_start_stop_resume_and_reattach_through_the_buttons(tiny_root, tmp_path)
         assert "--resume" in monitor.process.popen.args
         monitor.process.wait(timeout=240)
         status = monitor.wait_for(lambda s: not s["alive"], timeout=30)
-        assert status["state"] == "finished", (monitor.run_dir / runs.CONSOLE_LOG).read_text()[-2000:]
+        assert status["state"] == "finished", monitor.log_tail(40)
         assert monitor.progress.value == monitor.progress.max == 60
         assert monitor.history.steps[-1] == 60 and len(monitor.history.val_steps) == 1
         assert set(monitor.history.steps) == set(range(1, 61))

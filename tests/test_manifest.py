@@ -98,8 +98,25 @@ def test_committed_demo_manifest_matches_what_synth_writes(tmp_path):
     assert len(train) == 9 and len(val) == 3
 
 
-def test_kaggle_manifest_describes_the_competition_layout():
+def test_kaggle_manifest_describes_the_competition_split():
     m = load_manifest(REPO / "data_manifests" / "kaggle_surface_detection.yaml", root=REPO)
-    assert m.layout["images"] == "train_images/{id}.tif" and m.layout["labels"] == "train_labels/{id}.tif"
-    assert m.ignore_label == 2 and set(m.labels) == {0, 1, 2}
     assert m.split["policy"] == "by_scroll_id" and m.records == []
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("labels:\n  values: {0: bg, 1: fg, 3: unknown}\n  ignore_label: 3\n", "labels"),
+    ("layout:\n  csv: scans.csv\n  images: img/{id}.tif\n", "layout"),
+])
+def test_a_manifest_asking_for_other_labels_or_layout_is_refused(tiny_root, tmp_path, extra, key):
+    """The Kaggle labels (2 ignored) and layout are what the sampler, losses and metric apply; a
+    manifest that says otherwise must not be silently ignored."""
+    path = tmp_path / "m.yaml"
+    build_manifest(tiny_root, progress=False).save(path)
+    path.write_text(path.read_text().replace("split:", extra + "split:", 1))
+    with pytest.raises(ConfigError) as err:
+        load_manifest(path)
+    assert err.value.lines == [err.value.lines[0]] and f"key '{key}'" in err.value.lines[0] and str(path) in err.value.lines[0]
+    legacy = tmp_path / "legacy.yaml"  # older manifests spelled out the Kaggle semantics: still fine
+    build_manifest(tiny_root, progress=False).save(legacy)
+    legacy.write_text(legacy.read_text().replace("split:", "layout: {}\nlabels:\n  values: {0: a, 1: b, 2: c}\n  ignore_label: 2\nsplit:", 1))
+    assert len(load_manifest(legacy).records) == 6

@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 
 from _betti_textbook import textbook_counts
-from vesuvius_lab import metrics as M
+from vesuvius_lab import leaderboard as M
 from vesuvius_lab._betti import betti_numbers, match_counts
 from vesuvius_lab.bench.metric import make_prediction, official_betti_module
 

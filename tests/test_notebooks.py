@@ -27,7 +27,7 @@ SMALL = {
                       "measure_now": True},
     # a tiny run (config written by the test), started, followed for a few steps, then stopped
     "04_train_live": {"run_name": "nb", "start": True, "wait_steps": 3, "stop_at_end": True, "refresh_s": 0.5},
-    "05_evaluate": {"max_volumes": 1, "overlap": 0.0},
+    "05_evaluate": {"max_volumes": 1, "overrides": ["val.overlap=0.0"]},
 }
 # The screenshots each notebook saves (suffixes of tests/artifacts/<notebook>-<suffix>.png).
 SHOTS = {"03_plan_epoch": ["timings"], "04_train_live": ["plot"]}

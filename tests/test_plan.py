@@ -7,8 +7,8 @@ import yaml
 
 from vesuvius_lab.config import load_config
 from vesuvius_lab.manifest import build_manifest
-from vesuvius_lab.plan import BatchTiming, Measurements, apply_plan, measure, recommend
-from vesuvius_lab.train import train
+from vesuvius_lab.planner import BatchTiming, Measurements, apply_plan, measure, recommend
+from vesuvius_lab.training import train
 
 
 def timing(b, step_s, wait=0.0, mem=1000.0, oom=False):
@@ -93,7 +93,8 @@ def plan_config(tiny_root, tmp_path):
     return path
 
 
-def test_plan_cli_json_apply_and_plan_file(cli, plan_config, tmp_path):
+def test_plan_cli_json_apply_and_plan_file(cli, plan_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLAB_RUNS_DIR", str(tmp_path / "runs"))  # the default run folder's parent
     out = tmp_path / "planned.yaml"
     code, lines, err = cli("plan", "--config", plan_config, "--target-epoch-minutes", 0.5, "--batch-sizes", "1,2",
                            "--steps", 3, "--warmup", 1, "--json", "--apply", out)
@@ -105,7 +106,7 @@ def test_plan_cli_json_apply_and_plan_file(cli, plan_config, tmp_path):
     applied = load_config(out)
     assert applied.training.train_batch_size == result["train_batch_size"]
     assert applied.training.train_iterations_per_epoch == result["train_iterations_per_epoch"]
-    saved = json.loads((plan_config.parent.parent / "runs" / "tiny" / "plan.json").read_text())
+    saved = json.loads((tmp_path / "runs" / "tiny" / "plan.json").read_text())
     assert saved["forecast_epoch_s"] == result["forecast_epoch_s"]
 
 

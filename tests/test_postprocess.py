@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vesuvius_lab.errors import ConfigError
-from vesuvius_lab.metrics import volume_score
+from vesuvius_lab.leaderboard import volume_score
 from vesuvius_lab.postprocess import PostprocessConfig, postprocess
 
 

@@ -5,7 +5,7 @@ import torch
 from pipeline_helpers import make_dataset, strong_augment
 from vesuvius_lab.config import AugmentConfig, load_config
 from vesuvius_lab.loader import build_loader
-from vesuvius_lab.sampling import EpochPlan, coverage, is_foreground_draw, unique_patches
+from vesuvius_lab.sampling import EpochLayout, coverage, is_foreground_draw, unique_patches
 
 
 def _batches(loader, n):
@@ -46,7 +46,7 @@ def test_resume_at_step_k_continues_the_identical_stream(tiny_root, tmp_path):
 
 
 def test_ranks_draw_disjoint_slices_of_one_stream():
-    plan = EpochPlan(10, batch_size=3, world_size=2, steps_per_epoch=5)
+    plan = EpochLayout(10, batch_size=3, world_size=2, steps_per_epoch=5)
     r0 = [i for s in range(4) for i in plan.indices(s, 0)]
     r1 = [i for s in range(4) for i in plan.indices(s, 1)]
     assert not set(r0) & set(r1) and sorted(r0 + r1) == list(range(24))
@@ -95,11 +95,11 @@ def test_volume_smaller_than_patch_is_padded(tiny_root, tmp_path):
 
 def test_full_pass_visits_every_volume_patches_per_volume_times(tiny_root, tmp_path):
     ds = make_dataset(tiny_root, tmp_path / "c", ppv=3, batch=4, augment=AugmentConfig(enabled=False))
-    plan = ds.plan
+    plan = ds.layout
     assert plan.samples_in_pass == 18 and plan.steps == 5  # ceil(18 / 4), last batch topped up
     counts = np.bincount([plan.volume_of(g, np.random.default_rng(g)) for g in range(18)], minlength=6)
     assert counts.tolist() == [3] * 6
-    dropped = EpochPlan(6, 4, patches_per_volume=3, drop_last=True)
+    dropped = EpochLayout(6, 4, patches_per_volume=3, drop_last=True)
     assert dropped.steps == 4 and dropped.samples_per_epoch == 16
     second_epoch = [plan.volume_of(g, None) for g in range(20, 38)]
     assert np.bincount(second_epoch, minlength=6).tolist() == [3] * 6  # reshuffled, still complete
@@ -107,7 +107,7 @@ def test_full_pass_visits_every_volume_patches_per_volume_times(tiny_root, tmp_p
 
 def test_coverage_estimate():
     assert unique_patches([(320, 320, 320), (256, 256, 256)], (128, 128, 128)) == 27 + 8
-    plan = EpochPlan(806, 2, steps_per_epoch=2000)
+    plan = EpochLayout(806, 2, steps_per_epoch=2000)
     cov = coverage(plan, [(320, 320, 320)] * 806, (72, 136, 136))
     assert cov.unique_patches == 806 * 5 * 3 * 3 and cov.samples_per_epoch == 4000
     assert cov.ratio == pytest.approx(4000 / 36270) and 0 < cov.expected_distinct < cov.ratio

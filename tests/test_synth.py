@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vesuvius_lab.dataset import discover, inspect_record
+from vesuvius_lab.layout import discover, inspect_record
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.io import read_volume
 from vesuvius_lab.synth import BORDER, make_volume, scroll_style, synth

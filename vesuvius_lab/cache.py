@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from vesuvius_lab.dataset import Record, check_pair, content_checksum
+from vesuvius_lab.layout import Record, check_pair, content_checksum
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.io import atomic_path, atomic_write_text, read_volume
 
@@ -128,8 +127,3 @@ class VolumeCache:
             _save_npy(path, compute(volume))
             atomic_write_text(stamp, json.dumps(want))
         return np.load(path, mmap_mode="r")
-
-    def prepare(self, records: Iterable[Record], progress: bool = True) -> list[CachedVolume]:
-        """Build every stale entry up front (in the main process, before data workers start)."""
-        records = list(records)
-        return [self.load(r) for r in tqdm(records, desc="cache", unit="vol", disable=not progress)]

@@ -51,7 +51,7 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from vesuvius_lab.validate import preflight
+    from vesuvius_lab.preflight import preflight
 
     patch = args.patch_size
     if patch is None and args.config is not None:
@@ -72,7 +72,7 @@ def _manifest_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("root", type=Path)
     b.add_argument("-o", "--output", type=Path, required=True, help="manifest YAML to write")
     b.add_argument("--name", help="dataset name (default: folder name)")
-    b.add_argument("--like", type=Path, help="copy labels, layout and split policy from this manifest")
+    b.add_argument("--like", type=Path, help="copy the split policy and description from this manifest")
     c = sub.add_parser("check", help="report records that vanished or changed")
     c.add_argument("manifest", type=Path)
     c.add_argument("--root", type=Path, help="data root (overrides the manifest's)")
@@ -97,10 +97,9 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 # --- demo-data -------------------------------------------------------------------------------
-DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "data_manifests" / "synthetic_demo.yaml"
-
-
 def _demo_args(p: argparse.ArgumentParser) -> None:
+    from vesuvius_lab.manifest import DEMO_MANIFEST
+
     p.add_argument("--manifest", type=Path, default=DEMO_MANIFEST, help="synthetic dataset manifest")
 
 
@@ -115,7 +114,7 @@ def _demo(args: argparse.Namespace) -> int:
 # --- train -----------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="run config YAML (e.g. configs/demo.yaml)")
-    p.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config name> beside configs/)")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: $VLAB_RUNS_DIR or ./runs, then /<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -123,10 +122,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from vesuvius_lab.config import load_config
-    from vesuvius_lab.train import train
+    from vesuvius_lab.training import train
+    from vesuvius_lab.training.run_dir import default_run_dir
 
     config = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or config.root / "runs" / args.config.stem
+    run_dir = args.run_dir or default_run_dir(args.config)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         print(f"{run_dir}: {result['message']}")
@@ -147,7 +147,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=90.0, help="time budget for the batch-size sweep (default 90)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--apply", type=Path, metavar="OUT.yaml", help="write the config with the plan applied")
-    p.add_argument("--plan-file", type=Path, help="where to save plan.json (default: runs/<config>/plan.json)")
+    p.add_argument("--plan-file", type=Path, help="where to save plan.json (default: the config's run directory)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
@@ -156,14 +156,17 @@ def _plan(args: argparse.Namespace) -> int:
 
     from vesuvius_lab.config import load_config
     from vesuvius_lab.io import atomic_write_text
-    from vesuvius_lab.plan import apply_plan, measure, recommend
+    from vesuvius_lab.planner import apply_plan, measure, recommend
+    from vesuvius_lab.training.run_dir import RunDir, default_run_dir
 
     config = load_config(args.config, args.overrides)
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
     m = measure(config, sizes, warmup=args.warmup, steps=args.steps, memory_cap_mb=args.memory_cap_mb,
                 progress=not args.json, max_seconds=args.max_seconds)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank measures; rank 0 reports
+        return 0
     plan = recommend(m, config, args.target_epoch_minutes, args.budget_hours, coverage_target=args.coverage_target)
-    plan_file = args.plan_file or config.root / "runs" / args.config.stem / "plan.json"
+    plan_file = args.plan_file or RunDir(default_run_dir(args.config)).plan
     atomic_write_text(plan_file, json.dumps(plan.to_dict(), indent=1))
     if args.apply:
         apply_plan(args.config, plan, args.apply)

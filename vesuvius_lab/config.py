@@ -1,12 +1,18 @@
 """Typed YAML configs in the seed run's vocabulary, with ``section.key=value`` overrides.
 
-Unknown keys and wrong types are errors naming the key. Relative paths resolve against the
-config's root (the folder holding ``configs/``, else the config's own folder) and may not escape it.
+Unknown keys and wrong types are errors naming the key.
+
+Paths (``data.manifest``, ``data.root``, ``data.cache_dir``) follow one rule: a relative path
+resolves against the folder of the config file that holds it; absolute paths, ``~`` and
+``${ENV}`` paths stay as written (expanded when read). Every config the project writes rebases its
+relative paths onto its own folder (``save_config``), and the copy inside a checkpoint holds them
+absolute, so a written config reaches the same files from wherever it is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from vesuvius_lab.errors import ConfigError
-from vesuvius_lab.io import resolve_inside
+from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.postprocess import PostprocessConfig
 
 
@@ -102,7 +108,6 @@ class ValConfig:
     overlap: float = 0.25
     batch: int = 2
     tta: bool = False  # mirror test-time augmentation
-    threshold: float = 0.5
     max_volumes: int | None = None
 
 
@@ -134,18 +139,47 @@ class Config:
     val: ValConfig = field(default_factory=ValConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    root: Path = field(default=Path("."), metadata={"internal": True})
+    root: Path = field(default=Path("."), metadata={"internal": True})  # the config file's folder
 
     def path(self, value: str | None, what: str) -> Path | None:
-        """A path from the config, resolved inside the config's root (absolute paths are explicit)."""
+        """A path from the config: ``~`` and ``${ENV}`` expanded, relative ones under ``root``."""
         if value is None:
             return None
-        if Path(value).is_absolute():
-            return Path(value)
-        return resolve_inside(self.root, value, what)
+        return (self.root / expand_path(value, what)).resolve()
 
-    def to_dict(self) -> dict:
-        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
+    def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict:
+        """The sections as plain data. Relative paths are rebased onto the folder ``relative_to``
+        (a config file written there), or made absolute when it is None (a checkpoint's copy)."""
+        doc = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
+        for section, key in PATH_KEYS:
+            doc[section][key] = portable_path(doc[section][key], self.root, relative_to)
+        return doc
+
+
+PATH_KEYS = (("data", "manifest"), ("data", "root"), ("data", "cache_dir"))
+
+
+def _as_written(value: str) -> bool:
+    """Absolute, home-relative or environment paths: kept as written when a config is rewritten."""
+    return Path(value).is_absolute() or value.startswith("~") or "$" in value
+
+
+def expand_path(value: str, what: str) -> Path:
+    """``~`` and ``${ENV}`` expanded; an unset variable is an error naming the key."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    if "$" in expanded:
+        raise ConfigError(f"{what}: {value!r} names an environment variable that is not set")
+    return Path(expanded)
+
+
+def portable_path(value: str | None, root: Path, relative_to: str | os.PathLike | None) -> str | None:
+    """``value`` (relative to ``root``) rewritten to reach the same file from ``relative_to``."""
+    if value is None or _as_written(value):
+        return value
+    target = (Path(root) / value).resolve()
+    if relative_to is None:
+        return target.as_posix()
+    return Path(os.path.relpath(target, Path(relative_to).resolve())).as_posix()
 
 
 def _sections() -> list[dataclasses.Field]:
@@ -219,11 +253,6 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, name, value
 
 
-def config_root(path: Path) -> Path:
-    path = path.resolve()
-    return path.parent.parent if path.parent.name == "configs" else path.parent
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then overrides; every problem is reported at once."""
     if path is None:
@@ -235,7 +264,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return config_from_dict(doc, overrides, origin=str(path), root=config_root(path))
+    return config_from_dict(doc, overrides, origin=str(path), root=path.resolve().parent)
 
 
 def config_from_dict(doc: dict, overrides: list[str] | tuple[str, ...] = (), origin: str = "config",
@@ -287,6 +316,26 @@ def _cross_checks(config: Config) -> list[str]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    from vesuvius_lab.io import atomic_write_text
+    """Write ``config`` as YAML at ``path`` (atomically), its relative paths rebased onto that folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(relative_to=path.parent), sort_keys=False))
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+def rewrite_config(source: str | Path, out: str | Path, changes: dict[str, dict]) -> None:
+    """Copy the config file ``source`` to ``out`` with ``changes`` ({section: {key: value or None to
+    drop}}) applied; the keys the user wrote stay as written, relative paths rebased onto ``out``."""
+    source, out = Path(source), Path(out)
+    doc = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    for section, key in PATH_KEYS:
+        values = doc.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = portable_path(values[key], source.resolve().parent, out.parent)
+    for section, values in changes.items():
+        target = doc.setdefault(section, {})
+        for key, value in values.items():
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
+    atomic_write_text(out, yaml.safe_dump(doc, sort_keys=False))

@@ -1,8 +1,11 @@
-"""Score a folder of predictions against a folder of labels with the leaderboard metric.
+"""Scoring with the leaderboard metric: a model on records (validation, notebook 05), or a folder
+of predictions against a folder of labels (``vesuvius-lab evaluate``).
 
-``{id}.tif`` in the prediction folder pairs with ``{id}.tif`` in the label folder. Every problem
-(missing or extra files, shapes that differ, unreadable TIFFs) is found before any scoring starts and
-reported as one line naming the file; files are only read, never written.
+Both predict through ``inference.predict_volume``, so training's validation and a checkpoint's
+evaluation use the same windows, TTA, precision and post-processing. For folders, ``{id}.tif`` in
+the prediction folder pairs with ``{id}.tif`` in the label folder; every problem (missing or extra
+files, shapes that differ, unreadable TIFFs) is found before any scoring starts and reported as one
+line naming the file; files are only read, never written.
 """
 
 from __future__ import annotations
@@ -10,17 +13,71 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from vesuvius_lab.cache import VolumeCache
+from vesuvius_lab.config import Config
+from vesuvius_lab.data import open_data
+from vesuvius_lab.device import default_device
 from vesuvius_lab.errors import DataError, VLabError
+from vesuvius_lab.inference import model_from_checkpoint, predict_volume
 from vesuvius_lab.io import read_volume, tiff_info
-from vesuvius_lab.metrics import volume_score
+from vesuvius_lab.layout import Record
+from vesuvius_lab.leaderboard import volume_score
 
 SUFFIXES = (".tif", ".tiff")
+SCORE_PARTS = ("score", "topo", "surface_dice", "voi_score")
+
+
+@dataclass
+class VolumeResult:
+    """One scored volume; the arrays are kept only when asked for (notebook 05 shows them)."""
+
+    id: str
+    image: np.ndarray | None = None
+    label: np.ndarray | None = None
+    probability: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    scores: dict = field(default_factory=dict)
+
+
+def score_records(model: torch.nn.Module, records: Sequence[Record], config: Config, cache: VolumeCache,
+                  device: torch.device, progress: bool = False, keep_arrays: bool = False) -> list[VolumeResult]:
+    """Predict, post-process and score each record's whole volume."""
+    results = []
+    for record in tqdm(records, desc="validate", unit="vol", leave=False, disable=not progress):
+        volume = cache.load(record)
+        pred = predict_volume(model, volume.image, config, device)
+        scores = volume_score(pred.mask, np.asarray(volume.label)).as_dict()
+        if keep_arrays:
+            results.append(VolumeResult(record.id, volume.image, volume.label, pred.probability, pred.mask, scores))
+        else:
+            results.append(VolumeResult(record.id, scores=scores))
+    return results
+
+
+def mean_scores(results: Sequence[VolumeResult]) -> dict:
+    """The mean of each part of the score over the volumes."""
+    return {k: statistics.fmean(r.scores[k] for r in results) for k in SCORE_PARTS}
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike | None = None,
+                        cache_dir: str | os.PathLike | None = None, max_volumes: int | None = None,
+                        overrides: Sequence[str] = (), device: str | None = None,
+                        progress: bool = False) -> list[VolumeResult]:
+    """Score a checkpoint on the validation split of its own manifest (or ``manifest``), with the
+    inference settings it was validated with (``overrides`` change them, e.g. ``val.tta=true``)."""
+    model, config = model_from_checkpoint(checkpoint, overrides)
+    dev = torch.device(device) if device else default_device()
+    data = open_data(config, manifest=manifest, cache_dir=cache_dir)
+    return score_records(model.to(dev), data.val[:max_volumes], config, data.cache, dev, progress, keep_arrays=True)
 
 
 def _volumes(folder: Path, what: str) -> tuple[dict[str, Path], list[str]]:

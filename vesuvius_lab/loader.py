@@ -13,22 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from vesuvius_lab.cache import VolumeCache
 from vesuvius_lab.config import Config
-from vesuvius_lab.dataset import Record
-from vesuvius_lab.sampling import EpochPlan, PatchDataset, StreamBatchSampler, collate
-
-
-def epoch_plan(config: Config, n_volumes: int, world_size: int = 1) -> EpochPlan:
-    t = config.training
-    return EpochPlan(
-        n_volumes=n_volumes,
-        batch_size=t.train_batch_size,
-        world_size=world_size,
-        steps_per_epoch=t.train_iterations_per_epoch,
-        patches_per_volume=t.patches_per_volume,
-        drop_last=t.drop_last,
-    )
+from vesuvius_lab.sampling import PatchDataset, StreamBatchSampler, collate
 
 
 def _worker_init(worker_id: int) -> None:
@@ -43,24 +29,11 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_dataset(config: Config, records: list[Record], world_size: int = 1, device_augment: bool | None = None) -> PatchDataset:
-    cache = VolumeCache(config.path(config.data.cache_dir, "data.cache_dir"))
-    return PatchDataset(
-        records,
-        cache,
-        config.data.patch_size,
-        epoch_plan(config, len(records), world_size),
-        sampler=config.sampler,
-        augment=config.augment,
-        seed=config.training.seed,
-        device_augment=(config.augment.where == "device") if device_augment is None else device_augment,
-    )
-
-
 def build_loader(
     dataset: PatchDataset, config: Config, start_step: int = 0, rank: int = 0, num_steps: int | None = None
 ) -> DataLoader:
-    """An endless (or ``num_steps``-long) loader of batches for one rank, starting at ``start_step``."""
+    """An endless (or ``num_steps`` optimizer steps long) loader of one rank's micro-batches, from
+    optimizer step ``start_step`` on."""
     t = config.training
     workers = max(0, t.workers)
     kwargs = {}
@@ -73,7 +46,7 @@ def build_loader(
         )
     return DataLoader(
         dataset,
-        batch_sampler=StreamBatchSampler(dataset.plan, start_step=start_step, rank=rank, num_steps=num_steps),
+        batch_sampler=StreamBatchSampler(dataset.layout, start_step=start_step, rank=rank, num_steps=num_steps),
         num_workers=workers,
         collate_fn=collate,
         pin_memory=t.pin_memory and torch.cuda.is_available(),

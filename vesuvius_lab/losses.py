@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vesuvius_lab.config import LossConfig
-from vesuvius_lab.dataset import IGNORE_LABEL
+from vesuvius_lab.layout import IGNORE_LABEL
 from vesuvius_lab.targets import DISTANCE_CLIP
 
 TERMS = ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")

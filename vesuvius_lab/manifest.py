@@ -1,8 +1,10 @@
-"""Dataset manifests: one YAML per dataset with layout, label semantics, split policy and records.
+"""Dataset manifests: one YAML per dataset with its data root, split policy and records.
 
 A manifest records each volume's shape, dtype, label histogram and a content checksum, so that
-loading it later notices records that changed or vanished. Paths in a manifest are relative to
-its data root and may not escape it.
+loading it later notices records that changed or vanished. The data root is relative to the
+manifest's folder (or absolute, or ``${ENV}``); record paths are relative to the data root and may
+not escape it. The file layout and the label values are the Kaggle task's own (``layout``), not
+settings: a manifest that asks for others is refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from vesuvius_lab.dataset import IGNORE_LABEL, Record, RecordStats, discover, inspect_record
+from vesuvius_lab.layout import IGNORE_LABEL, LABEL_NAMES, LAYOUT, Record, RecordStats, discover, inspect_record
 from vesuvius_lab.errors import ConfigError, DataError
 from vesuvius_lab.io import atomic_write_text, resolve_inside
 
 FORMAT = "vesuvius_lab.manifest/1"
-DEFAULT_LABELS = {0: "background", 1: "recto papyrus surface", 2: "unlabeled (ignored)"}
+DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "data_manifests" / "synthetic_demo.yaml"
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,7 @@ class Manifest:
     name: str
     root: Path
     records: list[ManifestRecord] = field(default_factory=list)
-    labels: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LABELS))
-    ignore_label: int = IGNORE_LABEL
     split: dict = field(default_factory=lambda: {"policy": "by_scroll_id", "val_fraction": 0.25, "seed": 0})
-    layout: dict = field(
-        default_factory=lambda: {
-            "csv": "train.csv",
-            "images": "train_images/{id}.tif",
-            "labels": "train_labels/{id}.tif",
-            "optional": ["test_images/", "deprecated_train_images/", "deprecated_train_labels/"],
-        }
-    )
     description: str = ""
     synth: dict | None = None  # generation parameters of a synthetic dataset
     source: Path | None = None  # the YAML file it was loaded from
@@ -63,6 +55,22 @@ class Manifest:
             resolve_inside(self.root, rec.image, f"image path of record {rec.id}"),
             resolve_inside(self.root, rec.label, f"label path of record {rec.id}"),
         )
+
+    def entry(self, record_id: str) -> ManifestRecord:
+        """The manifest's entry for this id (paths as written, stats)."""
+        for rec in self.records:
+            if rec.id == record_id:
+                return rec
+        raise ConfigError(f"{self.source or self.name}: record {record_id!r} is not in manifest {self.name!r}")
+
+    def record(self, record_id: str) -> Record:
+        """The record with this id, its paths resolved."""
+        return self.resolve(self.entry(record_id))
+
+    def split_records(self) -> tuple[list[Record], list[Record]]:
+        """(training records, validation records), split by scroll, paths resolved."""
+        train_ids, val_ids = self.split_ids()
+        return [self.record(i) for i in train_ids], [self.record(i) for i in val_ids]
 
     def split_ids(self) -> tuple[list[str], list[str]]:
         """(train ids, validation ids), split by scroll so that no validation scroll is trained on."""
@@ -113,8 +121,6 @@ class Manifest:
             "name": self.name,
             "description": self.description,
             "root": root.as_posix(),
-            "layout": self.layout,
-            "labels": {"values": self.labels, "ignore_label": self.ignore_label},
             "split": self.split,
         }
         if self.synth is not None:
@@ -165,8 +171,7 @@ def build_manifest(root: str | Path, name: str | None = None, progress: bool = T
         raise DataError(problems)
     manifest = Manifest(name=name or root.name, root=root, records=out)
     if template is not None:
-        manifest.labels, manifest.ignore_label = template.labels, template.ignore_label
-        manifest.split, manifest.layout, manifest.description = template.split, template.layout, template.description
+        manifest.split, manifest.description = template.split, template.description
         manifest.synth = template.synth
     return manifest
 
@@ -189,7 +194,7 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     if problems:
         raise ConfigError(problems)
     data_root = Path(root) if root is not None else (path.parent / os.path.expandvars(doc["root"]))
-    labels_doc = doc.get("labels") or {}
+    problems += _fixed_semantics(path, doc)
     records = []
     for i, item in enumerate(doc.get("records") or []):
         try:
@@ -215,10 +220,7 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         name=doc["name"],
         root=data_root.resolve(),
         records=records,
-        labels={int(k): str(v) for k, v in (labels_doc.get("values") or DEFAULT_LABELS).items()},
-        ignore_label=int(labels_doc.get("ignore_label", IGNORE_LABEL)),
         split=dict(doc.get("split") or {}),
-        layout=dict(doc.get("layout") or {}),
         description=str(doc.get("description", "")),
         synth=doc.get("synth"),
         source=path.resolve(),
@@ -231,6 +233,24 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     if problems:
         raise DataError(problems)
     return manifest
+
+
+def _fixed_semantics(path: Path, doc: dict) -> list[str]:
+    """Older manifests carry ``layout`` and ``labels``; accepted only where they state the Kaggle
+    task's own, which is what every stage (sampler, losses, metric) applies."""
+    problems = []
+    layout = doc.get("layout")
+    if layout and layout != LAYOUT:
+        problems.append(f"{path}: key 'layout' differs from the Kaggle layout, the only one vesuvius_lab reads "
+                        "(train.csv, train_images/{id}.tif, train_labels/{id}.tif); remove the key")
+    labels = doc.get("labels")
+    if labels:
+        values = labels.get("values") if isinstance(labels, dict) else None
+        ignore = labels.get("ignore_label", IGNORE_LABEL) if isinstance(labels, dict) else None
+        if (values is not None and {int(k) for k in values} != set(LABEL_NAMES)) or ignore != IGNORE_LABEL:
+            problems.append(f"{path}: key 'labels' asks for other label values than the Kaggle ones "
+                            f"(0 background, 1 surface, {IGNORE_LABEL} ignored), which every stage applies; remove the key")
+    return problems
 
 
 def ensure_demo_data(manifest_path: str | Path, progress: bool = True) -> Manifest:

@@ -32,11 +32,6 @@ class UNet3D(nn.Module):
         n_heads = max(1, min(heads, len(features) - 1))
         self.heads = nn.ModuleList(UnetOutBlock(3, features[j], out_channels) for j in range(n_heads))
 
-    @property
-    def divisor(self) -> int:
-        """Patch sizes must be divisible by this (one halving per encoder stage)."""
-        return 2 ** (len(self.encoders) - 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = []
         for enc in self.encoders:

@@ -1,6 +1,6 @@
 """Turn a probability volume into the submitted mask: threshold or hysteresis, then topology clean-up.
 
-Choices are judged by the leaderboard score (``vesuvius_lab.metrics``), not by eye: small spurious
+Choices are judged by the leaderboard score (``vesuvius_lab.leaderboard``), not by eye: small spurious
 components each cost a dim-0 feature in TopoScore and a component in VOI, and enclosed cavities
 cost dim-2 features, so removing them raises the score when they are noise.
 """

@@ -3,7 +3,7 @@
 Every sample is addressed by a *global sample index* ``g``; all of its randomness (which volume,
 where, which augmentation) comes from ``default_rng([seed, g])``. The stream is therefore the same
 for any number of workers or ranks, and resuming at step k needs no replay: step k simply asks
-for indices ``k * global_batch ...``.
+for the indices of micro-batch ``k * accumulate`` onwards (see ``EpochLayout``).
 
 Two epoch semantics, as in the seed notes:
 - fixed steps (``training.train_iterations_per_epoch``): an endless stream, volumes drawn uniformly;
@@ -25,19 +25,26 @@ from torch.utils.data import Dataset, Sampler
 from vesuvius_lab.augment import read_box, sample_intensity, sample_spatial, source_box
 from vesuvius_lab.cache import VolumeCache
 from vesuvius_lab.config import AugmentConfig, SamplerConfig
-from vesuvius_lab.dataset import IGNORE_LABEL, Record
+from vesuvius_lab.layout import IGNORE_LABEL, Record
 from vesuvius_lab.targets import DISTANCE_CLIP, VolumeTargets, load_targets
 
 PAD = {"image": 0, "label": IGNORE_LABEL, "skeleton": 0, "distance": DISTANCE_CLIP}
 
 
 @dataclass(frozen=True)
-class EpochPlan:
-    """How global sample indices map onto epochs and volumes."""
+class EpochLayout:
+    """The one definition of a step and an epoch, shared by the sampler, the trainer and the planner.
+
+    A *step* is one optimizer update. It takes ``accumulate`` micro-batches on each of
+    ``world_size`` ranks, each of ``batch_size`` samples, so ``global_batch`` (samples per step) is
+    their product. An epoch is ``steps`` steps: ``steps_per_epoch`` as configured, or enough steps
+    for one full pass of ``patches_per_volume`` x volumes. The sampler counts micro-batches.
+    """
 
     n_volumes: int
-    batch_size: int  # per rank
+    batch_size: int  # per rank and micro-batch
     world_size: int = 1
+    accumulate: int = 1
     steps_per_epoch: int | None = None  # fixed-steps mode
     patches_per_volume: int | None = None  # full-pass mode (when steps_per_epoch is None)
     drop_last: bool = False
@@ -47,8 +54,14 @@ class EpochPlan:
             raise ValueError("set train_iterations_per_epoch or patches_per_volume")
 
     @property
-    def global_batch(self) -> int:
+    def micro_batch(self) -> int:
+        """Samples of one micro-batch over all ranks."""
         return self.batch_size * self.world_size
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step."""
+        return self.micro_batch * self.accumulate
 
     @property
     def full_pass(self) -> bool:
@@ -60,6 +73,7 @@ class EpochPlan:
 
     @property
     def steps(self) -> int:
+        """Optimizer steps per epoch."""
         if not self.full_pass:
             return self.steps_per_epoch
         per = self.samples_in_pass / self.global_batch
@@ -77,8 +91,9 @@ class EpochPlan:
         order = np.random.default_rng([epoch, 0x5EED]).permutation(self.samples_in_pass)
         return int(order[pos % self.samples_in_pass] % self.n_volumes)
 
-    def indices(self, step: int, rank: int = 0) -> list[int]:
-        base = step * self.global_batch + rank * self.batch_size
+    def indices(self, micro: int, rank: int = 0) -> list[int]:
+        """Global sample indices of micro-batch ``micro`` on ``rank``."""
+        base = micro * self.micro_batch + rank * self.batch_size
         return list(range(base, base + self.batch_size))
 
 
@@ -88,21 +103,24 @@ def is_foreground_draw(g: int, fraction: float) -> bool:
 
 
 class StreamBatchSampler(Sampler[list[int]]):
-    """Endless batches of global sample indices for one rank, starting at ``start_step``."""
+    """Micro-batches of global sample indices for one rank, from optimizer step ``start_step`` on
+    (endless, or for ``num_steps`` steps)."""
 
-    def __init__(self, plan: EpochPlan, start_step: int = 0, rank: int = 0, num_steps: int | None = None):
-        self.plan, self.start_step, self.rank, self.num_steps = plan, start_step, rank, num_steps
+    def __init__(self, layout: EpochLayout, start_step: int = 0, rank: int = 0, num_steps: int | None = None):
+        self.layout, self.rank = layout, rank
+        self.start = start_step * layout.accumulate
+        self.count = None if num_steps is None else num_steps * layout.accumulate
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while self.num_steps is None or step < self.start_step + self.num_steps:
-            yield self.plan.indices(step, self.rank)
-            step += 1
+        micro = self.start
+        while self.count is None or micro < self.start + self.count:
+            yield self.layout.indices(micro, self.rank)
+            micro += 1
 
     def __len__(self) -> int:
-        if self.num_steps is None:
+        if self.count is None:
             raise TypeError("endless stream")
-        return self.num_steps
+        return self.count
 
 
 class PatchDataset(Dataset):
@@ -118,7 +136,7 @@ class PatchDataset(Dataset):
         records: Sequence[Record],
         cache: VolumeCache,
         patch_size: Sequence[int],
-        plan: EpochPlan,
+        layout: EpochLayout,
         sampler: SamplerConfig | None = None,
         augment: AugmentConfig | None = None,
         seed: int = 0,
@@ -129,7 +147,7 @@ class PatchDataset(Dataset):
         self.records = list(records)
         self.cache = cache
         self.patch = tuple(int(p) for p in patch_size)
-        self.plan = plan
+        self.layout = layout
         self.sampler = sampler or SamplerConfig()
         self.augment = augment or AugmentConfig()
         self.seed = seed
@@ -142,7 +160,7 @@ class PatchDataset(Dataset):
         return state
 
     def __len__(self) -> int:
-        return self.plan.samples_per_epoch
+        return self.layout.samples_per_epoch
 
     def volume(self, i: int) -> VolumeTargets:
         if i not in self._volumes:
@@ -173,7 +191,7 @@ class PatchDataset(Dataset):
     def draw(self, g: int) -> dict:
         """The source box and transform for sample ``g`` (no resampling yet)."""
         rng = np.random.default_rng([self.seed, g])
-        vi = self.plan.volume_of(g, rng)
+        vi = self.layout.volume_of(g, rng)
         targets = self.volume(vi)
         fg = is_foreground_draw(g, self.sampler.fg_fraction)
         for _ in range(self.sampler.max_redraws + 1):
@@ -265,5 +283,5 @@ class Coverage:
         return 1.0 - math.exp(-self.ratio)
 
 
-def coverage(plan: EpochPlan, shapes: Sequence[Sequence[int]], patch_size: Sequence[int]) -> Coverage:
-    return Coverage(plan.samples_per_epoch, unique_patches(shapes, patch_size))
+def coverage(layout: EpochLayout, shapes: Sequence[Sequence[int]], patch_size: Sequence[int]) -> Coverage:
+    return Coverage(layout.samples_per_epoch, unique_patches(shapes, patch_size))

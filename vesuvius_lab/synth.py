@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from vesuvius_lab.dataset import IMAGE_DIR, LABEL_DIR, TRAIN_CSV
+from vesuvius_lab.layout import IMAGE_DIR, LABEL_DIR, TRAIN_CSV
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.io import atomic_write_text, write_volume
 

@@ -7,9 +7,6 @@ as JSON with ``--json`` and as readable lines otherwise. Machines are noisy: rep
 from __future__ import annotations
 
 import importlib
-import statistics
-import time
-from collections.abc import Callable
 
 # name -> module path; each module has add_args(parser) and run(args)
 BENCHES: dict[str, str] = {
@@ -21,13 +18,3 @@ BENCHES: dict[str, str] = {
 
 def load(name: str):
     return importlib.import_module(BENCHES[name])
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    """Median wall time of ``fn`` over ``repeats`` calls, and all the samples."""
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples), samples

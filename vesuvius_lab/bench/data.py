@@ -35,7 +35,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def bench_records(shape: int, volumes: int):
     """Synthetic volumes for benchmarking, written once under the cache directory and reused."""
     from vesuvius_lab.cache import default_cache_dir
-    from vesuvius_lab.dataset import discover
+    from vesuvius_lab.layout import discover
     from vesuvius_lab.synth import MARKER, synth
 
     root = default_cache_dir() / "bench" / f"synth{shape}x{volumes}"
@@ -46,11 +46,12 @@ def bench_records(shape: int, volumes: int):
 
 def _ours(records, patch, n, warmup):
     from vesuvius_lab.cache import VolumeCache
-    from vesuvius_lab.config import AugmentConfig, SamplerConfig
-    from vesuvius_lab.sampling import EpochPlan, PatchDataset
+    from vesuvius_lab.config import Config, DataConfig, TrainingConfig
+    from vesuvius_lab.data import patch_dataset
 
-    ds = PatchDataset(records, VolumeCache(), patch, EpochPlan(len(records), 1, steps_per_epoch=10**6),
-                      SamplerConfig(), AugmentConfig(), seed=0)
+    config = Config(data=DataConfig(patch_size=list(patch)),
+                    training=TrainingConfig(train_batch_size=1, train_iterations_per_epoch=10**6, seed=0))
+    ds = patch_dataset(config, records, VolumeCache())
     t0 = time.perf_counter()
     ds.prepare(progress=False)
     prepare_s = time.perf_counter() - t0

@@ -90,7 +90,7 @@ def make_case(size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]
 
 # --- the two implementations -----------------------------------------------------------------
 def ours(pred: np.ndarray, label: np.ndarray, jobs: int | None = None) -> dict:
-    from vesuvius_lab.metrics import volume_score
+    from vesuvius_lab.leaderboard import volume_score
 
     return volume_score(pred, label, jobs=jobs).as_dict()
 
@@ -126,7 +126,7 @@ def official(pred: np.ndarray, label: np.ndarray) -> dict:
     import surface_distance as sd
     from skimage.metrics import variation_of_information
 
-    from vesuvius_lab.metrics import ZERO_COUNTS, TopoCounts, combine, octant_slices
+    from vesuvius_lab.leaderboard import ZERO_COUNTS, TopoCounts, combine, octant_slices
 
     ignored = label == 2
     pr = np.where(ignored, 0, pred) != 0

@@ -5,6 +5,7 @@ Volumes come from the memory-mapped cache, so opening a record never holds a dat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from vesuvius_lab.cache import CachedVolume, VolumeCache
-from vesuvius_lab.config import AugmentConfig, Config, SamplerConfig, TrainingConfig
+from vesuvius_lab.config import AugmentConfig, Config, DataConfig, SamplerConfig, TrainingConfig
+from vesuvius_lab.data import epoch_layout, patch_dataset
 from vesuvius_lab.errors import ConfigError, DataError
-from vesuvius_lab.loader import epoch_plan
-from vesuvius_lab.manifest import Manifest, ManifestRecord, ensure_demo_data, load_manifest
+from vesuvius_lab.layout import LABEL_NAMES
+from vesuvius_lab.manifest import Manifest, ensure_demo_data, load_manifest
 from vesuvius_lab.preview import draw_patches
-from vesuvius_lab.sampling import Coverage, EpochPlan, PatchDataset, coverage
+from vesuvius_lab.sampling import Coverage, coverage
 
 # RGBA per label value, shared by matplotlib overlays and napari: surface opaque amber, ignored
 # regions a faint blue (they cover large parts of a volume and would hide the surface in 3D).
@@ -68,21 +70,14 @@ def histogram_rows(manifest: Manifest, info: RecordInfo) -> list[tuple[str, str,
     """(label, voxels, share) rows of a record's label histogram, named by the manifest."""
     total = sum(info.histogram.values()) or 1
     return [
-        (f"{value} {manifest.labels.get(value, '?')}", f"{count:,}", f"{100 * count / total:.1f}%")
+        (f"{value} {LABEL_NAMES.get(value, '?')}", f"{count:,}", f"{100 * count / total:.1f}%")
         for value, count in sorted(info.histogram.items())
     ]
 
 
-def _record(manifest: Manifest, record_id: str) -> ManifestRecord:
-    for rec in manifest.records:
-        if rec.id == record_id:
-            return rec
-    raise ConfigError(f"record {record_id!r} is not in manifest {manifest.name!r}")
-
-
 def open_record(manifest: Manifest, record_id: str, cache_dir: str | Path | None = None) -> CachedVolume:
     """A record's image and label as read-only memmaps (decoded into the cache on first use)."""
-    return VolumeCache(cache_dir).load(manifest.resolve(_record(manifest, record_id)))
+    return VolumeCache(cache_dir).load(manifest.record(record_id))
 
 
 def open_prediction(path: str | Path | None, shape: Sequence[int]) -> np.ndarray | None:
@@ -114,21 +109,22 @@ def sample_patches(
     cache_dir: str | Path | None = None,
 ) -> list[dict]:
     """The first ``n`` samples the training sampler would draw from one record, with their boxes."""
-    record = manifest.resolve(_record(manifest, record_id))
-    plan = EpochPlan(n_volumes=1, batch_size=max(n, 1), steps_per_epoch=1)
-    dataset = PatchDataset([record], VolumeCache(cache_dir), patch_size, plan, sampler, augment, seed=seed)
+    augment = dataclasses.replace(augment or AugmentConfig(), where="worker")  # previews show augmented patches
+    config = Config(data=DataConfig(patch_size=list(patch_size)), sampler=sampler or SamplerConfig(), augment=augment,
+                    training=TrainingConfig(train_batch_size=max(n, 1), train_iterations_per_epoch=1, seed=seed))
+    dataset = patch_dataset(config, [manifest.record(record_id)], VolumeCache(cache_dir))
     return draw_patches(dataset, n)
 
 
 def epoch_coverage(manifest: Manifest, patch_size: Sequence[int], training: TrainingConfig) -> Coverage:
     """Coverage of the training split by one epoch of the given plan, from the manifest's shapes."""
     train, _ = manifest.split_ids()
-    records = [_record(manifest, rid) for rid in train]
+    records = [manifest.entry(rid) for rid in train]
     missing = [r.id for r in records if r.stats is None]
     if missing:
         raise ConfigError(f"records without shapes in the manifest (rebuild it): {', '.join(missing)}")
-    plan = epoch_plan(Config(training=training), len(records))
-    return coverage(plan, [r.stats.shape for r in records], patch_size)
+    layout = epoch_layout(Config(training=training), len(records))
+    return coverage(layout, [r.stats.shape for r in records], patch_size)
 
 
 def coverage_rows(cov: Coverage) -> list[tuple[str, str]]:

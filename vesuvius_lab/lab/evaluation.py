@@ -1,54 +1,16 @@
-"""Notebook 05: predict the validation volumes with a checkpoint, score them, and colour the errors.
-
-``evaluate`` returns plain per-volume results; ``score_table`` is the leaderboard score and its parts
-per volume plus the mean; ``error_labels`` marks true positives, false positives and false negatives
-for napari (``show_errors``)."""
+"""Notebook 05's views of a scored checkpoint (``evaluate.evaluate_checkpoint``): ``score_table`` is
+the leaderboard score and its parts per volume plus the mean; ``error_labels`` marks true
+positives, false positives and false negatives for napari (``show_errors``)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from vesuvius_lab.cache import VolumeCache
-from vesuvius_lab.inference import predict_probabilities
-from vesuvius_lab.manifest import load_manifest
-from vesuvius_lab.metrics import volume_score
-from vesuvius_lab.postprocess import postprocess
-from vesuvius_lab.predict import model_from_checkpoint
+from vesuvius_lab.evaluate import VolumeResult
 
 TP, FP, FN = 1, 2, 3
 ERROR_COLORS = {0: "transparent", TP: "white", FP: "red", FN: "cyan", None: "transparent"}
-
-
-@dataclass
-class VolumeResult:
-    id: str
-    image: np.ndarray
-    label: np.ndarray
-    probability: np.ndarray
-    mask: np.ndarray
-    scores: dict
-
-
-def evaluate(checkpoint: str | Path, manifest_path: str | Path | None = None, cache_dir: str | Path | None = None,
-             max_volumes: int | None = None, overlap: float = 0.25, device: str = "cpu") -> list[VolumeResult]:
-    """Predict and score the validation split (of the checkpoint's manifest unless another is given)."""
-    model, config = model_from_checkpoint(checkpoint)
-    manifest = load_manifest(manifest_path or config.path(config.data.manifest, "data.manifest"))
-    _, val_ids = manifest.split_ids()
-    cache = VolumeCache(cache_dir)
-    results = []
-    for rid in list(val_ids)[:max_volumes]:
-        volume = cache.load(manifest.resolve(next(r for r in manifest.records if r.id == rid)))
-        prob = predict_probabilities(model, np.asarray(volume.image), config.data.patch_size, overlap=overlap,
-                                     device=device, amp_dtype=None)
-        mask = postprocess(prob, config.postprocess)
-        scores = volume_score(mask, np.asarray(volume.label)).as_dict()
-        results.append(VolumeResult(rid, volume.image, volume.label, prob, mask, scores))
-    return results
 
 
 def score_table(results: list[VolumeResult]) -> pd.DataFrame:

@@ -11,10 +11,9 @@ from pathlib import Path
 import napari
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
 
-from vesuvius_lab.cli import DEMO_MANIFEST
 from vesuvius_lab.errors import VLabError
 from vesuvius_lab.lab import data, views
-from vesuvius_lab.manifest import load_manifest
+from vesuvius_lab.manifest import DEMO_MANIFEST, load_manifest
 
 
 class RecordPatchesWidget(Container):

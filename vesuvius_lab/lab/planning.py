@@ -11,7 +11,7 @@ from pathlib import Path
 import ipywidgets as w
 from matplotlib.figure import Figure
 
-from vesuvius_lab import plan as planner
+from vesuvius_lab import planner
 from vesuvius_lab.config import load_config
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.lab.widgets import html_table

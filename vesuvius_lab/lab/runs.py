@@ -25,12 +25,11 @@ from pathlib import Path
 import ipywidgets as w
 from matplotlib.figure import Figure
 
+from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
+from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir
 
-CONSOLE_LOG = "console.log"  # the run's stdout and stderr (train.log is the trainer's own log)
-LAUNCH_FILE = "launch.json"  # argv, pid and process group of the last launch, for reattaching
-VAL_PARTS = ("score", "topo", "surface_dice", "voi_score")
 
 
 # --- command lines ---------------------------------------------------------------------------------
@@ -55,10 +54,7 @@ def train_argv(config: str | Path, run_dir: str | Path, devices: int = 1, resume
 
 def read_status(run_dir: str | Path) -> dict:
     """status.json, or {} when it is absent or being replaced."""
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return RunDir(run_dir).read_status()
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -126,7 +122,7 @@ class History:
 
     def add(self, records: Sequence[dict]) -> None:
         for r in records:
-            if r.get("kind") == "train":
+            if r.get("kind") == TRAIN:
                 self.steps.append(r["step"])
                 self.loss.append(_num(r.get("loss")))
                 for t in TERMS:
@@ -136,7 +132,7 @@ class History:
                 step_s = _num(r.get("step_s"))
                 self.step_s.append(step_s)
                 self.data_wait_share.append(_num(r.get("data_wait_s")) / step_s if step_s > 0 else math.nan)
-            elif r.get("kind") == "val":
+            elif r.get("kind") == VAL:
                 self.val_steps.append(r["step"])
                 for k in VAL_PARTS:
                     self.val[k].append(_num(r.get(k)))
@@ -179,6 +175,7 @@ class RunProcess:
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
         self.popen: subprocess.Popen | None = None
         self.pgid: int | None = None
         launch = self._launch_info()
@@ -187,7 +184,7 @@ class RunProcess:
 
     def _launch_info(self) -> dict:
         try:
-            return json.loads((self.run_dir / LAUNCH_FILE).read_text(encoding="utf-8"))
+            return json.loads(self.run.launch.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
 
@@ -195,13 +192,13 @@ class RunProcess:
         if self.alive():
             raise RuntimeError(f"{self.run_dir}: a run is already going (pid {self.pid})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / CONSOLE_LOG, "ab") as log:
+        with open(self.run.console, "ab") as log:
             log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
             self.popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, cwd=cwd)
         self.pgid = self.popen.pid  # a new session: the leader's pid is the group id
-        (self.run_dir / LAUNCH_FILE).write_text(json.dumps(
+        self.run.launch.write_text(json.dumps(
             {"argv": list(argv), "pid": self.popen.pid, "pgid": self.pgid, "started": time.time()}))
         return self.popen
 
@@ -327,6 +324,11 @@ class RunMonitor:
     def run_dir(self) -> Path:
         return self.runs_dir / self.run_name.value
 
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether the run named now can be resumed."""
+        return RunDir(self.run_dir).last.exists()
+
     def argv(self, resume: bool = False) -> list[str]:
         return train_argv(self.config.value, self.run_dir, self.devices.value, resume, self.overrides.value.split())
 
@@ -334,7 +336,7 @@ class RunMonitor:
         """Point at the run directory named now: forget what was read, read it all again."""
         with self._lock:
             self.process = RunProcess(self.run_dir)
-            self.reader = MetricsReader(self.run_dir / "metrics.jsonl")
+            self.reader = MetricsReader(RunDir(self.run_dir).metrics)
             self.history = History()
             self._drawn = -1
         self.refresh()
@@ -344,7 +346,7 @@ class RunMonitor:
             if self.process.alive():
                 self.message.value = f"already running (pid {self.process.pid}): stop it first"
                 return
-            if not resume and (self.run_dir / "checkpoints" / "last.pt").exists():
+            if not resume and self.has_checkpoint:
                 self.message.value = "this run has a checkpoint: press Resume, or choose another run name"
                 return
             argv = self.argv(resume)
@@ -426,3 +428,10 @@ class RunMonitor:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self.plot.value)
         return path
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the run's console output (its command line, stdout and stderr)."""
+        console = RunDir(self.run_dir).console
+        if not console.is_file():
+            return "(no output yet: the run has not been started)"
+        return "".join(console.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-lines:])

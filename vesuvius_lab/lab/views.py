@@ -15,7 +15,7 @@ import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
 from vesuvius_lab.cache import CachedVolume
-from vesuvius_lab.dataset import IGNORE_LABEL
+from vesuvius_lab.layout import IGNORE_LABEL
 from vesuvius_lab.lab.data import LABEL_COLORS
 from vesuvius_lab.preview import box_edges
 

@@ -15,36 +15,37 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from vesuvius_lab.cache import VolumeCache
-from vesuvius_lab.config import Config
-from vesuvius_lab.io import atomic_write_text
-from vesuvius_lab.loader import build_dataset, build_loader
-from vesuvius_lab.manifest import load_manifest
-from vesuvius_lab.metrics import warm_up as metrics_warm_up
-from vesuvius_lab.sampling import unique_patches
+from vesuvius_lab.config import Config, rewrite_config
+from vesuvius_lab.data import Data, epoch_layout, open_data
+from vesuvius_lab.device import default_device, memory_capacity_mb, memory_mb
+from vesuvius_lab.evaluate import score_records
+from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
+from vesuvius_lab.loader import build_loader
+from vesuvius_lab.training.distributed import Distributed, setup_distributed
+from vesuvius_lab.training.engine import build_engine, forward_backward, optimizer_update
+from vesuvius_lab.training.run_dir import save_checkpoint
 
 COVERAGE_MIN, EPOCH_MAX_H, DATA_BOUND = 0.5, 12.0, 0.20
 
 
 @dataclass
 class BatchTiming:
-    """N timed steps at one batch size (seconds are medians over the steps)."""
+    """N timed optimizer steps at one per-rank batch size (the slowest rank's times)."""
 
-    batch_size: int
+    batch_size: int  # per rank and micro-batch (training.train_batch_size)
     step_s: float = math.nan  # mean: an epoch is a sum of steps
     step_median_s: float = math.nan
     data_wait_s: float = math.nan
     compute_s: float = math.nan
     step_spread_s: float = math.nan  # interquartile range of the step time
-    samples_per_s: float = math.nan
+    samples_per_s: float = math.nan  # over all ranks and micro-batches
     peak_memory_mb: float = math.nan
     first_batch_s: float = math.nan  # worker start-up and first batch: paid once per run
     out_of_memory: bool = False
@@ -62,6 +63,7 @@ class Measurements:
     unique_patches: int
     workers: int
     seconds: float = 0.0  # how long measuring took
+    world_size: int = 1  # ranks that were measured side by side (torchrun)
 
 
 @dataclass
@@ -76,8 +78,9 @@ class Preset:
 
 @dataclass
 class Plan:
-    train_batch_size: int
-    train_iterations_per_epoch: int
+    train_batch_size: int  # per rank and micro-batch, as the config key
+    global_batch: int  # samples per optimizer step: batch x ranks x optim.accumulate
+    train_iterations_per_epoch: int  # optimizer steps
     max_epochs: int
     val_every_epochs: int
     samples_per_epoch: int
@@ -91,42 +94,36 @@ class Plan:
     presets: list[Preset]
     measurements: Measurements
     lr_note: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _capacity_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 2**20
-    return psutil.virtual_memory().total / 2**20
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 
 
-def time_batch_size(config: Config, records, batch_size: int, device: torch.device, warmup: int, steps: int) -> BatchTiming:
-    """Time the real training step at one batch size with the configured data loader."""
-    from vesuvius_lab.train import build_engine, forward_backward, optimizer_update
+def _layout_for(config: Config, m: Measurements, batch_size: int, steps: int):
+    """The trainer's epoch arithmetic for this batch size and step count."""
+    cfg = replace(config, training=replace(config.training, train_batch_size=batch_size,
+                                           train_iterations_per_epoch=steps, patches_per_volume=None))
+    return epoch_layout(cfg, max(m.train_records, 1), m.world_size)
 
+
+def time_batch_size(config: Config, data: Data, batch_size: int, device: torch.device, warmup: int, steps: int,
+                    ddp: Distributed | None = None) -> BatchTiming:
+    """Time the real training step (every rank at once under torchrun) with the configured loader."""
+    ddp = ddp or Distributed()
     cfg = replace(config, training=replace(config.training, train_batch_size=batch_size,
                                            train_iterations_per_epoch=warmup + steps, persistent_workers=False))
     timing = BatchTiming(batch_size)
-    dataset = build_dataset(cfg, records)
+    dataset = data.patch_dataset(cfg, world_size=ddp.world)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        engine = build_engine(cfg, dataset, device)
-        batches = iter(build_loader(dataset, cfg, num_steps=warmup + steps))
+        engine = build_engine(cfg, dataset, device, ddp.world, ddp.local_rank)
+        batches = iter(build_loader(dataset, cfg, rank=ddp.rank, num_steps=warmup + steps))
         totals, waits = [], []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
@@ -147,14 +144,18 @@ def time_batch_size(config: Config, records, batch_size: int, device: torch.devi
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # every rank waits for the slowest at each step's gradient sync: its times are the step's
+    ranks = ddp.gather((totals, waits, memory_mb(device)))
+    totals = [max(r[0][i] for r in ranks) for i in range(len(totals))]
+    waits = [max(r[1][i] for r in ranks) for i in range(len(waits))]
     q = statistics.quantiles(totals, n=4) if len(totals) > 1 else [totals[0]] * 3
     timing.step_s = statistics.fmean(totals)
     timing.step_median_s = statistics.median(totals)
     timing.data_wait_s = statistics.median(waits)
     timing.compute_s = statistics.median(t - w for t, w in zip(totals, waits, strict=True))
     timing.step_spread_s = q[2] - q[0]
-    timing.samples_per_s = batch_size / timing.step_s
-    timing.peak_memory_mb = _peak_memory_mb(device)
+    timing.samples_per_s = dataset.layout.global_batch / timing.step_s
+    timing.peak_memory_mb = max(r[2] for r in ranks)
     return timing
 
 
@@ -172,29 +173,32 @@ def measure(
     that gains under 5 % samples/s, or a next size that would not fit in ``max_seconds``), re-time
     the best one, then time a validation pass and a checkpoint.
 
+    Under torchrun every rank times its own share of each step side by side, as training runs it.
     ``on_progress(done, total, message)`` is called as each part finishes (a widget's progress bar);
     ``total`` shrinks when the sweep stops early."""
-    from vesuvius_lab.train import build_engine, records_for, save_checkpoint, validate_model
-
     started = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    manifest = load_manifest(config.path(config.data.manifest, "data.manifest"), root=config.path(config.data.root, "data.root"))
-    train_records, val_records = records_for(manifest)
-    cache = VolumeCache(config.path(config.data.cache_dir, "data.cache_dir"))
-    build_dataset(config, train_records).prepare(progress=progress)
-    capacity = memory_cap_mb or _capacity_mb(device)
+    ddp = setup_distributed()
+    device = default_device(ddp.local_rank)
+    data = open_data(config)
+    if ddp.master:
+        data.patch_dataset(config).prepare(progress=progress)  # cache + targets, as training does first
+    ddp.barrier()
+    capacity = memory_cap_mb or memory_capacity_mb(device)
     candidates = batch_sizes or [2**i for i in range(8)]
     timings: list[BatchTiming] = []
     report = on_progress or (lambda done, total, message: None)
     report(0, len(candidates) + 2, "measuring batch sizes")
-    bar = tqdm(candidates, desc="plan: batch sizes", unit="size", disable=not progress)
+    bar = tqdm(candidates, desc="plan: batch sizes", unit="size", disable=not (progress and ddp.master))
     last_cost = 0.0
     for b in bar:
-        if batch_sizes is None and timings and time.perf_counter() - started + 2 * last_cost > max_seconds:
-            break  # the next size (about twice the last one's cost) would overrun the time budget
+        # the next size costs about twice the last one: stop before it would overrun the time budget
+        (overrun,) = ddp.broadcast([batch_sizes is None and bool(timings)
+                                    and time.perf_counter() - started + 2 * last_cost > max_seconds])
+        if overrun:
+            break
         bar.set_postfix(batch=b)
         t0 = time.perf_counter()
-        t = time_batch_size(config, train_records, b, device, warmup, steps)
+        t = time_batch_size(config, data, b, device, warmup, steps, ddp)
         last_cost = time.perf_counter() - t0
         timings.append(t)
         report(len(timings), len(candidates) + 2, f"batch size {b}: " + (
@@ -208,28 +212,29 @@ def measure(
     usable = [t for t in timings if not t.out_of_memory and t.peak_memory_mb <= capacity]
     if usable:  # the sweep's few steps pick the size; a longer run of that size sets the forecast
         best = max(usable, key=lambda t: t.samples_per_s)
-        confirmed = time_batch_size(config, train_records, best.batch_size, device, warmup, 2 * steps)
+        confirmed = time_batch_size(config, data, best.batch_size, device, warmup, 2 * steps, ddp)
         if not confirmed.out_of_memory:
             timings[timings.index(best)] = confirmed
     report(total - 1, total, "confirmed the best batch size; timing validation and a checkpoint")
-    engine = build_engine(config, build_dataset(config, train_records), device)
-    val_s = 0.0
-    if val_records and config.training.val_every_epochs:
-        metrics_warm_up()  # as training does before its first epoch
-        t0 = time.perf_counter()
-        validate_model(engine.model, val_records, config, cache, device, progress=False)
-        val_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        save_checkpoint(Path(tmp) / "c.pt", {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict()})
-        checkpoint_s = time.perf_counter() - t0
+    val_s = checkpoint_s = 0.0
+    if ddp.master:  # as in training: rank 0 validates and writes checkpoints while the others wait
+        engine = build_engine(config, data.patch_dataset(config), device)
+        if data.val and config.training.val_every_epochs:
+            metrics_warm_up()  # as training does before its first epoch
+            t0 = time.perf_counter()
+            score_records(engine.model, data.val[: config.val.max_volumes], config, data.cache, device)
+            val_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            save_checkpoint(Path(tmp) / "c.pt", {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict()})
+            checkpoint_s = time.perf_counter() - t0
+    val_s, checkpoint_s = ddp.broadcast([val_s, checkpoint_s])
     report(total, total, "done")
-    shapes = [rec.stats.shape for rec in manifest.records if rec.stats is not None and rec.id in {r.id for r in train_records}]
+    ddp.close()
     return Measurements(
         device=str(device), timings=timings, val_s=val_s, checkpoint_s=checkpoint_s, memory_capacity_mb=capacity,
-        train_records=len(train_records), val_records=len(val_records),
-        unique_patches=unique_patches(shapes, config.data.patch_size) if shapes else 0,
-        workers=config.training.workers, seconds=time.perf_counter() - started,
+        train_records=len(data.train), val_records=len(data.val), unique_patches=data.unique_patches(config.data.patch_size),
+        workers=config.training.workers, seconds=time.perf_counter() - started, world_size=ddp.world,
     )
 
 
@@ -272,7 +277,8 @@ def recommend(
     if val_every and m.val_s > 0.25 * max(epoch_s - m.val_s, 1e-9):
         val_every = max(val_every, math.ceil(m.val_s / (0.25 * (epoch_s - m.val_s))))
         epoch_s = _epoch_seconds(steps, best, m, config, 1) - m.val_s + m.val_s / val_every
-    samples = steps * best.batch_size
+    layout = _layout_for(config, m, best.batch_size, steps)
+    samples = layout.samples_per_epoch
     coverage = samples / m.unique_patches if m.unique_patches else math.nan
     first_epoch_s = epoch_s + best.first_batch_s
     run_s = first_epoch_s + (epochs - 1) * epoch_s
@@ -284,12 +290,19 @@ def recommend(
         f"A step takes {best.step_s:.3f} s on average (median {best.step_median_s:.3f} s, spread {best.step_spread_s:.3f} s): "
         f"{best.compute_s:.3f} s compute and {best.data_wait_s:.3f} s waiting for data.",
         f"{steps} steps fill a {target_epoch_minutes:g}-minute epoch after validation ({m.val_s:.1f} s) "
-        f"and checkpoints ({m.checkpoint_s:.2f} s each): {samples} samples per epoch.",
+        f"and checkpoints ({m.checkpoint_s:.2f} s each): {samples} samples per epoch, "
+        f"{layout.global_batch} per step ({best.batch_size} x {layout.world_size} ranks x {layout.accumulate} accumulated).",
         f"Coverage: {samples} samples over {m.unique_patches} unique patch positions = {coverage:.0%} per epoch"
         " (the seed notes aim for 50-100 %).",
         f"Forecast: {epoch_s / 60:.1f} min per epoch ({first_epoch_s / 60:.1f} min for the first, with worker start-up),"
         f" {epochs} epochs = {run_s / 3600:.2f} h" + (f" within the {budget_hours:g} h budget." if budget_hours else "."),
     ]
+    configured = epoch_layout(config, max(m.train_records, 1), m.world_size)
+    if configured.steps != steps:
+        explanation.append(f"As configured now an epoch is {configured.steps} steps" + (
+            f" (a full pass: {config.training.patches_per_volume} patches x {m.train_records} volumes"
+            f" / {configured.global_batch} per step)" if configured.full_pass else "")
+            + f"; the plan sets training.train_iterations_per_epoch to {steps}.")
     warnings = []
     wanted = COVERAGE_MIN if coverage_target is None else coverage_target
     if coverage < wanted:
@@ -321,7 +334,7 @@ def recommend(
     def preset(name: str, s: int, e: int, reason: str) -> Preset:
         s = max(1, s)
         return Preset(name, s, e, _epoch_seconds(s, best, m, config, val_every),
-                      s * best.batch_size / m.unique_patches if m.unique_patches else math.nan, reason)
+                      s * layout.global_batch / m.unique_patches if m.unique_patches else math.nan, reason)
 
     def same_total(s: int) -> int:
         """Epochs that keep the recommendation's total steps at ``s`` steps per epoch."""
@@ -335,11 +348,12 @@ def recommend(
                "25 % fewer steps and more epochs: faster feedback, same total steps"),
     ]
     if coverage_target and m.unique_patches:
-        s = math.ceil(coverage_target * m.unique_patches / best.batch_size)
+        s = math.ceil(coverage_target * m.unique_patches / layout.global_batch)
         presets.append(preset(f"Coverage {coverage_target:.0%}", s, same_total(s),
                               f"{s} steps reach the coverage target; the same total steps over {same_total(s)} epochs"))
     return Plan(
-        train_batch_size=best.batch_size, train_iterations_per_epoch=steps, max_epochs=epochs,
+        train_batch_size=best.batch_size, global_batch=layout.global_batch, train_iterations_per_epoch=steps,
+        max_epochs=epochs,
         val_every_epochs=val_every, samples_per_epoch=samples, coverage=coverage,
         forecast_epoch_s=epoch_s, forecast_first_epoch_s=first_epoch_s, forecast_run_s=run_s,
         target_epoch_s=target_s, explanation=explanation, warnings=warnings, presets=presets,
@@ -348,10 +362,8 @@ def recommend(
 
 
 def apply_plan(config_path: str | Path, plan: Plan, out: str | Path) -> None:
-    """Write the config with the plan's training keys set; other keys are left as the user wrote them."""
-    doc = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
-    training = doc.setdefault("training", {})
-    training.update(train_batch_size=plan.train_batch_size, train_iterations_per_epoch=plan.train_iterations_per_epoch,
-                    max_epochs=plan.max_epochs, val_every_epochs=plan.val_every_epochs)
-    training.pop("patches_per_volume", None)
-    atomic_write_text(out, yaml.safe_dump(doc, sort_keys=False))
+    """Write the config to ``out`` with the plan's training keys set; the other keys stay as the
+    user wrote them, relative paths rebased so that they reach the same files from ``out``."""
+    rewrite_config(config_path, out, {"training": {
+        "train_batch_size": plan.train_batch_size, "train_iterations_per_epoch": plan.train_iterations_per_epoch,
+        "max_epochs": plan.max_epochs, "val_every_epochs": plan.val_every_epochs, "patches_per_volume": None}})

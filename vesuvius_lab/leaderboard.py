@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -83,9 +83,6 @@ class VolumeScore:
 
     def as_dict(self) -> dict[str, float]:
         return {"score": self.score, "topo": self.topo, "surface_dice": self.surface_dice, "voi_score": self.voi_score}
-
-    def full_dict(self) -> dict:
-        return asdict(self)
 
 
 # --- binarisation ---------------------------------------------------------------------------
@@ -413,9 +410,11 @@ def warm_up() -> None:
     case with sheets, merges and holes, so the first validation is not charged ~20 s of compiling."""
     from scipy import ndimage
 
-    from vesuvius_lab.synth import make_volume, scroll_style
-
-    _, label = make_volume((40, 40, 40), 0, 0, scroll_style(0, 0))
-    fg = label == 1
+    z = np.arange(40)[:, None, None]
+    fg = np.broadcast_to((z % 8 < 3) & (z > 2) & (z < 37), (40, 40, 40)).copy()  # four sheets
+    fg[12:22, 15:20, 15:20] = True  # a bridge merging two of them
+    fg[3:6, 10:14, 10:14] = False  # a hole in one
+    label = fg.astype(np.uint8)
+    label[:, :, :3] = 2  # an ignored border
     for pred in (ndimage.binary_dilation(fg), ndimage.binary_erosion(fg), fg):
         volume_score(pred.astype(np.uint8), label)

@@ -1,4 +1,5 @@
-"""The Kaggle "vesuvius-challenge-surface-detection" layout: records, csv, and per-record inspection.
+"""The Kaggle "vesuvius-challenge-surface-detection" file layout and label values: records, csv,
+and per-record inspection. These are fixed by the task, not configured.
 
 Layout under a data root::
 
@@ -27,6 +28,14 @@ OPTIONAL_DIRS = ("test_images", "deprecated_train_images", "deprecated_train_lab
 LABEL_VALUES = (0, 1, 2)
 DEPRECATED_LABEL_VALUES = (0, 1)
 IGNORE_LABEL = 2
+LABEL_NAMES = {0: "background", 1: "recto papyrus surface", 2: "unlabeled (ignored)"}
+# As older manifests spelled the layout out (they may still carry it; see manifest._fixed_semantics).
+LAYOUT = {
+    "csv": TRAIN_CSV,
+    "images": f"{IMAGE_DIR}/{{id}}.tif",
+    "labels": f"{LABEL_DIR}/{{id}}.tif",
+    "optional": [f"{d}/" for d in OPTIONAL_DIRS],
+}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vesuvius_lab.dataset import (
+from vesuvius_lab.layout import (
     DEPRECATED_LABEL_VALUES,
     OPTIONAL_DIRS,
     Record,

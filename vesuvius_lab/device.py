@@ -1,0 +1,36 @@
+"""Which device a process computes on, in which precision, and how much memory it holds.
+
+One definition for the trainer, the planner and inference: mixed precision (``optim.amp``) applies
+on CUDA only; on the CPU everything runs in float32.
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """This rank's GPU when there is one, else the CPU."""
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def amp_dtype(amp: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for ``optim.amp`` on ``device`` (None: float32)."""
+    return AMP_DTYPES[amp] if torch.device(device).type == "cuda" else None
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory allocated on a GPU, or this process's resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def memory_capacity_mb(device: torch.device) -> float:
+    """What ``memory_mb`` can grow to: the GPU's memory, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**20
+    return psutil.virtual_memory().total / 2**20

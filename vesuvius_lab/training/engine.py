@@ -1,0 +1,126 @@
+"""What one optimizer step needs, built once from a config, and the step itself.
+
+The training loop and the planner's measurements run exactly this code: the model (in DDP when
+there are several ranks), the optimizer, the precision (``device.amp_dtype``) and the loss; one
+step is ``forward_backward`` over ``optim.accumulate`` micro-batches, then ``optimizer_update``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from vesuvius_lab.augment import apply_batch
+from vesuvius_lab.config import Config, OptimConfig
+from vesuvius_lab.device import amp_dtype
+from vesuvius_lab.losses import TopologyLoss
+from vesuvius_lab.model import as_input, build_model
+from vesuvius_lab.sampling import PatchDataset
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup, then poly or cosine decay, as a function of the optimizer step only."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        factor = (1 - progress) ** cfg.poly_power
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+
+
+@dataclass
+class Engine:
+    model: torch.nn.Module  # DDP-wrapped when world > 1; ``raw_model`` is the module itself
+    criterion: TopologyLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dataset: PatchDataset  # device-side augmentation happens here when it asks for it
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_clip: float
+    accumulate: int = 1
+    world: int = 1
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return self.model.module if self.world > 1 else self.model
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+@dataclass
+class StepResult:
+    finite: bool
+    loss: float
+    terms: dict
+    data_wait_s: float
+
+
+def build_engine(config: Config, dataset: PatchDataset, device: torch.device, world: int = 1,
+                 local_rank: int = 0) -> Engine:
+    """Model, optimizer, precision and loss as configured (the model wrapped in DDP when world > 1)."""
+    torch.manual_seed(config.training.seed)
+    model = build_model(config.model).to(device)
+    if world > 1:
+        # 1x1x1 head kernels have the same memory in both layouts; DDP's stride warning is moot there.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    o = config.optim
+    if o.name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    dtype = amp_dtype(o.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return Engine(model, TopologyLoss(config.loss), optimizer, scaler, dataset, device, dtype, o.grad_clip,
+                  o.accumulate, world)
+
+
+def forward_backward(engine: Engine, batches: Iterator[dict], step: int) -> StepResult:
+    """Fetch ``accumulate`` micro-batches, run forward, loss and backward; time the wait for data."""
+    e = engine
+    data_wait, sums, loss_value, finite = 0.0, {}, 0.0, True
+    for micro in range(e.accumulate):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        batch = {k: v.to(e.device, non_blocking=True) for k, v in batch.items()}
+        if e.dataset.device_augment:
+            batch = apply_batch(batch, e.dataset.patch)
+        data_wait += time.perf_counter() - t0
+        last = micro == e.accumulate - 1
+        ctx = e.model.no_sync() if (e.world > 1 and not last) else contextlib.nullcontext()
+        with ctx, torch.autocast(e.device.type, dtype=e.amp_dtype or torch.float32, enabled=e.amp_dtype is not None):
+            outputs = e.model(as_input(batch["image"]))
+            loss, terms = e.criterion(outputs, batch, step)
+        finite = finite and bool(torch.isfinite(loss))
+        e.scaler.scale(loss / e.accumulate).backward()
+        loss_value += float(loss.detach()) / e.accumulate
+        for k, v in terms.items():
+            if v is not None:
+                sums[k] = sums.get(k, 0.0) + v / e.accumulate
+    return StepResult(finite, loss_value, sums, data_wait)
+
+
+def optimizer_update(engine: Engine, finite: bool) -> float:
+    """Clip and apply the gradients (or drop them after a non-finite loss); returns the grad norm."""
+    e = engine
+    grad_norm = float("nan")
+    if finite:
+        e.scaler.unscale_(e.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(e.model.parameters(), e.grad_clip))
+        e.scaler.step(e.optimizer)
+        e.scaler.update()
+    e.optimizer.zero_grad(set_to_none=True)
+    if e.device.type == "cuda":
+        torch.cuda.synchronize(e.device)
+    return grad_norm

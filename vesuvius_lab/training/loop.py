@@ -1,0 +1,225 @@
+"""Training: one process, or DDP under torchrun. Reads top to bottom like nanoGPT's train.py.
+
+Setup (run folder, data with its preflight, the engine) -> resume -> the loop: schedule, step, log
+line, periodic checkpoint, and at each epoch's end ``end_of_epoch`` (validation, checkpoint, epoch
+line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
+checkpoints hold every RNG state, so a resumed run ends bitwise where an uninterrupted one would
+(on CPU). Rank 0 writes the run folder (``run_dir``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vesuvius_lab.config import Config, save_config
+from vesuvius_lab.data import Data, open_data
+from vesuvius_lab.device import default_device, memory_mb
+from vesuvius_lab.errors import ConfigError, VLabError
+from vesuvius_lab.evaluate import mean_scores, score_records
+from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
+from vesuvius_lab.loader import build_loader
+from vesuvius_lab.losses import TERMS
+from vesuvius_lab.training.distributed import Distributed, setup_distributed
+from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, lr_at, optimizer_update
+from vesuvius_lab.training.run_dir import (
+    EPOCH, TRAIN, VAL, RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
+
+log = logging.getLogger("vesuvius_lab.train")
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step, and what a checkpoint restores."""
+
+    step: int = 0
+    best: float = -math.inf
+    nonfinite_total: int = 0
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) training as configured; returns the final status."""
+    # --- setup: ranks, run folder, data (the preflight of `vesuvius-lab validate` first), engine ---
+    ddp = setup_distributed()
+    device = default_device(ddp.local_rank)
+    run = RunDir(run_dir)
+    if ddp.master and run.last.exists() and not resume:
+        raise ConfigError(f"{run.root}: holds a checkpoint already; pass --resume or choose another --run-dir")
+    run.create()
+    log_handler = _log_to(run) if ddp.master else None
+    if ddp.master:
+        save_config(config, run.config)
+        run.status(state="preflight", step=0)
+    data = open_data(config, check=True)
+    dataset = data.patch_dataset(config, world_size=ddp.world)
+    if ddp.master:
+        dataset.prepare(progress=progress)  # cache + targets once, before workers start
+    ddp.barrier()
+    layout = dataset.layout
+    steps_per_epoch, total_steps = layout.steps, config.training.max_epochs * layout.steps
+    engine = build_engine(config, dataset, device, ddp.world, ddp.local_rank)
+
+    # --- resume ---
+    state = Progress()
+    if resume and run.last.exists():
+        ckpt = load_checkpoint(run.last)
+        engine.raw_model.load_state_dict(ckpt["model"])
+        engine.optimizer.load_state_dict(ckpt["optimizer"])
+        engine.scaler.load_state_dict(ckpt["scaler"])
+        state = Progress(ckpt["step"], ckpt["best_score"], ckpt["nonfinite_total"])
+        set_rng_state(ckpt["rng"][ddp.rank] if ddp.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if ddp.master:
+            log.info("resumed at step %d", state.step)
+    if resume and ddp.master:
+        run.truncate_after(state.step)  # lines a killed run wrote after its last checkpoint
+
+    def write_checkpoint(best_too: bool = False) -> None:
+        states = ddp.gather(rng_state())  # every rank joins the RNG gather
+        if ddp.master:
+            payload = {
+                "model": engine.raw_model.state_dict(),
+                "optimizer": engine.optimizer.state_dict(),
+                "scheduler": {"schedule": config.optim.schedule, "step": state.step, "total_steps": total_steps},
+                "scaler": engine.scaler.state_dict(),
+                "step": state.step,
+                "epoch": state.step // max(steps_per_epoch, 1),
+                "best_score": state.best,
+                "nonfinite_total": state.nonfinite_total,
+                "rng": states,
+                "config": config.to_dict(),  # paths absolute: it resolves from wherever it is read
+            }
+            save_checkpoint(run.last, payload)
+            if best_too:
+                save_checkpoint(run.best, payload)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    batches = iter(build_loader(dataset, config, start_step=state.step, rank=ddp.rank,
+                                num_steps=total_steps - state.step))
+    if ddp.master:
+        log.info("train: %d records, val: %d, %d steps/epoch x %d epochs, global batch %d",
+                 len(data.train), len(data.val), steps_per_epoch, config.training.max_epochs, layout.global_batch)
+    if data.val and config.training.val_every_epochs:
+        metrics_warm_up()  # start-up cost, not charged to the first epoch
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not (progress and ddp.master))
+    consecutive_nonfinite, epoch_start, outcome, message = 0, time.perf_counter(), "running", ""
+
+    # --- the loop ---
+    try:
+        while state.step < total_steps:
+            epoch = state.step // steps_per_epoch
+            t_step = time.perf_counter()
+            lr = lr_at(state.step, total_steps, config.optim)
+            engine.set_lr(lr)
+
+            # the step: forward, loss and backward over `accumulate` micro-batches, then the update
+            fb = forward_backward(engine, batches, state.step)
+            nonfinite, stopping = ddp.any([not fb.finite, stop["signal"] is not None], device)  # all ranks agree
+            if stopping and stop["signal"] is None:
+                stop["signal"] = "SIGTERM"
+            finite = not nonfinite
+            grad_norm = optimizer_update(engine, finite)
+            consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
+            state.nonfinite_total += 0 if finite else 1
+            state.step += 1
+            step_s = time.perf_counter() - t_step
+
+            # the log line
+            if ddp.master:
+                run.append({
+                    "kind": TRAIN, "step": state.step, "epoch": epoch, "lr": lr,
+                    "loss": fb.loss if finite else None, "skipped": not finite,
+                    **{t: fb.terms.get(t) for t in TERMS},
+                    "grad_norm": grad_norm if finite else None,
+                    "step_s": step_s, "data_wait_s": fb.data_wait_s,
+                    "samples_per_s": layout.global_batch / step_s,
+                    "memory_mb": memory_mb(device), "global_batch": layout.global_batch,
+                    "nonfinite_total": state.nonfinite_total,
+                })
+                run.status(state="running", step=state.step, epoch=epoch, total_steps=total_steps,
+                           steps_per_epoch=steps_per_epoch)
+                bar.set_postfix(loss=f"{fb.loss:.3f}" if finite else "skip", lr=f"{lr:.2e}")
+                bar.update(1)
+            if not finite:
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.step, consecutive_nonfinite)
+                if consecutive_nonfinite >= config.optim.max_nonfinite:
+                    message = (f"stopped: {consecutive_nonfinite} non-finite losses in a row at step {state.step}; "
+                               f"the last good checkpoint {run.last} is intact")
+                    outcome = "failed"
+                    break
+
+            # checkpoint; at the epoch's end also validation and the epoch line
+            epoch_end = state.step % steps_per_epoch == 0
+            if epoch_end:
+                improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress)
+                write_checkpoint(best_too=improved)
+                if ddp.master:
+                    run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
+                epoch_start = time.perf_counter()
+            elif config.training.checkpoint_every_steps and state.step % config.training.checkpoint_every_steps == 0:
+                write_checkpoint()
+            if stop["signal"] is not None:
+                if not epoch_end:
+                    write_checkpoint()
+                outcome, message = "stopped", f"stopped by {stop['signal']} at step {state.step}; resume with --resume"
+                break
+        else:
+            outcome, message = "finished", f"finished {total_steps} steps; best validation score {state.best:.4f}"
+    except BaseException as exc:
+        if ddp.master:
+            run.status(state="failed", step=state.step, message=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        batches = None  # shut the data workers down now, even while a traceback holds this frame
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        ddp.close()
+    if ddp.master:
+        run.status(state=outcome, step=state.step, total_steps=total_steps, message=message, best_score=state.best)
+        log.info(message)
+        log.removeHandler(log_handler)
+        log_handler.close()
+    if outcome == "failed":
+        raise VLabError(message)
+    return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
+
+
+def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, epoch: int, ddp: Distributed,
+                 run: RunDir, progress: bool) -> bool:
+    """Validate when this epoch is due (rank 0 scores, every rank learns the outcome); True when
+    the score improved on the best so far, which makes this checkpoint the best one too."""
+    every = config.training.val_every_epochs
+    if not (every and (epoch + 1) % every == 0 and data.val):
+        return False
+    improved = False
+    if ddp.master:
+        results = score_records(engine.raw_model, data.val[: config.val.max_volumes], config, data.cache,
+                                engine.device, progress)
+        scores = mean_scores(results)
+        run.append({"kind": VAL, "step": state.step, "epoch": epoch, **scores})
+        log.info("epoch %d val score %.4f (topo %.4f, surface dice %.4f, voi %.4f)", epoch,
+                 scores["score"], scores["topo"], scores["surface_dice"], scores["voi_score"])
+        improved = scores["score"] > state.best
+        state.best = max(state.best, scores["score"])
+    improved, state.best = ddp.broadcast([improved, state.best])
+    return improved
+
+
+def _log_to(run: RunDir) -> logging.Handler:
+    handler = logging.FileHandler(run.train_log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
