@@ -12,7 +12,9 @@ absolute, so a written config reaches the same files from wherever it is read.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +161,106 @@ class Config:
 PATH_KEYS = (("data", "manifest"), ("data", "root"), ("data", "cache_dir"))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; researchers write floats that way. This safe
+    loader also reads the YAML 1.2 float forms (``1e-3``, ``5E-4``, ``1.5e3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def load_yaml(text: str):
+    """A config document or an override value (``yaml.safe_load`` semantics, with 1.2 floats)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The meaningful values of a key: a numeric range (each item, for lists) or a set of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    length: int | None = None  # lists: how many items
+    ordered: bool = False  # lists: items in increasing order (a range written as [low, high])
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.low is not None and self.high is not None:
+            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+    def problem(self, key: str, value) -> str | None:
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        what = ("items " if isinstance(value, list) else "") + self.allowed()
+        if self.length is not None and len(items) != self.length:
+            return f"{key}: {value!r} must have {self.length} items, each {self.allowed()}"
+        if self.ordered and any(a > b for a, b in zip(items, items[1:])):
+            return f"{key}: {value!r} must be in increasing order ([low, high])"
+        for item in items:
+            if self.choices:
+                if item not in self.choices:
+                    return f"{key}: {value!r} is not one of {', '.join(map(str, self.choices))}"
+                continue
+            bad = isinstance(item, float) and not math.isfinite(item)
+            if self.low is not None:
+                bad |= item <= self.low if self.low_open else item < self.low
+            if self.high is not None:
+                bad |= item >= self.high if self.high_open else item > self.high
+            if bad:
+                return f"{key}: {value!r} is out of range (allowed: {what})"
+        return None
+
+
+def _at_least(n: float) -> Rule:
+    return Rule(low=n)
+
+
+POSITIVE, NON_NEGATIVE, COUNT, SHARE = Rule(low=0, low_open=True), _at_least(0), _at_least(1), Rule(low=0, high=1)
+TERMS_WITH_HEADS = ("bce", "dice", "cldice", "skeleton_recall", "surface")
+# Every key that takes numbers or names has its meaningful values here; the rest are booleans and
+# paths (checked by type). tests/test_config.py walks every key of every section against this table.
+RULES: dict[str, Rule] = {
+    "data.patch_size": COUNT,
+    "sampler.fg_fraction": SHARE, "sampler.max_redraws": NON_NEGATIVE, "sampler.fg_points": COUNT,
+    "augment.where": Rule(choices=("worker", "device")),
+    **{f"augment.p_{k}": SHARE for k in ("rotation", "scale", "elastic", "flip", "gamma", "contrast", "noise", "blur")},
+    "augment.max_rotation_deg": Rule(low=0, high=180),
+    "augment.scale_range": Rule(low=0, low_open=True, length=2, ordered=True),
+    "augment.elastic_magnitude": NON_NEGATIVE, "augment.elastic_grid": _at_least(2),
+    "augment.gamma_range": Rule(low=0, low_open=True, length=2, ordered=True),
+    "augment.contrast_range": Rule(low=0, low_open=True, length=2, ordered=True),
+    "augment.noise_std": NON_NEGATIVE, "augment.blur_sigma": Rule(low=0, length=2, ordered=True),
+    "model.features": COUNT, "model.deep_supervision_heads": COUNT,
+    **{f"loss.{k}": NON_NEGATIVE for k in ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")},
+    "loss.pos_weight": POSITIVE, "loss.cldice_iterations": COUNT, "loss.topo_every": COUNT,
+    "loss.topo_downsample": COUNT, "loss.deep_supervision_terms": Rule(choices=TERMS_WITH_HEADS),
+    "optim.name": Rule(choices=("adamw", "sgd")), "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.momentum": Rule(low=0, high=1, high_open=True), "optim.warmup_steps": NON_NEGATIVE,
+    "optim.schedule": Rule(choices=("poly", "cosine")), "optim.poly_power": POSITIVE, "optim.min_lr": NON_NEGATIVE,
+    "optim.grad_clip": POSITIVE, "optim.accumulate": COUNT, "optim.amp": Rule(choices=("bf16", "fp16", "off")),
+    "optim.max_nonfinite": COUNT,
+    "val.overlap": Rule(low=0, high=1, high_open=True), "val.batch": COUNT, "val.max_volumes": COUNT,
+    "postprocess.method": Rule(choices=("threshold", "hysteresis")), "postprocess.threshold": SHARE,
+    "postprocess.low": SHARE, "postprocess.high": SHARE, "postprocess.min_component_size": NON_NEGATIVE,
+    "training.train_batch_size": COUNT, "training.train_iterations_per_epoch": COUNT,
+    "training.patches_per_volume": COUNT, "training.max_epochs": COUNT, "training.workers": NON_NEGATIVE,
+    "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),
+    "training.checkpoint_every_steps": NON_NEGATIVE, "training.val_every_epochs": NON_NEGATIVE,
+    "training.seed": NON_NEGATIVE,
+}
+
+
 def _as_written(value: str) -> bool:
     """Absolute, home-relative or environment paths: kept as written when a config is rewritten."""
     return Path(value).is_absolute() or value.startswith("~") or "$" in value
@@ -233,6 +335,11 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
                 continue
             try:
                 value = _check_type(value, hints[key], f"{name}.{key}")
+                rule = RULES.get(f"{name}.{key}")
+                problem = rule.problem(f"{name}.{key}", value) if rule else None
+                if problem:
+                    problems.append(f"{origin}: {problem}")
+                    continue
                 # replace() re-runs a section's own validation (__post_init__), frozen or not
                 setattr(config, name, dataclasses.replace(getattr(config, name), **{key: value}))
             except ConfigError as exc:
@@ -247,7 +354,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
     if not sep or not dot or not section or not name:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return section, name, value
@@ -261,7 +368,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not path.is_file():
         raise ConfigError(f"{path}: config not found")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return config_from_dict(doc, overrides, origin=str(path), root=path.resolve().parent)
@@ -289,29 +396,26 @@ def config_from_dict(doc: dict, overrides: list[str] | tuple[str, ...] = (), ori
 
 
 def _cross_checks(config: Config) -> list[str]:
+    """Rules between keys (each key's own range is in RULES)."""
     problems = []
-    if len(config.data.patch_size) != 3 or min(config.data.patch_size) < 1:
+    if len(config.data.patch_size) != 3:
         problems.append(f"data.patch_size: expected 3 positive sizes, got {config.data.patch_size}")
-    if config.augment.where not in ("worker", "device"):
-        problems.append(f"augment.where: expected 'worker' or 'device', got {config.augment.where!r}")
-    if config.training.multiprocessing_context not in ("fork", "spawn", "forkserver"):
-        problems.append(f"training.multiprocessing_context: expected fork, spawn or forkserver")
+    if len(config.model.features) < 2:
+        problems.append(f"model.features: {config.model.features} needs at least 2 stages")
     divisor = 2 ** (len(config.model.features) - 1)
     if len(config.data.patch_size) == 3 and any(p % divisor for p in config.data.patch_size):
         problems.append(
             f"data.patch_size: {config.data.patch_size} must be divisible by {divisor} "
             f"({len(config.model.features)} U-Net stages in model.features)"
         )
-    for key, allowed in (("name", ("adamw", "sgd")), ("schedule", ("poly", "cosine")), ("amp", ("bf16", "fp16", "off"))):
-        if getattr(config.optim, key) not in allowed:
-            problems.append(f"optim.{key}: expected one of {', '.join(allowed)}, got {getattr(config.optim, key)!r}")
-    unknown = set(config.loss.deep_supervision_terms) - {"bce", "dice", "cldice", "skeleton_recall", "surface"}
-    if unknown:
-        problems.append(f"loss.deep_supervision_terms: unknown term(s) {', '.join(sorted(unknown))}")
     if config.training.train_iterations_per_epoch is None and config.training.patches_per_volume is None:
         problems.append("training: set train_iterations_per_epoch or patches_per_volume")
-    if not 0.0 <= config.sampler.fg_fraction <= 1.0:
-        problems.append(f"sampler.fg_fraction: expected a value in [0, 1], got {config.sampler.fg_fraction}")
+    if config.optim.min_lr > config.optim.lr:
+        problems.append(f"optim.min_lr: {config.optim.min_lr:g} is above optim.lr {config.optim.lr:g}")
+    try:
+        config.postprocess.check()
+    except ConfigError as exc:
+        problems += exc.lines
     return problems
 
 
@@ -326,7 +430,7 @@ def rewrite_config(source: str | Path, out: str | Path, changes: dict[str, dict]
     """Copy the config file ``source`` to ``out`` with ``changes`` ({section: {key: value or None to
     drop}}) applied; the keys the user wrote stay as written, relative paths rebased onto ``out``."""
     source, out = Path(source), Path(out)
-    doc = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    doc = load_yaml(source.read_text(encoding="utf-8")) or {}
     for section, key in PATH_KEYS:
         values = doc.get(section)
         if isinstance(values, dict) and isinstance(values.get(key), str):
