@@ -14,9 +14,10 @@ from vesuvius_lab.cache import VolumeCache
 from vesuvius_lab.config import Config
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.layout import Record
-from vesuvius_lab.manifest import Manifest, load_manifest
+from vesuvius_lab.manifest import Manifest, ensure_demo_data, load_manifest
 from vesuvius_lab.preflight import preflight
 from vesuvius_lab.sampling import EpochLayout, PatchDataset, unique_patches
+from vesuvius_lab.synth import MARKER
 
 
 def epoch_layout(config: Config, n_volumes: int, world_size: int = 1) -> EpochLayout:
@@ -67,6 +68,19 @@ class Data:
         ids = {r.id for r in self.train}
         shapes = [r.stats.shape for r in self.manifest.records if r.id in ids and r.stats is not None]
         return unique_patches(shapes, patch_size) if len(shapes) == len(ids) else 0
+
+
+def prepare_demo_data(config: Config, progress: bool = True) -> bool:
+    """Generate a synthetic manifest's volumes when they are absent (as ``make lab`` does), so a
+    config naming the embedded demo runs in a fresh clone; True when it generated them."""
+    path = config.path(config.data.manifest, "data.manifest")
+    if config.data.root is not None or not path.is_file():
+        return False  # another root, or no manifest: the preflight reports it
+    manifest = load_manifest(path)
+    if not manifest.synth or (manifest.root / MARKER).is_file():
+        return False
+    ensure_demo_data(path, progress=progress)
+    return True
 
 
 def open_data(

@@ -109,21 +109,45 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it into place.
 
-    A crash, kill or full disk leaves either the old file or the new one, never half of one.
+    A crash, kill or full disk leaves either the old file or the new one, never half of one. The
+    file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files ``atomic_path`` left in ``folder`` when its process was killed mid-write."""
+    return sorted(p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file())
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else set and reset."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vesuvius_lab.config import Config, rewrite_config
-from vesuvius_lab.data import Data, epoch_layout, open_data
+from vesuvius_lab.data import Data, epoch_layout, open_data, prepare_demo_data
 from vesuvius_lab.device import default_device, memory_capacity_mb, memory_mb
 from vesuvius_lab.evaluate import score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
@@ -179,6 +179,9 @@ def measure(
     started = time.perf_counter()
     ddp = setup_distributed()
     device = default_device(ddp.local_rank)
+    if ddp.master:
+        prepare_demo_data(config, progress)
+    ddp.barrier()
     data = open_data(config)
     if ddp.master:
         data.patch_dataset(config).prepare(progress=progress)  # cache + targets, as training does first

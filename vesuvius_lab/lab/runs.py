@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ipywidgets as w
+import psutil
 from matplotlib.figure import Figure
 
 from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
+from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir
@@ -170,17 +172,27 @@ def format_duration(seconds: float | None) -> str:
 # --- the process ------------------------------------------------------------------------------------
 
 
+def same_process(pid: int | None, started: float | None) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (psutil's create_time):
+    after it exits, its pid may be reused by an unrelated process, which must never be signalled."""
+    if not pid or started is None or not pid_alive(pid):
+        return False
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
+    except psutil.Error:
+        return False
+
+
 class RunProcess:
-    """One run's process group: started detached, stopped with SIGTERM to the whole group."""
+    """One run's process group: started detached, stopped with SIGTERM to the whole group.
+
+    A process is recognised by its pid and its start time together (``launch.json`` from the
+    launcher, ``status.json`` from the trainer), so a reused pid is never taken for the run."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.run = RunDir(run_dir)
         self.popen: subprocess.Popen | None = None
-        self.pgid: int | None = None
-        launch = self._launch_info()
-        if launch and pid_alive(launch.get("pid")):
-            self.pgid = launch.get("pgid")
 
     def _launch_info(self) -> dict:
         try:
@@ -197,34 +209,46 @@ class RunProcess:
             log.flush()
             self.popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, cwd=cwd)
-        self.pgid = self.popen.pid  # a new session: the leader's pid is the group id
-        self.run.launch.write_text(json.dumps(
-            {"argv": list(argv), "pid": self.popen.pid, "pgid": self.pgid, "started": time.time()}))
+        try:
+            started = psutil.Process(self.popen.pid).create_time()
+        except psutil.Error:  # exited at once (a bad command line): nothing to identify later
+            started = None
+        atomic_write_text(self.run.launch, json.dumps({  # a new session: the leader's pid is the group id
+            "argv": list(argv), "pid": self.popen.pid, "pgid": self.popen.pid, "process_start": started,
+            "started": time.time()}))
         return self.popen
+
+    def _identified(self) -> tuple[int, int] | None:
+        """(pid, process group) of the run's live process, proven by its start time; else None."""
+        if self.popen is not None:
+            return (self.popen.pid, self.popen.pid) if self.popen.poll() is None else None
+        launch = self._launch_info()
+        if same_process(launch.get("pid"), launch.get("process_start")):
+            return launch["pid"], launch["pgid"]
+        status = read_status(self.run_dir)
+        if same_process(status.get("pid"), status.get("process_start")):
+            try:
+                return status["pid"], os.getpgid(int(status["pid"]))
+            except ProcessLookupError:
+                return None
+        return None
 
     @property
     def pid(self) -> int | None:
-        if self.popen is not None:
-            return self.popen.pid
-        return self._launch_info().get("pid") or read_status(self.run_dir).get("pid")
+        found = self._identified()
+        return found[0] if found else None
 
     def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return pid_alive(self.pid) or pid_alive(read_status(self.run_dir).get("pid"))
+        return self._identified() is not None
 
     def stop(self, sig: int = signal.SIGTERM) -> bool:
-        """Signal the process group (the trainer checkpoints, then exits); False if nothing runs."""
-        if not self.alive():
+        """Signal the run's process group (the trainer checkpoints, then exits); False if no live
+        process is proven to be this run's."""
+        found = self._identified()
+        if found is None:
             return False
-        pgid = self.pgid
-        if pgid is None:  # attached by status.json alone: its process's group
-            try:
-                pgid = os.getpgid(int(read_status(self.run_dir)["pid"]))
-            except (KeyError, ProcessLookupError):
-                return False
         try:
-            os.killpg(pgid, sig)
+            os.killpg(found[1], sig)
         except ProcessLookupError:
             return False
         return True
@@ -308,7 +332,7 @@ class RunMonitor:
         self.start_button.on_click(lambda _b: self.start(resume=False))
         self.stop_button.on_click(lambda _b: self.stop())
         self.resume_button.on_click(lambda _b: self.start(resume=True))
-        self.run_name.observe(lambda _c: self.attach(), names="value")
+        self.run_name.observe(self._on_run_name, names="value")
         self.widget = w.VBox([
             w.HBox([self.config, self.devices]), w.HBox([self.run_name, self.overrides]),
             w.HBox([self.start_button, self.stop_button, self.resume_button]),
@@ -331,6 +355,16 @@ class RunMonitor:
 
     def argv(self, resume: bool = False) -> list[str]:
         return train_argv(self.config.value, self.run_dir, self.devices.value, resume, self.overrides.value.split())
+
+    def _on_run_name(self, change: dict) -> None:
+        """A run name is a folder inside ``runs_dir``: anything else is refused and reverted."""
+        name = change["new"]
+        if not name or name in (".", "..") or Path(name).name != name:
+            self.message.value = (f"<span style='color:#b00'>run name {html.escape(repr(name))}: "
+                                  f"must be a plain folder name inside {html.escape(str(self.runs_dir))}</span>")
+            self.run_name.value = change["old"]
+            return
+        self.attach()
 
     def attach(self) -> None:
         """Point at the run directory named now: forget what was read, read it all again."""

@@ -111,16 +111,22 @@ def forward_backward(engine: Engine, batches: Iterator[dict], step: int) -> Step
     return StepResult(finite, loss_value, sums, data_wait)
 
 
-def optimizer_update(engine: Engine, finite: bool) -> float:
-    """Clip and apply the gradients (or drop them after a non-finite loss); returns the grad norm."""
+def optimizer_update(engine: Engine, finite: bool) -> tuple[float, bool]:
+    """Clip and apply the gradients; returns the grad norm and whether the update was applied.
+
+    A non-finite loss (``finite`` False) or gradient norm drops the step, so bad gradients never
+    reach the weights (in bf16 and fp32 nothing else would stop them). With fp16 the GradScaler
+    skips overflowing steps itself while it searches its scale; those count as applied."""
     e = engine
-    grad_norm = float("nan")
+    grad_norm, applied = float("nan"), False
     if finite:
         e.scaler.unscale_(e.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(e.model.parameters(), e.grad_clip))
-        e.scaler.step(e.optimizer)
-        e.scaler.update()
+        applied = math.isfinite(grad_norm) or e.scaler.is_enabled()
+        if applied:
+            e.scaler.step(e.optimizer)
+            e.scaler.update()
     e.optimizer.zero_grad(set_to_none=True)
     if e.device.type == "cuda":
         torch.cuda.synchronize(e.device)
-    return grad_norm
+    return grad_norm, applied

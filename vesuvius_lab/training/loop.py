@@ -9,17 +9,20 @@ checkpoints hold every RNG state, so a resumed run ends bitwise where an uninter
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vesuvius_lab.config import Config, save_config
-from vesuvius_lab.data import Data, open_data
+from vesuvius_lab.config import Config, load_config, save_config
+from vesuvius_lab.data import Data, open_data, prepare_demo_data
 from vesuvius_lab.device import default_device, memory_mb
 from vesuvius_lab.errors import ConfigError, VLabError
 from vesuvius_lab.evaluate import mean_scores, score_records
@@ -45,18 +48,45 @@ class Progress:
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) training as configured; returns the final status."""
-    # --- setup: ranks, run folder, data (the preflight of `vesuvius-lab validate` first), engine ---
+    """Run (or resume) training as configured; returns the final status. Whatever stops it, the run
+    folder ends in a true state: finished, stopped, or failed with the one-line reason."""
     ddp = setup_distributed()
-    device = default_device(ddp.local_rank)
     run = RunDir(run_dir)
-    if ddp.master and run.last.exists() and not resume:
-        raise ConfigError(f"{run.root}: holds a checkpoint already; pass --resume or choose another --run-dir")
-    run.create()
-    log_handler = _log_to(run) if ddp.master else None
+    try:
+        ckpt = _check_run_folder(run, config, resume)
+    except BaseException:
+        ddp.close()
+        raise  # not this run's folder to mark: it belongs to another run, or to nobody yet
+    try:
+        return _train(config, run, ddp, ckpt, progress)
+    except BaseException as exc:
+        if ddp.master:
+            _record_failure(run, exc)
+        raise
+    finally:
+        ddp.close()
+
+
+def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, progress: bool) -> dict:
+    # --- setup: run folder, data (the preflight of `vesuvius-lab validate` first), engine ---
+    device = default_device(ddp.local_rank)
+    resume = ckpt is not None
+    log_handler = None
     if ddp.master:
+        for stale in run.create():
+            print(f"removed {stale}: a temp file left by a save that was killed", file=sys.stderr)
+        moved = run.start_fresh() if not resume else None
+        log_handler = _log_to(run)
+        if moved:
+            log.warning("the earlier run in %s died before its first checkpoint; its log is now %s", run.root, moved)
+        changed = _changed_keys(run, config) if resume else []
+        if changed:
+            os.replace(run.config, run.previous_config)  # kept: resuming never silently replaces it
+            log.warning("resumed with changed keys: %s (the earlier config is %s)", "; ".join(changed), run.previous_config)
         save_config(config, run.config)
         run.status(state="preflight", step=0)
+        prepare_demo_data(config, progress)  # the embedded demo's volumes, when a fresh clone lacks them
+    ddp.barrier()
     data = open_data(config, check=True)
     dataset = data.patch_dataset(config, world_size=ddp.world)
     if ddp.master:
@@ -68,8 +98,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
 
     # --- resume ---
     state = Progress()
-    if resume and run.last.exists():
-        ckpt = load_checkpoint(run.last)
+    if resume:
         engine.raw_model.load_state_dict(ckpt["model"])
         engine.optimizer.load_state_dict(ckpt["optimizer"])
         engine.scaler.load_state_dict(ckpt["scaler"])
@@ -79,9 +108,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
             log.info("resumed at step %d", state.step)
     if resume and ddp.master:
         run.truncate_after(state.step)  # lines a killed run wrote after its last checkpoint
+    saved_step = state.step if resume else None  # the step last.pt holds
 
     def write_checkpoint(best_too: bool = False) -> None:
+        nonlocal saved_step
         states = ddp.gather(rng_state())  # every rank joins the RNG gather
+        saved_step = state.step
         if ddp.master:
             payload = {
                 "model": engine.raw_model.state_dict(),
@@ -128,8 +160,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
             nonfinite, stopping = ddp.any([not fb.finite, stop["signal"] is not None], device)  # all ranks agree
             if stopping and stop["signal"] is None:
                 stop["signal"] = "SIGTERM"
-            finite = not nonfinite
-            grad_norm = optimizer_update(engine, finite)
+            loss_finite = not nonfinite
+            grad_norm, applied = optimizer_update(engine, loss_finite)  # skipped on a non-finite gradient too
+            finite = loss_finite and applied
             consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
             state.nonfinite_total += 0 if finite else 1
             state.step += 1
@@ -139,7 +172,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
             if ddp.master:
                 run.append({
                     "kind": TRAIN, "step": state.step, "epoch": epoch, "lr": lr,
-                    "loss": fb.loss if finite else None, "skipped": not finite,
+                    "loss": fb.loss if loss_finite else None, "skipped": not finite,
                     **{t: fb.terms.get(t) for t in TERMS},
                     "grad_norm": grad_norm if finite else None,
                     "step_s": step_s, "data_wait_s": fb.data_wait_s,
@@ -152,10 +185,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
                 bar.set_postfix(loss=f"{fb.loss:.3f}" if finite else "skip", lr=f"{lr:.2e}")
                 bar.update(1)
             if not finite:
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.step, consecutive_nonfinite)
+                what = "gradient norm" if loss_finite else "loss"
+                log.warning("step %d: non-finite %s, step skipped (%d in a row)", state.step, what, consecutive_nonfinite)
                 if consecutive_nonfinite >= config.optim.max_nonfinite:
-                    message = (f"stopped: {consecutive_nonfinite} non-finite losses in a row at step {state.step}; "
-                               f"the last good checkpoint {run.last} is intact")
+                    kept = (f"{run.last} holds them as of step {saved_step}" if saved_step is not None
+                            else "no checkpoint had been written yet")
+                    message = (f"stopped: {consecutive_nonfinite} non-finite {'gradients' if loss_finite else 'losses'} "
+                               f"in a row at step {state.step}; no bad step reached the weights; {kept}")
                     outcome = "failed"
                     break
 
@@ -167,7 +203,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
                 if ddp.master:
                     run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
                 epoch_start = time.perf_counter()
-            elif config.training.checkpoint_every_steps and state.step % config.training.checkpoint_every_steps == 0:
+            elif (config.training.checkpoint_every_steps and state.step % config.training.checkpoint_every_steps == 0
+                  and consecutive_nonfinite == 0):  # not inside a streak of skipped steps
                 write_checkpoint()
             if stop["signal"] is not None:
                 if not epoch_end:
@@ -176,16 +213,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
                 break
         else:
             outcome, message = "finished", f"finished {total_steps} steps; best validation score {state.best:.4f}"
-    except BaseException as exc:
-        if ddp.master:
-            run.status(state="failed", step=state.step, message=f"{type(exc).__name__}: {exc}")
-        raise
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        ddp.close()
     if ddp.master:
         run.status(state=outcome, step=state.step, total_steps=total_steps, message=message, best_score=state.best)
         log.info(message)
@@ -194,6 +226,48 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
     if outcome == "failed":
         raise VLabError(message)
     return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
+
+
+def _check_run_folder(run: RunDir, config: Config, resume: bool) -> dict | None:
+    """Refuse what would mix two runs, before anything is written; the checkpoint to resume from."""
+    if not resume:
+        if run.last.exists():
+            raise ConfigError(f"{run.root}: holds a checkpoint already; pass --resume or choose another --run-dir")
+        return None
+    if not run.last.exists():
+        return None  # nothing to resume yet: start
+    ckpt = load_checkpoint(run.last)
+    stored = ckpt.get("config", {}).get("model", {})
+    wanted = config.to_dict()["model"]
+    differ = [f"model.{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]]
+    if differ:
+        raise ConfigError(f"{run.last}: cannot resume with another model ({'; '.join(differ)}); "
+                          f"resume with the run's own config {run.config}, or start a new --run-dir")
+    return ckpt
+
+
+def _changed_keys(run: RunDir, config: Config) -> list[str]:
+    """The keys in which ``config`` differs from the run folder's config.yaml."""
+    try:
+        before = load_config(run.config).to_dict()
+    except VLabError:
+        return ["config.yaml (unreadable)"] if run.config.exists() else []
+    after = config.to_dict()
+    return [f"{s}.{k} {before[s].get(k)!r} -> {v!r}" for s in after for k, v in after[s].items() if before[s].get(k) != v]
+
+
+def _record_failure(run: RunDir, exc: BaseException) -> None:
+    """status.json says failed, with the reason in one line (best effort: the disk may be full)."""
+    if isinstance(exc, KeyboardInterrupt):
+        reason = "interrupted"
+    elif isinstance(exc, VLabError):
+        reason = exc.lines[0] + (f" (and {len(exc.lines) - 1} more problems)" if len(exc.lines) > 1 else "")
+    else:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    with contextlib.suppress(OSError, VLabError):
+        status = run.read_status()
+        if status.get("state") != "failed":  # the loop's own final word stands
+            run.status(state="failed", step=status.get("step", 0), message=reason)
 
 
 def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, epoch: int, ddp: Distributed,

@@ -10,20 +10,39 @@ state), atomic, and load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
+import resource
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from vesuvius_lab.errors import DataError
-from vesuvius_lab.io import atomic_path, atomic_write_text
+from vesuvius_lab.io import atomic_path, atomic_write_text, stale_temp_files
 
 # kinds of the records in metrics.jsonl
 TRAIN, VAL, EPOCH = "train", "val", "epoch"
+
+
+def json_line(record: dict) -> str:
+    """Standard JSON: NaN and infinities (a skipped step's loss, no best score yet) become null."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(record), allow_nan=False)
 
 
 def default_run_dir(config_path: str | os.PathLike) -> Path:
@@ -36,22 +55,41 @@ class RunDir:
 
     CONFIG, METRICS, TRAIN_LOG, STATUS = "config.yaml", "metrics.jsonl", "train.log", "status.json"
     CONSOLE, LAUNCH, PLAN = "console.log", "launch.json", "plan.json"
+    PREVIOUS_METRICS = "metrics.previous.jsonl"  # the log of a run that died before its first checkpoint
+    PREVIOUS_CONFIG = "config.previous.yaml"  # the config a resumed run had before
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
         self.last, self.best = self.checkpoints / "last.pt", self.checkpoints / "best.pt"
         self.config, self.metrics = self.root / self.CONFIG, self.root / self.METRICS
+        self.previous_config = self.root / self.PREVIOUS_CONFIG
         self.train_log, self.status_file = self.root / self.TRAIN_LOG, self.root / self.STATUS
         self.console, self.launch, self.plan = self.root / self.CONSOLE, self.root / self.LAUNCH, self.root / self.PLAN
 
-    def create(self) -> None:
+    def create(self) -> list[Path]:
+        """Make the folders; remove temp files a kill during a save left behind (returned)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        stale = stale_temp_files(self.root) + stale_temp_files(self.checkpoints)
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    def start_fresh(self) -> Path | None:
+        """A fresh run never appends to another run's log: an earlier one is moved aside (returned)."""
+        if not self.metrics.exists():
+            return None
+        previous = self.root / self.PREVIOUS_METRICS
+        os.replace(self.metrics, previous)
+        return previous
 
     def append(self, record: dict) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        try:
+            with open(self.metrics, "a", encoding="utf-8") as fh:
+                fh.write(json_line(record) + "\n")
+                fh.flush()
+        except OSError as exc:
+            raise DataError(f"{self.metrics}: could not append to the log ({exc.strerror or exc})") from None
 
     def truncate_after(self, step: int) -> None:
         """Drop log lines beyond a resumed checkpoint; the resumed run writes them again."""
@@ -68,7 +106,13 @@ class RunDir:
         atomic_write_text(self.metrics, "".join(k + "\n" for k in keep))
 
     def status(self, **fields) -> None:
-        atomic_write_text(self.status_file, json.dumps({"pid": os.getpid(), "heartbeat": time.time(), **fields}))
+        """status.json: the state, and this process (pid and start time, so that the launcher
+        never takes a reused pid for the run)."""
+        me = {"pid": os.getpid(), "process_start": psutil.Process().create_time(), "heartbeat": time.time()}
+        try:
+            atomic_write_text(self.status_file, json_line({**me, **fields}))
+        except OSError as exc:
+            raise DataError(f"{self.status_file}: could not write the status ({exc.strerror or exc})") from None
 
     def read_status(self) -> dict:
         """status.json, or {} when it is absent or being replaced."""
@@ -79,9 +123,36 @@ class RunDir:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: temp file, fsync, rename. A kill or a full disk leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """Atomic: temp file, fsync, rename. A kill or a full disk leaves the previous checkpoint intact.
+
+    Weights that are not finite are never saved: such a checkpoint could only poison a resume."""
+    bad = [name for name, t in payload.get("model", {}).items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DataError(f"{path}: not saved: non-finite weights in {', '.join(bad[:3])}"
+                        + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                torch.save(payload, tmp)
+            except RuntimeError:  # torch's writer reports a refused write as an internal error
+                refused = _write_refused(tmp)
+                if refused is None:
+                    raise
+                raise OSError(refused, os.strerror(refused), str(tmp)) from None
+    except OSError as exc:
+        raise DataError(f"{path}: could not save the checkpoint ({exc.strerror or exc}); "
+                        "the previous one is intact") from None
+
+
+def _write_refused(tmp: Path) -> int | None:
+    """Why the system refused to write ``tmp``: a full filesystem or a file-size limit (errno)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and tmp.exists() and tmp.stat().st_size >= limit - 4096:
+        return errno.EFBIG
+    if shutil.disk_usage(tmp.parent).free < 2**20:
+        return errno.ENOSPC
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
