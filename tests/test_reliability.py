@@ -241,3 +241,48 @@ def test_a_run_name_cannot_leave_the_runs_folder(tiny_root, tmp_path):
         monitor.run_name.value = bad
         assert monitor.run_name.value == "ok" and "must be a plain folder name" in monitor.message.value
     assert monitor.run_dir == tmp_path / "runs" / "ok"
+
+
+@pytest.mark.slow
+def test_a_killed_data_worker_leaves_a_checkpoint_and_resume_is_exact(tiny_root, tmp_path):
+    """SIGKILL one data worker mid-epoch (as the OOM killer would): a one-line error naming the cause,
+    a checkpoint at the last completed step, and --resume ends bitwise where an unbroken run does."""
+    import time
+
+    import psutil
+
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=12, training={
+        "workers": 2, "persistent_workers": True, "checkpoint_every_steps": 100, "val_every_epochs": 0})
+
+    def start(run, *extra):
+        return subprocess.Popen([sys.executable, "-m", "vesuvius_lab", "train", "--config", str(cfg), "--run-dir",
+                                 str(run), "--no-progress", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    reference = start(tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    run = tmp_path / "run"
+    proc = start(run)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = RunDir(run).read_status()
+        if status.get("step", 0) >= 4:
+            break
+        time.sleep(0.02)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) == 2
+    err = proc.stderr.read().strip().splitlines()
+    assert err[-1].startswith("error: data worker failed during step") and "Traceback" not in "".join(err)
+    assert "SIGKILL is most often the kernel's out-of-memory killer" in err[-1] or "exited unexpectedly" in err[-1]
+    status = RunDir(run).read_status()
+    assert status["state"] == "failed" and status["message"] == err[-1].removeprefix("error: ")
+    held = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert held >= 4 and f"holds step {held}" in err[-1]
+    resumed = start(run, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -125,6 +125,7 @@ class TrainingConfig:
     persistent_workers: bool = True
     multiprocessing_context: str = "fork"
     pin_memory: bool = False
+    worker_timeout_s: int = 600  # a batch that takes longer means a hung data worker (0: wait forever)
     checkpoint_every_steps: int = 100
     val_every_epochs: int = 1
     seed: int = 0
@@ -256,7 +257,7 @@ RULES: dict[str, Rule] = {
     "training.train_batch_size": COUNT, "training.train_iterations_per_epoch": COUNT,
     "training.patches_per_volume": COUNT, "training.max_epochs": COUNT, "training.workers": NON_NEGATIVE,
     "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),
-    "training.checkpoint_every_steps": NON_NEGATIVE, "training.val_every_epochs": NON_NEGATIVE,
+    "training.checkpoint_every_steps": NON_NEGATIVE, "training.worker_timeout_s": NON_NEGATIVE, "training.val_every_epochs": NON_NEGATIVE,
     "training.seed": NON_NEGATIVE,
 }
 

@@ -41,6 +41,7 @@ def build_loader(
         kwargs = dict(
             prefetch_factor=t.prefetch_factor,
             persistent_workers=t.persistent_workers,
+            timeout=t.worker_timeout_s,
             multiprocessing_context=t.multiprocessing_context,
             worker_init_fn=_worker_init,
         )

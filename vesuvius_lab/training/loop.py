@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from vesuvius_lab.config import Config, load_config, save_config
 from vesuvius_lab.data import Data, open_data, prepare_demo_data
 from vesuvius_lab.device import default_device, memory_mb
-from vesuvius_lab.errors import ConfigError, VLabError
+from vesuvius_lab.errors import ConfigError, DataError, VLabError
 from vesuvius_lab.evaluate import mean_scores, score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import build_loader
@@ -32,7 +32,7 @@ from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, lr_at, optimizer_update
 from vesuvius_lab.training.run_dir import (
-    EPOCH, TRAIN, VAL, RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    EPOCH, TRAIN, VAL, RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
 )
 
 log = logging.getLogger("vesuvius_lab.train")
@@ -112,7 +112,11 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
 
     def write_checkpoint(best_too: bool = False) -> None:
         nonlocal saved_step
-        states = ddp.gather(rng_state())  # every rank joins the RNG gather
+        ranks = ddp.gather((rng_state(), weights_digest(engine.raw_model)))  # every rank joins the gather
+        states, digests = [r[0] for r in ranks], [r[1] for r in ranks]
+        if len(set(digests)) > 1:  # DDP keeps replicas identical; if it did not, no checkpoint can be trusted
+            raise DataError(f"step {state.step}: the ranks' weights differ ({', '.join(d[:8] for d in digests)}); "
+                            f"{run.last} keeps step {saved_step}")
         saved_step = state.step
         if ddp.master:
             payload = {
@@ -125,6 +129,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 "best_score": state.best,
                 "nonfinite_total": state.nonfinite_total,
                 "rng": states,
+                "rank_weights": digests,  # one digest per rank, all equal
                 "config": config.to_dict(),  # paths absolute: it resolves from wherever it is read
             }
             save_checkpoint(run.last, payload)
@@ -156,7 +161,16 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             engine.set_lr(lr)
 
             # the step: forward, loss and backward over `accumulate` micro-batches, then the update
-            fb = forward_backward(engine, batches, state.step)
+            try:
+                fb = forward_backward(engine, batches, state.step)
+            except RuntimeError as exc:  # a data worker died or hung: nothing of this step is applied yet
+                cause = worker_failure(exc)
+                if cause is None:
+                    raise
+                engine.optimizer.zero_grad(set_to_none=True)
+                write_checkpoint()
+                raise DataError(f"data worker failed during step {state.step + 1} ({cause}); {run.last} holds "
+                                f"step {state.step}: resume with --resume") from None
             nonfinite, stopping = ddp.any([not fb.finite, stop["signal"] is not None], device)  # all ranks agree
             if stopping and stop["signal"] is None:
                 stop["signal"] = "SIGTERM"
@@ -213,6 +227,12 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 break
         else:
             outcome, message = "finished", f"finished {total_steps} steps; best validation score {state.best:.4f}"
+    except RuntimeError as exc:  # a worker's death reported between fetches: this step may be half applied
+        cause = worker_failure(exc)
+        if cause is None:
+            raise
+        kept = f"{run.last} holds step {saved_step}" if saved_step is not None else "no checkpoint was written yet"
+        raise DataError(f"data worker failed during step {state.step} ({cause}); {kept}: resume with --resume") from None
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
         bar.close()
@@ -226,6 +246,19 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     if outcome == "failed":
         raise VLabError(message)
     return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
+
+
+def worker_failure(exc: RuntimeError) -> str | None:
+    """The cause, in a researcher's words, when ``exc`` is the DataLoader reporting a dead or hung
+    worker; None for any other error."""
+    text = str(exc)
+    if "DataLoader timed out" in text:
+        return text.split(".")[0] + ": a worker hung (training.worker_timeout_s)"
+    if "DataLoader worker" not in text:
+        return None
+    if "Killed" in text or "signal: 9" in text or "SIGKILL" in text:
+        return text.split(".")[0] + "; a SIGKILL is most often the kernel's out-of-memory killer (see dmesg)"
+    return text.split(". ")[0]
 
 
 def _check_run_folder(run: RunDir, config: Config, resume: bool) -> dict | None:
