@@ -11,6 +11,7 @@ state), atomic, and load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -162,6 +163,15 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is a one-line error
         raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of every weight's bytes: equal on every rank while DDP keeps the replicas in step."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def rng_state() -> dict:
