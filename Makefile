@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := $(shell sed -n 's/^TORCH_PIN = "\(.*\)"/\1/p' vesuvius_lab/__init__.py)
+TOPOLOSSES_PIN := 0.2.0
 PYTEST_ARGS ?=
 LAB_ARGS ?=
 
@@ -18,6 +19,8 @@ $(STAMP): pyproject.toml vesuvius_lab/__init__.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[gui,test]"
+	# the official compiled Betti-Matching-3D, the metric tests' reference; --no-deps keeps our torch
+	$(PY) -m pip install -q --no-deps "topolosses==$(TOPOLOSSES_PIN)"
 	@touch $@
 
 demo-data: $(STAMP)

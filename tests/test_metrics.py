@@ -14,6 +14,7 @@ import pytest
 from scipy import ndimage
 
 from _betti_textbook import textbook_counts
+from conftest import require
 from vesuvius_lab import leaderboard as M
 from vesuvius_lab._betti import betti_numbers, match_counts
 from vesuvius_lab.bench.metric import make_prediction, official_betti_module
@@ -256,8 +257,7 @@ def test_fast_path_gives_exactly_the_straightforward_numbers():
 
 def test_agrees_with_the_compiled_betti_matching_module():
     bm = official_betti_module()
-    if bm is None:
-        pytest.skip("no compiled Betti-Matching-3D module installed (optional reference)")
+    require(bm is not None, "the compiled Betti-Matching-3D module (make install: pip install --no-deps topolosses)")
     from vesuvius_lab.synth import make_volume, scroll_style
 
     _, label = make_volume((40, 40, 40), 4, 2, scroll_style(4, 2))
@@ -277,6 +277,15 @@ def test_agrees_with_the_compiled_betti_matching_module():
         r = bm.compute_matching((~a).astype(np.float64), (~b).astype(np.float64))
         m = tuple(int(v) for v in r.num_matched)
         assert match_counts(a, b)[0] == m
+    for _ in range(20):  # the reference itself, against the textbook definition
+        shape = tuple(int(n) for n in rng.integers(2, 6, 3))
+        a = rng.random(shape) < rng.uniform(0.3, 0.9)
+        b = a ^ (rng.random(shape) < 0.2)
+        r = bm.compute_matching((~a).astype(np.float64), (~b).astype(np.float64))
+        m = tuple(int(v) for v in r.num_matched)
+        p = tuple(x + int(y) for x, y in zip(m, r.num_unmatched_input1, strict=True))
+        g = tuple(x + int(y) for x, y in zip(m, r.num_unmatched_input2, strict=True))
+        assert (m, p, g) == textbook_counts(a, b), shape
 
 
 def test_bench_metric_reports_both_implementations_and_equal_scores(cli):
