@@ -238,6 +238,12 @@ class RunProcess:
         found = self._identified()
         return found[0] if found else None
 
+    @property
+    def pgid(self) -> int | None:
+        """The process group Stop signals (the launched session, torchrun's ranks included)."""
+        found = self._identified()
+        return found[1] if found else None
+
     def alive(self) -> bool:
         return self._identified() is not None
 
