@@ -217,9 +217,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 if ddp.master:
                     run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
                 epoch_start = time.perf_counter()
-            elif (config.training.checkpoint_every_steps and state.step % config.training.checkpoint_every_steps == 0
-                  and consecutive_nonfinite == 0):  # not inside a streak of skipped steps
-                write_checkpoint()
+            elif config.training.checkpoint_every_steps and state.step % config.training.checkpoint_every_steps == 0:
+                write_checkpoint()  # skipped steps left the weights as they were: still finite
             if stop["signal"] is not None:
                 if not epoch_end:
                     write_checkpoint()
