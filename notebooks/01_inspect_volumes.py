@@ -30,10 +30,13 @@ close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
 
 # %% [markdown]
-# napari needs the Qt event loop in the kernel; this must run before the viewer is created.
+# napari needs the Qt event loop in the kernel (`%gui qt`, made safe for unattended runs); this
+# must run before the viewer is created.
 
 # %%
-# %gui qt
+from vesuvius_lab.lab.qt import start_qt
+
+start_qt()
 
 # %%
 from vesuvius_lab.lab import data, views, widgets

@@ -35,15 +35,19 @@ screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
 from vesuvius_lab.evaluate import evaluate_checkpoint
 from vesuvius_lab.lab import evaluation
 
-results = evaluate_checkpoint(checkpoint_path, manifest_path, cache_dir, max_volumes, overrides)
+results = evaluate_checkpoint(evaluation.require_checkpoint(checkpoint_path), manifest_path, cache_dir, max_volumes,
+                              overrides)
 table = evaluation.score_table(results)
 table
 
 # %% [markdown]
-# napari needs the Qt event loop in the kernel; this must run before the viewer is created.
+# napari needs the Qt event loop in the kernel (`%gui qt`, made safe for unattended runs); this
+# must run before the viewer is created.
 
 # %%
-# %gui qt
+from vesuvius_lab.lab.qt import start_qt
+
+start_qt()
 
 # %%
 import napari

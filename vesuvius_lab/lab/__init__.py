@@ -5,4 +5,30 @@
 ``runner`` (executes a notebook with injected parameters, for tests and batch runs), ``planning``
 (notebook 03's planner form), ``runs`` (notebook 04's run launcher and live plot) and ``evaluation``
 (notebook 05's predictions, score table and error labels).
+
+Imported in a notebook, it shows the project's own errors (bad input, missing files) as the one
+line they are, as the command line does, instead of a traceback.
 """
+
+import sys
+
+from vesuvius_lab.errors import VLabError
+
+
+def _one_line_errors() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def show(_shell, _etype, value, _tb, tb_offset=None):
+        for line in value.lines:
+            print(f"error: {line}", file=sys.stderr)
+
+    shell.set_custom_exc((VLabError,), show)
+
+
+_one_line_errors()

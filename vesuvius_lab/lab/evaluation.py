@@ -7,10 +7,22 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pathlib import Path
+
+from vesuvius_lab.errors import DataError
 from vesuvius_lab.evaluate import VolumeResult
 
 TP, FP, FN = 1, 2, 3
 ERROR_COLORS = {0: "transparent", TP: "white", FP: "red", FN: "cyan", None: "transparent"}
+
+
+def require_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to evaluate, or one line saying how to get one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no checkpoint here yet: train a run in notebook 04 first "
+                        "(run name 'demo' writes runs/demo/checkpoints/best.pt), or set checkpoint_path")
+    return path
 
 
 def score_table(results: list[VolumeResult]) -> pd.DataFrame:
