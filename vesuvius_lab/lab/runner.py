@@ -1,4 +1,5 @@
-"""Run a notebook top to bottom with injected parameters (papermill-style, without papermill).
+"""Run a notebook top to bottom with injected parameters (papermill-style, without papermill),
+through nbclient, the executor behind ``jupyter nbconvert --execute``.
 
 The notebook's cell tagged ``parameters`` holds the defaults; a cell tagged
 ``injected-parameters`` is placed right after it with the caller's values, so the notebook runs
@@ -7,17 +8,11 @@ small in tests and full size by hand. Execution uses the ``python3`` kernel of t
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
-# After `%gui qt` the kernel (ipykernel 7.4 here) can sit in the Qt event loop with an execute
-# request pending until some other message arrives, so "run all" hangs at a random cell (seen in
-# most runs of 25 trivial cells; cf. ipykernel#559, nbclient#97). A kernel_info request this often
-# wakes it; it is harmless otherwise, and nbclient ignores replies to requests it did not send.
-NUDGE_INTERVAL = 0.25
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
 
@@ -52,14 +47,5 @@ def run_notebook(
     client = NotebookClient(
         nb, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": str(cwd or path.parent)}}
     )
-    nudger: list[asyncio.Task] = []
-
-    async def nudge() -> None:
-        while client.kc is not None:
-            client.kc.kernel_info()
-            await asyncio.sleep(NUDGE_INTERVAL)
-
-    client.on_notebook_start = lambda notebook: nudger.append(asyncio.ensure_future(nudge()))
-    client.on_notebook_error = client.on_notebook_complete = lambda notebook: [task.cancel() for task in nudger]
-    client.execute()
+    client.execute()  # as `jupyter nbconvert --execute` does; the notebooks' Qt loop is lab.qt.start_qt
     return nb

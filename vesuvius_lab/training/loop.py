@@ -10,6 +10,7 @@ checkpoints hold every RNG state, so a resumed run ends bitwise where an uninter
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ class Progress:
     step: int = 0
     best: float = -math.inf
     nonfinite_total: int = 0
+    saved: int | None = None  # the step last.pt holds (not itself saved)
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -108,33 +110,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             log.info("resumed at step %d", state.step)
     if resume and ddp.master:
         run.truncate_after(state.step)  # lines a killed run wrote after its last checkpoint
-    saved_step = state.step if resume else None  # the step last.pt holds
-
-    def write_checkpoint(best_too: bool = False) -> None:
-        nonlocal saved_step
-        ranks = ddp.gather((rng_state(), weights_digest(engine.raw_model)))  # every rank joins the gather
-        states, digests = [r[0] for r in ranks], [r[1] for r in ranks]
-        if len(set(digests)) > 1:  # DDP keeps replicas identical; if it did not, no checkpoint can be trusted
-            raise DataError(f"step {state.step}: the ranks' weights differ ({', '.join(d[:8] for d in digests)}); "
-                            f"{run.last} keeps step {saved_step}")
-        saved_step = state.step
-        if ddp.master:
-            payload = {
-                "model": engine.raw_model.state_dict(),
-                "optimizer": engine.optimizer.state_dict(),
-                "scheduler": {"schedule": config.optim.schedule, "step": state.step, "total_steps": total_steps},
-                "scaler": engine.scaler.state_dict(),
-                "step": state.step,
-                "epoch": state.step // max(steps_per_epoch, 1),
-                "best_score": state.best,
-                "nonfinite_total": state.nonfinite_total,
-                "rng": states,
-                "rank_weights": digests,  # one digest per rank, all equal
-                "config": config.to_dict(),  # paths absolute: it resolves from wherever it is read
-            }
-            save_checkpoint(run.last, payload)
-            if best_too:
-                save_checkpoint(run.best, payload)
+    state.saved = state.step if resume else None
+    write_checkpoint = functools.partial(checkpoint, run, engine, config, state, ddp, total_steps, steps_per_epoch)
 
     stop = {"signal": None}
 
@@ -202,7 +179,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 what = "gradient norm" if loss_finite else "loss"
                 log.warning("step %d: non-finite %s, step skipped (%d in a row)", state.step, what, consecutive_nonfinite)
                 if consecutive_nonfinite >= config.optim.max_nonfinite:
-                    kept = (f"{run.last} holds them as of step {saved_step}" if saved_step is not None
+                    kept = (f"{run.last} holds them as of step {state.saved}" if state.saved is not None
                             else "no checkpoint had been written yet")
                     message = (f"stopped: {consecutive_nonfinite} non-finite {'gradients' if loss_finite else 'losses'} "
                                f"in a row at step {state.step}; no bad step reached the weights; {kept}")
@@ -230,7 +207,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         cause = worker_failure(exc)
         if cause is None:
             raise
-        kept = f"{run.last} holds step {saved_step}" if saved_step is not None else "no checkpoint was written yet"
+        kept = f"{run.last} holds step {state.saved}" if state.saved is not None else "no checkpoint was written yet"
         raise DataError(f"data worker failed during step {state.step} ({cause}); {kept}: resume with --resume") from None
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
@@ -245,6 +222,36 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     if outcome == "failed":
         raise VLabError(message)
     return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
+
+
+def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp: Distributed, total_steps: int,
+               steps_per_epoch: int, best_too: bool = False) -> None:
+    """last.pt (and best.pt) as of this step. Every rank joins the gather of RNG states and weight
+    digests; replicas that differ are refused, since no checkpoint of them could be trusted."""
+    ranks = ddp.gather((rng_state(), weights_digest(engine.raw_model)))
+    states, digests = [r[0] for r in ranks], [r[1] for r in ranks]
+    if len(set(digests)) > 1:
+        raise DataError(f"step {state.step}: the ranks' weights differ ({', '.join(d[:8] for d in digests)}); "
+                        f"{run.last} keeps step {state.saved}")
+    state.saved = state.step
+    if not ddp.master:
+        return
+    payload = {
+        "model": engine.raw_model.state_dict(),
+        "optimizer": engine.optimizer.state_dict(),
+        "scheduler": {"schedule": config.optim.schedule, "step": state.step, "total_steps": total_steps},
+        "scaler": engine.scaler.state_dict(),
+        "step": state.step,
+        "epoch": state.step // max(steps_per_epoch, 1),
+        "best_score": state.best,
+        "nonfinite_total": state.nonfinite_total,
+        "rng": states,
+        "rank_weights": digests,  # one digest per rank, all equal
+        "config": config.to_dict(),  # paths absolute: it resolves from wherever it is read
+    }
+    save_checkpoint(run.last, payload)
+    if best_too:
+        save_checkpoint(run.best, payload)
 
 
 def worker_failure(exc: RuntimeError) -> str | None:
