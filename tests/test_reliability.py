@@ -286,3 +286,33 @@ def test_a_killed_data_worker_leaves_a_checkpoint_and_resume_is_exact(tiny_root,
     b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 12
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_a_hung_data_worker_times_out_into_a_checkpoint(tiny_root, tmp_path):
+    """A worker that stops answering (SIGSTOP: alive, silent) is a timeout, not a run hung forever."""
+    import time
+
+    import psutil
+
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=200, training={
+        "workers": 1, "persistent_workers": True, "checkpoint_every_steps": 1000, "val_every_epochs": 0,
+        "worker_timeout_s": 3, "prefetch_factor": 1})
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "vesuvius_lab", "train", "--config", str(cfg), "--run-dir", str(run),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and RunDir(run).read_status().get("step", 0) < 3:
+        time.sleep(0.02)
+    (worker,) = psutil.Process(proc.pid).children()
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        assert proc.wait(timeout=120) == 2
+    finally:
+        if psutil.pid_exists(worker.pid):
+            os.kill(worker.pid, signal.SIGKILL)
+    err = proc.stderr.read().strip().splitlines()[-1]
+    assert err.startswith("error: data worker failed during step") and "a worker hung (training.worker_timeout_s)" in err
+    held = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert held >= 3 and f"holds step {held}" in err

@@ -175,7 +175,11 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(text: str):
     """A config document or an override value (``yaml.safe_load`` semantics, with 1.2 floats)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    loader = _Loader(text)  # what yaml.safe_load does, with the resolver above
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 cause = worker_failure(exc)
                 if cause is None:
                     raise
+                kill_workers(batches)  # a hung worker ignores SIGTERM (see loader) and would block the exit
                 engine.optimizer.zero_grad(set_to_none=True)
                 write_checkpoint()
                 raise DataError(f"data worker failed during step {state.step + 1} ({cause}); {run.last} holds "
@@ -252,6 +253,14 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp
     save_checkpoint(run.last, payload)
     if best_too:
         save_checkpoint(run.best, payload)
+
+
+def kill_workers(batches) -> None:
+    """SIGKILL this loader's own worker processes (the DataLoader iterator's, none other)."""
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=10)
 
 
 def worker_failure(exc: RuntimeError) -> str | None:
