@@ -16,7 +16,7 @@ import yaml
 
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import load_config, save_config
-from vesuvius_lab.errors import ConfigError, DataError
+from vesuvius_lab.errors import DataError
 from vesuvius_lab.io import write_volume
 from vesuvius_lab.manifest import build_manifest
 from vesuvius_lab.training import train

@@ -10,7 +10,6 @@ the sheets' planar shape stays learnable by a small 3D U-Net.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from dataclasses import dataclass
