@@ -30,3 +30,30 @@ def test_usage_error_exits_2(cli):
     with pytest.raises(SystemExit) as exit_:
         cli("synth")
     assert exit_.value.code == 2
+
+
+def test_resume_without_any_earlier_run_stops_and_says_so(tiny_root, tmp_path, cli):
+    from lab_runs_helpers import write_tiny_config
+
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=2)
+    code, _, err = cli("train", "--config", cfg, "--run-dir", tmp_path / "typo", "--resume", "--no-progress")
+    assert code == 2 and err == [f"error: {tmp_path / 'typo'}: nothing to resume (no checkpoint, no earlier run); "
+                                 "start it without --resume"]
+    assert not (tmp_path / "typo").exists()
+
+
+def test_cli_polish_help_texts_and_nearest_keys(capsys, cli, tmp_path):
+    from vesuvius_lab.cli import build_parser
+
+    top = build_parser().format_help()
+    assert "``" not in top
+    for command in ("synth", "plan", "train", "predict", "evaluate", "validate"):
+        parser = build_parser()._subparsers._group_actions[0].choices[command]
+        silent = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert silent == [], (command, silent)  # every option says what it is for
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  max_epoch: 3\ntraning: {}\n")
+    code, _, err = cli("train", "--config", cfg)
+    assert code == 2
+    assert f"error: {cfg}: unknown key training.max_epoch (did you mean training.max_epochs?)" in err
+    assert any("unknown section 'traning' (did you mean 'training'?" in e for e in err)

@@ -1,4 +1,4 @@
-"""The ``vesuvius-lab`` command line. Exit status: 0 success, 2 bad input (one line per problem)."""
+"""The vesuvius-lab command line. Exit status: 0 success, 2 bad input (one line per problem)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output data root (created; must be empty)")
     p.add_argument("--volumes", type=int, default=8, help="training volumes (default 8)")
     p.add_argument("--shape", default="128", help="N or Z,Y,X (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files (default 0)")
     p.add_argument("--scrolls", type=int, default=4, help="number of scroll ids (default 4)")
     p.add_argument("--test-volumes", type=int, default=1, help="volumes in test_images/ (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset at OUT")
@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # --- plan ------------------------------------------------------------------------------------
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="run config YAML to plan (e.g. configs/demo.yaml)")
     p.add_argument("--target-epoch-minutes", type=float, default=60.0, help="wanted epoch duration (default 60)")
     p.add_argument("--budget-hours", type=float, help="total training budget; sets the number of epochs")
     p.add_argument("--coverage-target", type=float,
@@ -148,7 +148,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--apply", type=Path, metavar="OUT.yaml", help="write the config with the plan applied")
     p.add_argument("--plan-file", type=Path, help="where to save plan.json (default: the config's run directory)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
 def _plan(args: argparse.Namespace) -> int:

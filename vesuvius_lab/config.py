@@ -12,6 +12,7 @@ absolute, so a written config reaches the same files from wherever it is read.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -328,7 +329,9 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
     sections = {f.name: f for f in _sections()}
     for name, values in doc.items():
         if name not in sections:
-            problems.append(f"{origin}: unknown section {name!r} (known: {', '.join(sections)})")
+            close = difflib.get_close_matches(str(name), list(sections), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{origin}: unknown section {name!r} ({hint}known: {', '.join(sections)})")
             continue
         if not isinstance(values, dict):
             problems.append(f"{origin}: section {name!r} must be a mapping")
@@ -336,7 +339,9 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
         hints = typing.get_type_hints(type(getattr(config, name)))
         for key, value in values.items():
             if key not in hints:
-                problems.append(f"{origin}: unknown key {name}.{key}")
+                close = difflib.get_close_matches(str(key), list(hints), n=1)
+                hint = f" (did you mean {name}.{close[0]}?)" if close else ""
+                problems.append(f"{origin}: unknown key {name}.{key}{hint}")
                 continue
             try:
                 value = _check_type(value, hints[key], f"{name}.{key}")

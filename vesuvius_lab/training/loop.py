@@ -283,7 +283,12 @@ def _check_run_folder(run: RunDir, config: Config, resume: bool) -> dict | None:
             raise ConfigError(f"{run.root}: holds a checkpoint already; pass --resume or choose another --run-dir")
         return None
     if not run.last.exists():
-        return None  # nothing to resume yet: start
+        if not run.status_file.exists():  # a mistyped --run-dir, not a run to continue
+            raise ConfigError(f"{run.root}: nothing to resume (no checkpoint, no earlier run); "
+                              "start it without --resume")
+        print(f"{run.root}: the earlier run stopped before its first checkpoint; starting again from step 0",
+              file=sys.stderr)  # exact: step 0 is where it started
+        return None
     ckpt = load_checkpoint(run.last)
     stored = ckpt.get("config", {}).get("model", {})
     wanted = config.to_dict()["model"]
