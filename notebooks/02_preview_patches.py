@@ -23,7 +23,7 @@
 
 # %% tags=["parameters"]
 manifest_path = "../data_manifests/synthetic_demo.yaml"  # the demo data is generated on first use
-config_path = None  # a run config: sampler, augmentation and epoch plan (None: the defaults)
+config_path = "../configs/demo.yaml"  # the run config whose sampler, augmentation and epoch are previewed
 record_id = None  # None: the manifest's first record
 patch_size = None  # None: the config's data.patch_size
 n_patches = 16

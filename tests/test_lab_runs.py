@@ -110,3 +110,15 @@ def test_reattach_to_a_running_run_and_stop_it(tiny_root, tmp_path):
         assert first.process.popen.wait(timeout=10) == 3  # the CLI: 0 finished, 3 stopped
     finally:
         first.process.stop()
+
+
+def test_a_failed_launch_shows_its_error_line_in_red_and_start_stays_usable(tiny_root, tmp_path):
+    """A typo in the overrides: the CLI refuses before training; the widget must say why."""
+    config = write_tiny_config(tiny_root, tmp_path / "cfg")
+    monitor = runs.RunMonitor(config, tmp_path / "runs", run_name="typo", overrides=["training.max_epoch=3"])
+    monitor.start_button.click()
+    status = monitor.wait_for(lambda s: not s["alive"] and s["state_shown"] != "not started", timeout=120)
+    assert status["state_shown"] == "failed to start"
+    assert "unknown key training.max_epoch (did you mean training.max_epochs?)" in monitor.status.value
+    assert "color:#c00" in monitor.status.value
+    assert not monitor.start_button.disabled and monitor.stop_button.disabled

@@ -152,6 +152,19 @@ def _num(value) -> float:
     return math.nan if value is None else float(value)
 
 
+def launch_error(run_dir: str | Path) -> str | None:
+    """The last ``error:`` line the latest launch printed (console.log after its command line)."""
+    console = RunDir(run_dir).console
+    try:
+        lines = console.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]
+    latest = lines[starts[-1] + 1:] if starts else lines
+    errors = [line.removeprefix("error: ") for line in latest if line.startswith("error: ")]
+    return errors[-1] if errors else None
+
+
 def eta_seconds(status: dict, history: History) -> float | None:
     """Remaining steps times the median of the recent step times; None when unknown."""
     step, total, per_step = status.get("step"), status.get("total_steps"), history.recent_step_s()
@@ -410,17 +423,25 @@ class RunMonitor:
             status = read_status(self.run_dir)
             alive = self.process.alive()
             state = status.get("state", "not started")
-            if state in ("running", "preflight") and not alive:
-                state = f"{state}? (process gone)"
+            message = status.get("message", "")
+            if not alive and state in ("not started", "preflight", "running"):
+                refused = launch_error(self.run_dir)  # e.g. a bad override: the CLI refused before training
+                if refused and state == "not started":
+                    state, message = "failed to start", refused
+                elif state != "not started":
+                    state = f"{state}? (process gone)"
+                    message = refused or message
             total, step = status.get("total_steps") or 0, max(status.get("step") or 0, self.history.last_step)
             self.progress.max = max(total, 1)
             self.progress.value = min(step, self.progress.max)
-            eta = eta_seconds({"step": step, "total_steps": total}, self.history) if alive else None
+            eta = eta_seconds({"step": step, "total_steps": total}, self.history) if alive or state == "stopped" else None
             parts = [f"<b>{html.escape(state)}</b>", f"step {step} / {total or '?'}"]
-            if eta is not None:
-                parts.append(f"ETA {format_duration(eta)}")
-            if status.get("message"):
-                parts.append(html.escape(status["message"]))
+            if eta is not None:  # a stopped run: what resuming it would still take
+                parts.append(f"ETA {format_duration(eta)}" if alive else f"{format_duration(eta)} left when resumed")
+            if message:
+                text = html.escape(message.replace("resume with --resume", "press Resume"))
+                failed = state.startswith(("failed", "preflight?", "running?"))
+                parts.append(f"<span style='color:#c00'>{text}</span>" if failed else text)
             self.status.value = " · ".join(parts)
             self.start_button.disabled = alive
             self.resume_button.disabled = alive
