@@ -30,3 +30,24 @@ def test_measure_recommend_apply(tiny_root, tmp_path):
     training = yaml.safe_load((tmp_path / "planned.yaml").read_text())["training"]
     assert training["train_iterations_per_epoch"] == form.plan.train_iterations_per_epoch
     assert training["train_batch_size"] == form.plan.train_batch_size and training["workers"] == 0
+
+
+def test_the_form_before_measuring_and_its_words(tiny_root, tmp_path):
+    """No broken image before Measure; coverage written one way (a percentage); researchers' words."""
+    from vesuvius_lab.lab.planning import timings_figure
+    from vesuvius_lab.planner import BatchTiming, Measurements
+
+    config = write_tiny_config(tiny_root, tmp_path / "cfg")
+    form = PlanForm(config, tmp_path / "planned.yaml", target_epoch_minutes=1.0)
+    assert form.plot.layout.display == "none" and form.recommend() is None
+    timing = BatchTiming(2, step_s=0.5, step_median_s=0.5, data_wait_s=0.01, compute_s=0.49, step_spread_s=0.01,
+                         samples_per_s=4.0, peak_memory_mb=900.0, first_batch_s=1.0)
+    form.measurements = Measurements("cpu", [timing], val_s=5.0, checkpoint_s=0.1, memory_capacity_mb=24_000.0,
+                                     train_records=4, val_records=2, unique_patches=400, workers=0)
+    plan = form.recommend()
+    text = form.recommendation.value
+    assert f"coverage {plan.coverage:.0%}" in text and f"{plan.coverage:.2f}" not in text
+    assert "seed" not in text
+    fig = timings_figure(form.measurements)
+    memory = fig.axes[1]
+    assert not memory.lines[1:] and "capacity 23 GiB" in memory.get_title()  # 24 GB would flatten 0.9 GB

@@ -258,7 +258,7 @@ def recommend(
     """Turn measurements into a plan, with reasons and warnings in a researcher's words.
 
     The epoch length follows the time target; ``coverage_target`` (share of the unique patch
-    positions an epoch should see, default the seed notes' 50 % floor) sets when coverage is
+    positions an epoch should see, default a 50 % floor) sets when coverage is
     called too low and adds a preset that reaches it."""
     usable = [t for t in m.timings if not t.out_of_memory and t.peak_memory_mb <= headroom * m.memory_capacity_mb]
     if not usable:
@@ -296,7 +296,7 @@ def recommend(
         f"and checkpoints ({m.checkpoint_s:.2f} s each): {samples} samples per epoch, "
         f"{layout.global_batch} per step ({best.batch_size} x {layout.world_size} ranks x {layout.accumulate} accumulated).",
         f"Coverage: {samples} samples over {m.unique_patches} unique patch positions = {coverage:.0%} per epoch"
-        " (the seed notes aim for 50-100 %).",
+        " (50-100 % per epoch is the usual aim).",
         f"Forecast: {epoch_s / 60:.1f} min per epoch ({first_epoch_s / 60:.1f} min for the first, with worker start-up),"
         f" {epochs} epochs = {run_s / 3600:.2f} h" + (f" within the {budget_hours:g} h budget." if budget_hours else "."),
     ]

@@ -29,10 +29,15 @@ def timings_figure(m: planner.Measurements) -> Figure:
     b = [t.batch_size for t in ok]
     ax_speed.plot(b, [t.samples_per_s for t in ok], marker="o", color="tab:green")
     ax_speed.set(title="samples / s", xlabel="batch size", xscale="log", xticks=b, xticklabels=[str(x) for x in b])
-    ax_mem.plot(b, [t.peak_memory_mb for t in ok], marker="o", color="tab:blue")
-    ax_mem.axhline(m.memory_capacity_mb, color="tab:red", ls="--", label="capacity")
-    ax_mem.set(title="peak memory (MB)", xlabel="batch size", xscale="log", xticks=b, xticklabels=[str(x) for x in b])
-    ax_mem.legend(fontsize=7)
+    peaks = [t.peak_memory_mb for t in ok]
+    ax_mem.plot(b, peaks, marker="o", color="tab:blue")
+    if peaks and m.memory_capacity_mb <= 2 * max(peaks):  # a far-off capacity line would flatten the curve
+        ax_mem.axhline(m.memory_capacity_mb, color="tab:red", ls="--", label="capacity")
+        ax_mem.legend(fontsize=7)
+    ax_mem.set(title=f"peak memory (MB), capacity {m.memory_capacity_mb / 1024:.0f} GiB", xlabel="batch size",
+               xscale="log", xticks=b, xticklabels=[str(x) for x in b])
+    for ax in (ax_speed, ax_mem):
+        ax.minorticks_off()  # a log axis otherwise adds stray ticks such as 3x10^0
     return fig
 
 
@@ -51,7 +56,7 @@ class PlanForm:
         self.apply_button = w.Button(description="Apply", button_style="success", disabled=True)
         self.progress = w.IntProgress(value=0, min=0, max=1, description="measuring")
         self.table, self.recommendation, self.message = w.HTML(), w.HTML(), w.HTML()
-        self.plot = w.Image(format="png")
+        self.plot = w.Image(format="png", layout=w.Layout(display="none"))  # shown once there is a plot
         self.measure_button.on_click(lambda _b: self.measure_async())
         self.apply_button.on_click(lambda _b: self.apply())
         for field_ in (self.target, self.budget, self.coverage):
@@ -75,6 +80,7 @@ class PlanForm:
         self.message.value = f"measured {len(m.timings)} batch sizes in {m.seconds:.0f} s on {m.device}"
         self.table.value = html_table(timings_rows(m), ("batch", "samples/s", "step s", "data wait s", "peak MB"))
         self.plot.value = figure_png(timings_figure(m))
+        self.plot.layout.display = None
         self.recommend()
         return m
 
@@ -99,11 +105,11 @@ class PlanForm:
                                       self.budget.value or None, coverage_target=self.coverage.value or None)
         p = self.plan
         head = (f"<b>batch {p.train_batch_size} × {p.train_iterations_per_epoch} steps/epoch × {p.max_epochs} epochs</b>"
-                f", coverage {p.coverage:.2f}, epoch ≈ {p.forecast_epoch_s / 60:.1f} min, run ≈ {p.forecast_run_s / 3600:.2f} h")
+                f", coverage {p.coverage:.0%}, epoch ≈ {p.forecast_epoch_s / 60:.1f} min, run ≈ {p.forecast_run_s / 3600:.2f} h")
         items = "".join(f"<li>{html.escape(x)}</li>" for x in p.explanation)
         warn = "".join(f"<li style='color:#b00'>{html.escape(x)}</li>" for x in p.warnings)
         presets = html_table([[s.name, s.train_iterations_per_epoch, s.max_epochs, f"{s.forecast_epoch_s / 60:.1f}",
-                               f"{s.coverage:.2f}", s.reason] for s in p.presets],
+                               f"{s.coverage:.0%}", s.reason] for s in p.presets],
                              ("preset", "steps/epoch", "epochs", "epoch min", "coverage", "why"))
         self.recommendation.value = f"{head}<ul>{items}</ul><ul>{warn}</ul>{presets}"
         self.apply_button.disabled = False
