@@ -11,6 +11,7 @@ state), atomic, and load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -109,7 +110,7 @@ class RunDir:
     def status(self, **fields) -> None:
         """status.json: the state, and this process (pid and start time, so that the launcher
         never takes a reused pid for the run)."""
-        me = {"pid": os.getpid(), "process_start": psutil.Process().create_time(), "heartbeat": time.time()}
+        me = {"pid": os.getpid(), "process_start": _process_start(os.getpid()), "heartbeat": time.time()}
         try:
             atomic_write_text(self.status_file, json_line({**me, **fields}))
         except OSError as exc:
@@ -121,6 +122,12 @@ class RunDir:
             return json.loads(self.status_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
+
+
+@functools.lru_cache(maxsize=4)
+def _process_start(pid: int) -> float:
+    """This process's start time, read once (status.json is written every step)."""
+    return psutil.Process(pid).create_time()
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
