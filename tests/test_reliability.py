@@ -288,6 +288,48 @@ def test_a_killed_data_worker_leaves_a_checkpoint_and_resume_is_exact(tiny_root,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+class _StopsAfterHandingOver(torch.utils.data.Dataset):
+    """Each item's worker stops itself (SIGSTOP) just after handing the item over."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import threading
+
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGSTOP)).start()
+        return torch.full((64,), float(index))
+
+
+def test_a_worker_stopped_mid_hand_over_meets_the_batch_deadline():
+    """The main process blocked fetching a batch's tensors from a stopped worker (where the
+    DataLoader's timeout cannot see) is freed by the deadline, and knows the worker hung."""
+    import threading
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from vesuvius_lab.loader import Batches
+
+    loader = DataLoader(_StopsAfterHandingOver(), batch_size=None, num_workers=1, prefetch_factor=1, timeout=1)
+    batches = Batches(loader, timeout_s=1, grace_s=1)
+    (worker,) = batches._it._workers
+    backstop = threading.Timer(60, worker.kill)  # without the deadline the fetch would wait forever
+    backstop.start()
+    try:
+        time.sleep(1.5)  # the first item is handed over and its worker has stopped
+        t0 = time.monotonic()
+        with pytest.raises((RuntimeError, OSError, EOFError)):
+            next(batches)
+        waited = time.monotonic() - t0
+    finally:
+        backstop.cancel()
+        if worker.is_alive():
+            worker.kill()
+    assert batches.hung and not worker.is_alive()
+    assert waited < 30  # the deadline (2 s), not the backstop (60 s)
+
+
 @pytest.mark.slow
 def test_a_hung_data_worker_times_out_into_a_checkpoint(tiny_root, tmp_path):
     """A worker that stops answering (SIGSTOP: alive, silent) is a timeout, not a run hung forever."""

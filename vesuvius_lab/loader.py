@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 
 import numpy as np
 import torch
@@ -53,3 +54,58 @@ def build_loader(
         pin_memory=t.pin_memory and torch.cuda.is_available(),
         **kwargs,
     )
+
+
+GRACE_S = 10  # past the DataLoader's own timeout, before the deadline below kills the workers
+
+
+class Batches:
+    """A loader's iterator with a deadline on every batch, and a way to kill its workers.
+
+    The DataLoader's ``timeout`` covers only the wait for a batch to arrive. A worker that stops
+    while it hands a batch over (the main process fetching the tensors' file descriptors from it)
+    blocks the main process inside the hand-over, where no timeout reaches. A batch that takes
+    ``timeout_s`` + ``grace_s`` kills the workers, which ends that wait with an error; ``hung``
+    then says why."""
+
+    def __init__(self, loader: DataLoader, timeout_s: float, grace_s: float = GRACE_S):
+        self._it = iter(loader)
+        self.timeout_s = timeout_s if loader.num_workers > 0 else 0
+        self.grace_s = grace_s
+        self.hung = False
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict:
+        if not self.timeout_s:
+            return next(self._it)
+        timer = threading.Timer(self.timeout_s + self.grace_s, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            return next(self._it)
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        self.hung = True
+        self.kill_workers()
+
+    def kill_workers(self) -> None:
+        """SIGKILL this iterator's own worker processes, none other.
+
+        From the main thread, torch's SIGCHLD handler is set aside until each worker is reaped:
+        it would report the kill as a worker death from whatever line runs next (the checkpoint
+        write, say). From the deadline's thread that report is wanted: it ends the blocked wait."""
+        workers = [w for w in getattr(self._it, "_workers", []) if w.is_alive()]
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+        try:
+            for worker in workers:
+                worker.kill()
+            for worker in workers:
+                worker.join(timeout=10)  # reaps it: the handler finds no dead child afterwards
+        finally:
+            if main:
+                signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)

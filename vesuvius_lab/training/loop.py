@@ -28,7 +28,7 @@ from vesuvius_lab.device import default_device, memory_mb
 from vesuvius_lab.errors import ConfigError, DataError, VLabError
 from vesuvius_lab.evaluate import mean_scores, score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
-from vesuvius_lab.loader import build_loader
+from vesuvius_lab.loader import Batches, build_loader
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, lr_at, optimizer_update
@@ -119,8 +119,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         stop["signal"] = signal.Signals(signum).name
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    batches = iter(build_loader(dataset, config, start_step=state.step, rank=ddp.rank,
-                                num_steps=total_steps - state.step))
+    batches = Batches(build_loader(dataset, config, start_step=state.step, rank=ddp.rank,
+                                   num_steps=total_steps - state.step), config.training.worker_timeout_s)
     if ddp.master:
         log.info("train: %d records, val: %d, %d steps/epoch x %d epochs, global batch %d",
                  len(data.train), len(data.val), steps_per_epoch, config.training.max_epochs, layout.global_batch)
@@ -140,11 +140,11 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             # the step: forward, loss and backward over `accumulate` micro-batches, then the update
             try:
                 fb = forward_backward(engine, batches, state.step)
-            except RuntimeError as exc:  # a data worker died or hung: nothing of this step is applied yet
-                cause = worker_failure(exc)
+            except (RuntimeError, OSError, EOFError) as exc:  # a data worker died or hung: nothing applied yet
+                cause = worker_failure(exc, batches)
                 if cause is None:
                     raise
-                kill_workers(batches)  # a hung worker ignores SIGTERM (see loader) and would block the exit
+                batches.kill_workers()  # a hung worker ignores SIGTERM (see loader) and would block the exit
                 engine.optimizer.zero_grad(set_to_none=True)
                 write_checkpoint()
                 raise DataError(f"data worker failed during step {state.step + 1} ({cause}); {run.last} holds "
@@ -205,7 +205,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         else:
             outcome, message = "finished", f"finished {total_steps} steps; best validation score {state.best:.4f}"
     except RuntimeError as exc:  # a worker's death reported between fetches: this step may be half applied
-        cause = worker_failure(exc)
+        cause = worker_failure(exc, batches)
         if cause is None:
             raise
         kept = f"{run.last} holds step {state.saved}" if state.saved is not None else "no checkpoint was written yet"
@@ -255,18 +255,14 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp
         save_checkpoint(run.best, payload)
 
 
-def kill_workers(batches) -> None:
-    """SIGKILL this loader's own worker processes (the DataLoader iterator's, none other)."""
-    for worker in getattr(batches, "_workers", []):
-        if worker.is_alive():
-            worker.kill()
-            worker.join(timeout=10)
-
-
-def worker_failure(exc: RuntimeError) -> str | None:
+def worker_failure(exc: Exception, batches: Batches) -> str | None:
     """The cause, in a researcher's words, when ``exc`` is the DataLoader reporting a dead or hung
-    worker; None for any other error."""
+    worker (or the batch deadline ending a hung hand-over); None for any other error."""
     text = str(exc)
+    if batches.hung:
+        return f"no batch in {batches.timeout_s + batches.grace_s:g} s: a worker hung (training.worker_timeout_s)"
+    if not isinstance(exc, RuntimeError):
+        return None
     if "DataLoader timed out" in text:
         return text.split(".")[0] + ": a worker hung (training.worker_timeout_s)"
     if "DataLoader worker" not in text:
