@@ -176,3 +176,17 @@ def test_notebook_05_without_a_checkpoint_says_what_to_do(x_display, tmp_path):
     assert first.outputs[0].text == ("error: ../runs/demo/checkpoints/best.pt: no checkpoint here yet: train a run in "
                                      "notebook 04 first (run name 'demo' writes runs/demo/checkpoints/best.pt), "
                                      "or set checkpoint_path\n")
+
+
+def test_a_cell_that_awaits_is_not_starved_by_the_qt_loop(x_display, tmp_path):
+    """After ``start_qt``, asyncio work of a cell (here a top-level await) still runs: ipykernel's
+    Qt loop alone would hold the thread until the next shell message, which never comes."""
+    nb = new_notebook(cells=[
+        new_code_cell("from vesuvius_lab.lab.qt import start_qt\nstart_qt()"),
+        new_code_cell("import asyncio\nfor _ in range(5):\n    await asyncio.sleep(0.1)\nawaited = 5"),
+        new_code_cell("awaited"),
+    ])
+    path = tmp_path / "awaits.ipynb"
+    nbformat.write(nb, path)
+    done = run_notebook(path, timeout=60)
+    assert done.cells[2].outputs[0]["data"]["text/plain"] == "5"

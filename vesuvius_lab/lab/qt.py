@@ -1,11 +1,14 @@
 """The Qt event loop in a notebook kernel, for napari: ``%gui qt`` that also runs unattended.
 
-ipykernel's Qt loop sleeps until the shell socket's file descriptor signals a message. That
-descriptor is edge-triggered: an edge consumed before the loop starts is not signalled again, so
-the next request waits for some later message. Run by hand this goes unnoticed; run unattended
-(nbconvert, papermill, Run All) the notebook hangs at a random cell (ipykernel#559, nbclient#97:
-seen here with nbconvert on notebook 02). ``start_qt`` adds a 50 ms check for pending messages to
-the kernel's Qt loop, which leaves it as ipykernel's own notifier does.
+ipykernel runs its Qt loop inside its own asyncio loop and leaves it only when the shell socket's
+file descriptor signals a message. Two things then wait for a message that may never come: a
+message whose edge was consumed before the Qt loop started (the descriptor is edge-triggered),
+and the kernel's own asyncio work (the rest of a cell's execution, its reply) scheduled just
+before the Qt loop took over the thread (ipykernel#1202, #559, nbclient#97). Run by hand this
+goes unnoticed, since the next keystroke sends a message; run unattended (nbconvert, papermill,
+Run All) the notebook hangs at a random cell: seen here with nbconvert on notebook 02 and in CI
+on notebook 05. ``start_qt`` leaves the Qt loop every 50 ms, after handing over a pending message
+as ipykernel's notifier does, so neither waits longer than that; ipykernel re-enters it 1 ms later.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def start_qt() -> None:
 
     def check() -> None:
         # only while the kernel idles in its Qt loop, never inside a cell that processes Qt events
-        if getattr(kernel.app, "_in_event_loop", False) and stream.flush(limit=1):
+        if getattr(kernel.app, "_in_event_loop", False):
+            stream.flush(limit=1)
             kernel._qt_notifier.setEnabled(False)
             kernel.app.qt_event_loop.quit()
 
