@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml vesuvius_lab/__init__.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[gui,test]"
+	# the Qt binding is PyQt6: an older .venv's PyQt5 would still be the one qtpy (napari) picks
+	$(PY) -m pip uninstall -q -y pyqt5 pyqt5-qt5 pyqt5-sip 2>/dev/null || true
 	# the official compiled Betti-Matching-3D, the metric tests' reference; --no-deps keeps our torch
 	$(PY) -m pip install -q --no-deps "topolosses==$(TOPOLOSSES_PIN)"
 	@touch $@

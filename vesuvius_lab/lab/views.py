@@ -1,7 +1,9 @@
 """napari layers for a record, its prediction and its sampled patches, through the public layer API.
 
 Volumes are added as the cache's memmaps, so napari reads only the slices it displays. Layers
-have fixed names and are replaced when a new record is shown, so a viewer can be reused.
+have fixed names and get the new record's data in place when another record is shown, so a viewer
+is reused with its camera, its layer settings and its 2D/3D mode. Every function that changes a
+viewer runs on the Qt thread (``qt.on_qt_thread``), whichever thread a widget callback calls it from.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from napari.utils.colormaps import DirectLabelColormap
 from vesuvius_lab.cache import CachedVolume
 from vesuvius_lab.layout import IGNORE_LABEL
 from vesuvius_lab.lab.data import LABEL_COLORS
+from vesuvius_lab.lab.qt import on_qt_thread
 from vesuvius_lab.preview import box_edges
 
 PREDICTION_COLORS = {1: (1.0, 0.2, 1.0, 0.9)}
@@ -26,6 +29,7 @@ DRAW_COLORS = {True: (1.0, 0.25, 0.25, 1.0), False: (0.2, 1.0, 0.45, 1.0)}  # fo
 BOX_WALK = (0, 1, 3, 2, 0, 4, 5, 7, 6, 4, 5, 1, 3, 7, 6, 2)
 ONLY_2D = ("ignored", "patch outlines")  # layers that would hide the rest in 3D
 OBLIQUE = (0.0, -25.0, 55.0)  # camera angles for a first 3D view
+AXIS_LABELS = ("z", "y", "x")  # the slider napari shows for a 3D volume says z, not -3
 _FOLLOWING: weakref.WeakSet = weakref.WeakSet()  # viewers whose ndisplay changes are followed
 
 
@@ -53,33 +57,52 @@ def _follow_ndisplay(viewer: napari.Viewer) -> None:
     _sync_2d_only(viewer)
 
 
+def _set_data(viewer: napari.Viewer, name: str, data: np.ndarray, kind: type, add) -> napari.layers.Layer:
+    """The layer ``name`` showing ``data``: the existing one gets the data in place (layers are not
+    removed and re-added, so the camera, the layer settings and the layer list's rows stay), a
+    missing one, or one of another kind, is added with ``add(data)``."""
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if type(layer) is kind:
+            layer.data = data
+            return layer
+        viewer.layers.remove(layer)
+    return add(data)
+
+
+@on_qt_thread
 def show_record(viewer: napari.Viewer, volume: CachedVolume, prediction: np.ndarray | None = None) -> list:
     """Image, surface (label 1) and ignored regions (label 2) in distinct colours, and a prediction.
 
     Surface and ignored regions are two labels layers over the same memmap: the ignored border
     encloses every volume, so in 3D it would hide the surface and is shown in 2D only. An integer
-    prediction is a label map (1 = surface); a float one is a probability map.
+    prediction is a label map (1 = surface); a float one is a probability map. Showing another
+    record keeps the view (2D/3D, camera angles); it is refitted only if the shape changed.
     """
-    for name in ("image", "surface", "ignored", "prediction"):
-        _replace(viewer, name)
+    before = viewer.layers["image"].data.shape if "image" in viewer.layers else None
     layers = [
-        viewer.add_image(
-            volume.image, name="image", colormap="gray", contrast_limits=(0, 255), blending="additive",
-            rendering="attenuated_mip", attenuation=0.3,
-        ),
-        viewer.add_labels(volume.label, name="surface", colormap=label_colormap({1: LABEL_COLORS[1]}), opacity=0.7),
-        viewer.add_labels(volume.label, name="ignored", colormap=label_colormap({IGNORE_LABEL: LABEL_COLORS[IGNORE_LABEL]})),
+        _set_data(viewer, "image", volume.image, napari.layers.Image, lambda d: viewer.add_image(
+            d, name="image", colormap="gray", contrast_limits=(0, 255), blending="additive",
+            rendering="attenuated_mip", attenuation=0.3)),
+        _set_data(viewer, "surface", volume.label, napari.layers.Labels, lambda d: viewer.add_labels(
+            d, name="surface", colormap=label_colormap({1: LABEL_COLORS[1]}), opacity=0.7)),
+        _set_data(viewer, "ignored", volume.label, napari.layers.Labels, lambda d: viewer.add_labels(
+            d, name="ignored", colormap=label_colormap({IGNORE_LABEL: LABEL_COLORS[IGNORE_LABEL]}))),
     ]
-    if prediction is not None:
-        if np.issubdtype(prediction.dtype, np.integer):
-            layers.append(viewer.add_labels(prediction, name="prediction", colormap=label_colormap(PREDICTION_COLORS)))
-        else:
-            layers.append(
-                viewer.add_image(
-                    prediction, name="prediction", colormap="magenta", blending="additive", contrast_limits=(0, 1)
-                )
-            )
-    viewer.layers.move_multiple([viewer.layers.index(layer) for layer in layers], 0)  # under any patch boxes
+    if prediction is None:
+        _replace(viewer, "prediction")
+    elif np.issubdtype(prediction.dtype, np.integer):
+        layers.append(_set_data(viewer, "prediction", prediction, napari.layers.Labels, lambda d: viewer.add_labels(
+            d, name="prediction", colormap=label_colormap(PREDICTION_COLORS))))
+    else:
+        layers.append(_set_data(viewer, "prediction", prediction, napari.layers.Image, lambda d: viewer.add_image(
+            d, name="prediction", colormap="magenta", blending="additive", contrast_limits=(0, 1))))
+    order = [viewer.layers.index(layer) for layer in layers]
+    if order != list(range(len(layers))):
+        viewer.layers.move_multiple(order, 0)  # under any patch boxes
+    viewer.dims.axis_labels = AXIS_LABELS
+    if before is not None and before != volume.image.shape:
+        viewer.reset_view(reset_camera_angle=False)
     viewer.title = f"vesuvius-lab: {volume.record.id}"
     _follow_ndisplay(viewer)
     return layers
@@ -116,6 +139,7 @@ def box_sections(corners: np.ndarray) -> list[np.ndarray]:
     return sections
 
 
+@on_qt_thread
 def show_patch_boxes(viewer: napari.Viewer, patches: list[dict]) -> list:
     """Sampled patch boxes, foreground and uniform draws in different colours.
 
@@ -151,6 +175,7 @@ def show_patch_boxes(viewer: napari.Viewer, patches: list[dict]) -> list:
     return layers
 
 
+@on_qt_thread
 def set_ndisplay(viewer: napari.Viewer, ndisplay: int) -> None:
     """Switch 2D/3D; 3D starts from an oblique camera (napari's default looks along z, like 2D)."""
     viewer.dims.ndisplay = ndisplay
@@ -166,6 +191,7 @@ def ndisplay_toggle(viewer: napari.Viewer) -> ipywidgets.ToggleButtons:
     return toggle
 
 
+@on_qt_thread
 def save_views(viewer: napari.Viewer, folder: str | Path, stem: str) -> list[Path]:
     """Canvas screenshots in 2D and 3D (``{stem}-2d.png``, ``{stem}-3d.png``); ndisplay is restored."""
     folder = Path(folder)
