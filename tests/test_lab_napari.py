@@ -217,3 +217,32 @@ def test_a_viewer_call_from_another_thread_raises_its_error_in_the_caller(x_disp
         QApplication.processEvents()
         worker.join(timeout=0.01)
     assert "bad 3" in str(caught[0].value)
+
+
+@pytest.mark.gui
+def test_notebook_view_shows_a_snapshot_that_follows_the_viewer(viewer, tiny_manifest, artifacts):
+    """Under a napari cell: the 2D/3D buttons and the canvas as an image, redrawn after a change."""
+    import io
+    import time
+
+    from PIL import Image
+    from qtpy.QtWidgets import QApplication
+
+    manifest = load_manifest(tiny_manifest)
+    views.show_record(viewer, data.open_record(manifest, manifest.records[0].id))
+    viewer.dims.axis_labels = ("0", "1", "2")
+    box = views.notebook_view(viewer)
+    toggle, image = box.children
+    assert viewer.dims.axis_labels == ("z", "y", "x") and isinstance(toggle, type(views.ndisplay_toggle(viewer)))
+    first = image.value
+    (artifacts / "notebook-view-2d.png").write_bytes(first)
+    assert_rendered(artifacts / "notebook-view-2d.png")
+    toggle.value = 3
+    deadline = time.monotonic() + 30
+    while image.value == first and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    assert image.value != first, "the snapshot did not follow the switch to 3D"
+    shown = np.asarray(Image.open(io.BytesIO(image.value)).convert("RGB"))
+    canvas = viewer.screenshot(canvas_only=True)[..., :3]
+    assert shown.shape == canvas.shape and np.abs(shown.astype(int) - canvas).mean() < 2

@@ -20,6 +20,8 @@ from vesuvius_lab.manifest import load_manifest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+TWIN_DIR = NOTEBOOK_DIR / "py"  # the py:percent twins, kept out of the notebooks' file browser (.jupytext.toml)
+FORMATS = "ipynb,py//py:percent"
 # Small parameters per notebook, on top of the tiny manifest, cache, screenshot folder and close_viewer.
 SMALL = {
     "01_inspect_volumes": {},
@@ -45,16 +47,17 @@ def _tags(cell) -> list[str]:
 
 def test_every_notebook_has_a_twin_and_small_parameters():
     assert {p.stem for p in NOTEBOOKS} >= {"01_inspect_volumes", "02_preview_patches"}
-    assert {p.stem for p in NOTEBOOK_DIR.glob("*.py")} == {p.stem for p in NOTEBOOKS}
+    assert {p.stem for p in TWIN_DIR.glob("*.py")} == {p.stem for p in NOTEBOOKS}
+    assert not list(NOTEBOOK_DIR.glob("*.py")), "twins go to notebooks/py/, beside nothing in the file browser"
     assert set(SMALL) == {p.stem for p in NOTEBOOKS}, "each notebook needs small parameters to run in the tests"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_paired_clean_and_parameterised(path):
-    nb, twin = nbformat.read(path, as_version=4), jupytext.read(path.with_suffix(".py"))
+    nb, twin = nbformat.read(path, as_version=4), jupytext.read(TWIN_DIR / f"{path.stem}.py")
     for doc in (nb, twin):
-        assert doc.metadata["jupytext"]["formats"] == "ipynb,py:percent"
-    assert _cells(nb) == _cells(twin), f"{path.name} and its .py twin differ: run jupytext --sync"
+        assert doc.metadata["jupytext"]["formats"] == FORMATS
+    assert _cells(nb) == _cells(twin), f"{path.name} and its twin differ: run jupytext --sync notebooks/py/{path.stem}.py"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code), f"{path.name} has outputs"
     assert [i for i, c in enumerate(code) if "parameters" in _tags(c)] == [0]

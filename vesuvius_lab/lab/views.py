@@ -8,6 +8,7 @@ viewer runs on the Qt thread (``qt.on_qt_thread``), whichever thread a widget ca
 
 from __future__ import annotations
 
+import io
 import weakref
 from pathlib import Path
 
@@ -189,6 +190,68 @@ def ndisplay_toggle(viewer: napari.Viewer) -> ipywidgets.ToggleButtons:
     toggle.observe(lambda change: set_ndisplay(viewer, change["new"]), names="value")
     viewer.dims.events.ndisplay.connect(lambda _event: setattr(toggle, "value", viewer.dims.ndisplay))
     return toggle
+
+
+# layer events that change what the canvas shows (not thumbnails, status or loading states)
+SHOWN_EVENTS = {"data", "visible", "opacity", "colormap", "contrast_limits", "gamma", "blending", "rendering",
+                "attenuation", "iso_threshold", "edge_color", "face_color", "edge_width", "show_selected_label"}
+SNAPSHOT_DELAY_MS = 250  # one snapshot after a burst of changes (a slider drag, a record switch)
+
+
+class ViewerSnapshot:
+    """The viewer's canvas as an image in the notebook, redrawn after whatever changes it.
+
+    napari draws in a desktop window; on a remote JupyterLab (or in a saved notebook) this image is
+    what the researcher sees. Camera, slider, 2D/3D and layer changes schedule one snapshot, taken
+    on the Qt thread ``SNAPSHOT_DELAY_MS`` after the last of a burst.
+    """
+
+    def __init__(self, viewer: napari.Viewer, width: str = "640px"):
+        from qtpy.QtCore import QTimer
+
+        self.viewer = viewer
+        self.image = ipywidgets.Image(format="png", layout=ipywidgets.Layout(width=width))
+        self.widget = self.image
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(SNAPSHOT_DELAY_MS)
+        self._timer.timeout.connect(self.update)
+        viewer.camera.events.connect(self._changed)
+        viewer.dims.events.current_step.connect(self._changed)
+        viewer.dims.events.ndisplay.connect(self._changed)
+        viewer.layers.events.connect(self._changed)
+        viewer.layers.events.inserted.connect(lambda event: event.value.events.connect(self._layer_changed))
+        for layer in viewer.layers:
+            layer.events.connect(self._layer_changed)
+        self.update()
+
+    def _layer_changed(self, event) -> None:
+        if event.type in SHOWN_EVENTS:
+            self._changed(event)
+
+    def _changed(self, _event=None) -> None:
+        self._timer.start()  # napari's events come on the Qt thread (views.* run there)
+
+    @on_qt_thread
+    def update(self) -> bytes:
+        """Take the snapshot now; its PNG bytes."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(self.viewer.screenshot(canvas_only=True, flash=False)).save(buf, format="png")
+        self.image.value = buf.getvalue()
+        return self.image.value
+
+
+def notebook_view(viewer: napari.Viewer) -> ipywidgets.VBox:
+    """What a napari cell shows under it: the 2D/3D buttons and a live snapshot of the canvas (axes
+    named z/y/x), so the notebook reads without the desktop window."""
+    if viewer.dims.ndim == len(AXIS_LABELS):
+        viewer.dims.axis_labels = AXIS_LABELS
+    snapshot = ViewerSnapshot(viewer)
+    box = ipywidgets.VBox([ndisplay_toggle(viewer), snapshot.widget])
+    box.snapshot = snapshot  # alive as long as its widget: napari holds event callbacks weakly
+    return box
 
 
 @on_qt_thread
