@@ -193,3 +193,27 @@ def test_a_cell_that_awaits_is_not_starved_by_the_qt_loop(x_display, tmp_path):
     nbformat.write(nb, path)
     done = run_notebook(path, timeout=60)
     assert done.cells[2].outputs[0]["data"]["text/plain"] == "5"
+
+
+def test_a_new_notebook_gets_its_twin_in_py_and_jupyterlab_has_no_news_pop_up(tmp_path):
+    """The file browser lists each notebook once: .jupytext.toml pairs a new one into py/ as well.
+    JupyterLab reads the workbench's overrides (installed by `make install`): no news pop-up."""
+    shutil.copy(NOTEBOOK_DIR / ".jupytext.toml", tmp_path)
+    nbformat.write(new_notebook(cells=[new_code_cell("x = 1")]), tmp_path / "06_new.ipynb")
+    jupytext_cli = Path(sys.executable).with_name("jupytext")
+    done = subprocess.run([str(jupytext_cli), "--sync", str(tmp_path / "06_new.ipynb")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "py" / "06_new.py").is_file() and not (tmp_path / "06_new.py").exists()
+
+    ours = json.loads((NOTEBOOK_DIR.parent / "jupyterlab-overrides.json").read_text())
+    installed = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "vesuvius-lab.json"
+    assert installed.is_file(), "make install puts jupyterlab-overrides.json there"
+    assert json.loads(installed.read_text()) == ours
+    schemas = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas"
+    for plugin, settings in ours.items():  # real settings of this JupyterLab, with allowed values
+        package, name = plugin.split(":")
+        schema = json.loads((schemas / package / f"{name}.json").read_text())["properties"]
+        for key, value in settings.items():
+            allowed = [o["const"] for o in schema[key].get("oneOf", [])] or [value]
+            assert value in allowed, (plugin, key, value)
+    assert ours["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"

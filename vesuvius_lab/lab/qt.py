@@ -1,4 +1,5 @@
-"""The Qt event loop in a notebook kernel, for napari: ``%gui qt`` that also runs unattended.
+"""The Qt event loop in a notebook kernel, for napari: ``%gui qt`` that also runs unattended, and
+``on_qt_thread`` for the widget callbacks that change a viewer from another thread.
 
 ipykernel runs its Qt loop inside its own asyncio loop and leaves it only when the shell socket's
 file descriptor signals a message. Two things then wait for a message that may never come: a
