@@ -117,6 +117,9 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         shot = artifacts / f"{path.stem}-{suffix}.png"
         assert str(shot) in printed
         assert_rendered(shot)
+    napari_cells = [c for c in nb.cells if c.cell_type == "code" and "napari.Viewer(" in c.source]
+    red = [o.text for c in napari_cells for o in c.outputs if o.get("name") == "stderr"]
+    assert not red, f"a napari cell printed warnings (PyQt5, Qt6 theme, XDG_RUNTIME_DIR): {red}"
     shown = _widget_texts(nb)
     if path.stem == "05_evaluate":
         tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs

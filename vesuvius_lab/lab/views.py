@@ -9,6 +9,7 @@ viewer runs on the Qt thread (``qt.on_qt_thread``), whichever thread a widget ca
 from __future__ import annotations
 
 import io
+import sys
 import weakref
 from pathlib import Path
 
@@ -215,7 +216,7 @@ class ViewerSnapshot:
         self._timer = QTimer()
         self._timer.setSingleShot(True)
         self._timer.setInterval(SNAPSHOT_DELAY_MS)
-        self._timer.timeout.connect(self.update)
+        self._timer.timeout.connect(self._scheduled)
         viewer.camera.events.connect(self._changed)
         viewer.dims.events.current_step.connect(self._changed)
         viewer.dims.events.ndisplay.connect(self._changed)
@@ -231,6 +232,13 @@ class ViewerSnapshot:
 
     def _changed(self, _event=None) -> None:
         self._timer.start()  # napari's events come on the Qt thread (views.* run there)
+
+    def _scheduled(self) -> None:
+        """The timer's snapshot: an error is reported, never raised inside a Qt slot (which aborts)."""
+        try:
+            self.update()
+        except Exception as exc:  # e.g. the viewer was closed meanwhile
+            print(f"napari snapshot skipped: {exc!r}", file=sys.stderr)
 
     @on_qt_thread
     def update(self) -> bytes:
