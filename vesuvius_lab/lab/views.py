@@ -217,7 +217,7 @@ class ViewerSnapshot:
         self._timer.setSingleShot(True)
         self._timer.setInterval(SNAPSHOT_DELAY_MS)
         self._timer.timeout.connect(self._scheduled)
-        viewer.camera.events.connect(self._changed)
+        viewer.scene.camera.events.connect(self._changed)
         viewer.dims.events.current_step.connect(self._changed)
         viewer.dims.events.ndisplay.connect(self._changed)
         viewer.layers.events.connect(self._changed)
