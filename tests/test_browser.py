@@ -116,10 +116,15 @@ def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, 
 
 
 def _all_cells_ran(page, timeout_s: float = 300) -> None:
-    """Until every code cell shows an execution count (Run All has reached the end)."""
+    """Until every code cell shows an execution count (Run All has reached the end); a cell that
+    failed or printed to stderr (red) ends the wait at once, and the test."""
+    red = "[data-mime-type='application/vnd.jupyter.stderr']"
     page.wait_for_function(
-        "() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);"
-        " return p.length > 0 && p.every(t => /\\d/.test(t)); }", timeout=timeout_s * 1000)
+        "red => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);"
+        " return document.querySelector(red) || (p.length > 0 && p.every(t => /\\d/.test(t))); }",
+        arg=red, timeout=timeout_s * 1000)
+    errors = page.locator(red).all_inner_texts()
+    assert not errors, f"a cell failed or warned: {errors}"
 
 
 def _run_last_cell(page) -> None:
@@ -161,6 +166,52 @@ def test_notebook_01_switch_records_with_napari_in_3d(x_display, tiny_manifest, 
                                    arg=before, timeout=180_000)
         _run_last_cell(page)
         page.get_by_text(re.compile(rf"probe vesuvius-lab: {ids[2]} 3 \('z', 'y', 'x'\)")).wait_for(timeout=120_000)
+        assert not _kernel_died(page)
+        snapshot.scroll_into_view_if_needed()
+        page.screenshot(path=str(shot))
+        print(shot)
+    from conftest_gui import assert_rendered
+
+    assert_rendered(shot)
+
+
+def _saved_outputs(page, path: Path) -> list:
+    """Save the notebook from the page (Ctrl+S) and read back its code cells' outputs."""
+    before = path.stat().st_mtime_ns
+    page.locator(".jp-Notebook").first.click()
+    page.keyboard.press("Control+s")
+    deadline = time.monotonic() + 30
+    while path.stat().st_mtime_ns == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+
+
+@pytest.mark.browser
+@pytest.mark.gui
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["02_preview_patches", "05_evaluate"])
+def test_notebook_runs_all_in_jupyterlab(name, x_display, tiny_root, tiny_manifest, tmp_path, artifacts):
+    """Run All in the browser: every cell runs, none fails or prints a warning, the kernel lives."""
+    require(CHROMIUM.exists(), "chromium")
+    parameters = {"manifest_path": str(tiny_manifest), "cache_dir": str(tmp_path / "cache")}
+    if name == "02_preview_patches":
+        parameters.update(config_path=str(REPO / "configs" / "demo.yaml"), patch_size=[24, 24, 24], n_patches=6,
+                          montage_samples=2)
+    else:  # a checkpoint trained a few steps
+        run = tmp_path / "run"
+        subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--config",
+                        str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=4)), "--run-dir", str(run),
+                        "--no-progress"], check=True, capture_output=True, timeout=300)
+        parameters.update(checkpoint_path=str(run / "checkpoints" / "last.pt"), max_volumes=1,
+                          overrides=["val.overlap=0.0"])
+    shot = artifacts / f"{name}-browser.png"
+    with jupyterlab(tmp_path, REPO / "notebooks" / f"{name}.ipynb", parameters,
+                    artifacts / f"{name}-browser-failure.png") as page:
+        _all_cells_ran(page, timeout_s=600)
+        snapshot = page.locator("img.widget-image").last  # under the napari cell
+        snapshot.wait_for(timeout=60_000)
+        outputs = _saved_outputs(page, tmp_path / "lab" / f"{name}.ipynb")
+        assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], outputs
         assert not _kernel_died(page)
         snapshot.scroll_into_view_if_needed()
         page.screenshot(path=str(shot))
