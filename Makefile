@@ -14,11 +14,17 @@ LAB_ARGS ?=
 install: $(STAMP)
 
 # torch goes in first from its exact pin, so no other requirement can pull a second (CUDA) build.
-$(STAMP): pyproject.toml vesuvius_lab/__init__.py
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.d/vesuvius-lab.json
+
+$(STAMP): pyproject.toml vesuvius_lab/__init__.py jupyterlab-overrides.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[gui,test]"
+	# the Qt binding is PyQt6: an older .venv's PyQt5 would still be the one qtpy (napari) picks
+	$(PY) -m pip uninstall -q -y pyqt5 pyqt5-qt5 pyqt5-sip 2>/dev/null || true
+	# the workbench's JupyterLab defaults (no news pop-up), where JupyterLab reads a package's overrides
+	install -D -m 644 jupyterlab-overrides.json $(LAB_OVERRIDES)
 	# the official compiled Betti-Matching-3D, the metric tests' reference; --no-deps keeps our torch
 	$(PY) -m pip install -q --no-deps "topolosses==$(TOPOLOSSES_PIN)"
 	@touch $@

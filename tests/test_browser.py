@@ -1,5 +1,7 @@
-"""Notebook 04 end to end in a real JupyterLab through headless Chromium: run all cells, press Start,
-watch the page show logged steps, screenshot, Stop."""
+"""Notebooks in a real JupyterLab through headless Chromium, used as a researcher uses them: Run All,
+then the widgets. 01: napari in 3D, switch records, the kernel lives on. 03: the demo config's own
+defaults. 04: a start with a mistyped override shows its error, then a real start, logged steps,
+Stop. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -23,7 +26,9 @@ from vesuvius_lab.lab import runs
 from vesuvius_lab.lab.runner import inject_parameters
 from vesuvius_lab.training.run_dir import RunDir
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_train_live.ipynb"
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "notebooks" / "04_train_live.ipynb"
+NEWS = "official Jupyter news"  # the pop-up a fresh JupyterLab greets with (off: jupyterlab-overrides.json)
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -58,21 +63,19 @@ def _kill_group(pgid: int | None, sig: int = signal.SIGTERM) -> None:
             pass
 
 
-@pytest.mark.browser
-@pytest.mark.slow
-def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
-    require(CHROMIUM.exists(), "chromium")
+@contextmanager
+def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, extra_cells: tuple[str, ...] = ()):
+    """A JupyterLab server on ``notebook`` (parameters injected, extra cells appended) and a Chromium
+    page on it, after Run All; a failure leaves a screenshot at ``failure``. Yields the page."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     root = tmp_path / "lab"
     root.mkdir()
-    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=400)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    inject_parameters(nb, {"config_path": str(config), "runs_dir": str(tmp_path / "runs"), "run_name": "web",
-                           "refresh_s": 0.5})
-    nbformat.write(nb, root / NOTEBOOK.name)
-    run_dir = tmp_path / "runs" / "web"
+    nb = nbformat.read(notebook, as_version=4)
+    inject_parameters(nb, parameters)
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
+    nbformat.write(nb, root / notebook.name)
     port = _free_port()
     log = open(tmp_path / "jupyter.log", "wb")
     server = subprocess.Popen(
@@ -82,38 +85,217 @@ def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
         cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
     )
-    shot = artifacts / "04_train_live-browser.png"
     try:
         _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", server)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={TOKEN}")
-            page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
-            select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
-            try:  # a fresh JupyterLab asks which kernel, even with the notebook's kernelspec
-                select.wait_for(timeout=20_000)
-                select.click()
-            except PlaywrightTimeout:
-                pass
-            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
-                state="attached", timeout=60_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
             page.on("dialog", lambda dialog: dialog.accept())
-            failure = artifacts / "04_train_live-browser-failure.png"
             try:
-                _drive(page, run_dir, shot)
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={TOKEN}")
+                page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+                select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
+                try:  # a fresh JupyterLab asks which kernel, even with the notebook's kernelspec
+                    select.wait_for(timeout=20_000)
+                    select.click()
+                except PlaywrightTimeout:
+                    pass
+                page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+                    state="attached", timeout=60_000)
+                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+                page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+                yield page
+                assert page.get_by_text(NEWS).count() == 0, "JupyterLab greeted with its news pop-up"
             except Exception:
                 page.screenshot(path=str(failure), full_page=True)
-                print("failure screenshot:", failure)
+                print("failure screenshot:", failure, "server log:", tmp_path / "jupyter.log")
                 raise
             browser.close()
     finally:
-        _cleanup(run_dir, server, log)
+        _stop_server(server, log)
+
+
+def _all_cells_ran(page, timeout_s: float = 300) -> None:
+    """Until every code cell shows an execution count (Run All has reached the end); a cell that
+    failed or printed to stderr (red) ends the wait at once, and the test."""
+    red = "[data-mime-type='application/vnd.jupyter.stderr']"
+    page.wait_for_function(
+        "red => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);"
+        " return document.querySelector(red) || (p.length > 0 && p.every(t => /\\d/.test(t))); }",
+        arg=red, timeout=timeout_s * 1000)
+    errors = page.locator(red).all_inner_texts()
+    assert not errors, f"a cell failed or warned: {errors}"
+
+
+def _run_last_cell(page) -> None:
+    page.locator(".jp-CodeCell .jp-InputArea-editor").last.click()
+    page.keyboard.press("Shift+Enter")
+
+
+def _kernel_died(page) -> bool:
+    return page.get_by_text(re.compile(r"appears to have died")).count() > 0
+
+
+@pytest.mark.browser
+@pytest.mark.gui
+@pytest.mark.slow
+def test_notebook_01_switch_records_with_napari_in_3d(x_display, tiny_manifest, tmp_path, artifacts):
+    """The widget's record change reaches the kernel on a subshell thread; napari must be changed on
+    the Qt thread, keep its 3D camera, and the kernel must live on (it died here before)."""
+    require(CHROMIUM.exists(), "chromium")
+    from vesuvius_lab.manifest import load_manifest
+
+    ids = [r.id for r in load_manifest(tiny_manifest).records]
+    probe = "print('probe', viewer.title, viewer.dims.ndisplay, viewer.dims.axis_labels, [l.name for l in viewer.layers])"
+    shot = artifacts / "01_inspect_volumes-browser-3d.png"
+    with jupyterlab(tmp_path, REPO / "notebooks" / "01_inspect_volumes.ipynb",
+                    {"manifest_path": str(tiny_manifest), "cache_dir": str(tmp_path / "cache")},
+                    artifacts / "01_inspect_volumes-browser-failure.png", extra_cells=(probe,)) as page:
+        _all_cells_ran(page)
+        snapshot = page.locator("img.widget-image").last  # under the napari cell
+        snapshot.wait_for(timeout=60_000)
+        before = snapshot.get_attribute("src")
+        page.locator(".widget-toggle-button", has_text=re.compile(r"^\s*3D\s*$")).click()
+        page.wait_for_function("s => [...document.querySelectorAll('img.widget-image')].pop().src !== s",
+                               arg=before, timeout=120_000)
+        dropdown = page.locator(".widget-dropdown select").first
+        for index in (1, 2):  # two switches, as the researcher did
+            before = snapshot.get_attribute("src")
+            dropdown.select_option(index=index)
+            page.wait_for_function("s => [...document.querySelectorAll('img.widget-image')].pop().src !== s",
+                                   arg=before, timeout=180_000)
+        _run_last_cell(page)
+        page.get_by_text(re.compile(rf"probe vesuvius-lab: {ids[2]} 3 \('z', 'y', 'x'\)")).wait_for(timeout=120_000)
+        assert not _kernel_died(page)
+        snapshot.scroll_into_view_if_needed()
+        page.screenshot(path=str(shot))
+        print(shot)
     from conftest_gui import assert_rendered
 
     assert_rendered(shot)
+
+
+def _saved_outputs(page, path: Path) -> list:
+    """Save the notebook from the page (Ctrl+S) and read back its code cells' outputs."""
+    before = path.stat().st_mtime_ns
+    page.locator(".jp-Notebook").first.click()
+    page.keyboard.press("Control+s")
+    deadline = time.monotonic() + 30
+    while path.stat().st_mtime_ns == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+
+
+@pytest.mark.browser
+@pytest.mark.gui
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["02_preview_patches", "05_evaluate"])
+def test_notebook_runs_all_in_jupyterlab(name, x_display, tiny_root, tiny_manifest, tmp_path, artifacts):
+    """Run All in the browser: every cell runs, none fails or prints a warning, the kernel lives."""
+    require(CHROMIUM.exists(), "chromium")
+    parameters = {"manifest_path": str(tiny_manifest), "cache_dir": str(tmp_path / "cache")}
+    if name == "02_preview_patches":
+        parameters.update(config_path=str(REPO / "configs" / "demo.yaml"), patch_size=[24, 24, 24], n_patches=6,
+                          montage_samples=2)
+    else:  # a checkpoint trained a few steps
+        run = tmp_path / "run"
+        subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--config",
+                        str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=4)), "--run-dir", str(run),
+                        "--no-progress"], check=True, capture_output=True, timeout=300)
+        parameters.update(checkpoint_path=str(run / "checkpoints" / "last.pt"), max_volumes=1,
+                          overrides=["val.overlap=0.0"])
+    shot = artifacts / f"{name}-browser.png"
+    with jupyterlab(tmp_path, REPO / "notebooks" / f"{name}.ipynb", parameters,
+                    artifacts / f"{name}-browser-failure.png") as page:
+        _all_cells_ran(page, timeout_s=600)
+        snapshot = page.locator("img.widget-image").last  # under the napari cell
+        snapshot.wait_for(timeout=60_000)
+        outputs = _saved_outputs(page, tmp_path / "lab" / f"{name}.ipynb")
+        assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], outputs
+        assert not _kernel_died(page)
+        snapshot.scroll_into_view_if_needed()
+        page.screenshot(path=str(shot))
+        print(shot)
+    from conftest_gui import assert_rendered
+
+    assert_rendered(shot)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_notebook_03_plans_the_config_own_epoch_by_default(tiny_root, tmp_path, artifacts):
+    """No target given: the epoch planned is the config's own, so a config that trains in minutes
+    is planned in minutes (the shipped demo config takes over 10 minutes to measure on a shared
+    2-core machine, so a tiny config of the same shape stands in for it here)."""
+    require(CHROMIUM.exists(), "chromium")
+    from vesuvius_lab.config import load_config
+
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=30, epochs=3)
+    shot = artifacts / "03_plan_epoch-browser-defaults.png"
+    parameters = {"config_path": str(config), "out_path": str(tmp_path / "planned.yaml"),
+                  "runs_dir": str(tmp_path / "runs"), "batch_sizes": [1, 2], "warmup": 1, "steps": 2,
+                  "measure_now": True}
+    with jupyterlab(tmp_path, REPO / "notebooks" / "03_plan_epoch.ipynb", parameters,
+                    artifacts / "03_plan_epoch-browser-failure.png") as page:
+        _all_cells_ran(page, timeout_s=600)
+        head = page.locator(".widget-html", has_text=re.compile(r"steps/epoch × \d+ epochs")).first
+        head.wait_for(timeout=60_000)
+        text = head.inner_text()
+        field = page.locator(".widget-text", has_text="epoch (min)")
+        target = float(field.locator("input").input_value())
+        assert 0 < target < 5, target  # the config's own epoch (30 steps), not the CLI's 60 minutes
+        assert float(re.search(r"run ≈ ([\d.]+) h", text).group(1)) < 1.0, text
+        assert re.search(r"× 3 epochs", text) and (tmp_path / "planned.yaml").exists()
+        assert load_config(tmp_path / "planned.yaml").training.max_epochs == 3
+        field.evaluate("e => e.scrollIntoView({block: 'start'})")  # the form, its timings and the plan
+        page.screenshot(path=str(shot))
+        print(shot)
+    from conftest_gui import assert_rendered
+
+    assert_rendered(shot, min_std=10.0)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
+    require(CHROMIUM.exists(), "chromium")
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=400)
+    run_dir = tmp_path / "runs" / "web"
+    shot, failed = artifacts / "04_train_live-browser.png", artifacts / "04_train_live-browser-failed-launch.png"
+    try:
+        with jupyterlab(tmp_path, NOTEBOOK, {"config_path": str(config), "runs_dir": str(tmp_path / "runs"),
+                                             "run_name": "web", "refresh_s": 0.5},
+                        artifacts / "04_train_live-browser-failure.png") as page:
+            _failed_launch(page, failed)
+            _drive(page, run_dir, shot)
+    finally:
+        try:
+            _kill_group(json.loads((run_dir / RunDir.LAUNCH).read_text())["pgid"])
+        except (OSError, ValueError, KeyError):
+            pass
+    from conftest_gui import assert_rendered
+
+    assert_rendered(shot)
+    assert_rendered(failed, min_std=10.0)
+
+
+def _failed_launch(page, shot: Path) -> None:
+    """A mistyped override: the CLI refuses it; the widget shows that line in red, Start stays usable."""
+    start = page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Start\s*$"))
+    start.wait_for(timeout=60_000)
+    overrides = page.locator(".widget-text", has_text="overrides").locator("input")
+    overrides.fill("training.max_epoch=3")
+    overrides.press("Enter")
+    start.click()
+    error = page.locator("span", has_text="unknown key training.max_epoch (did you mean training.max_epochs?)")
+    error.first.wait_for(timeout=120_000)
+    assert error.first.evaluate("e => getComputedStyle(e).color") == "rgb(204, 0, 0)"  # red
+    page.get_by_text(re.compile(r"failed to start")).first.wait_for(timeout=10_000)
+    assert start.is_enabled()
+    page.screenshot(path=str(shot))
+    print(shot)
+    overrides.fill("")
+    overrides.press("Enter")
 
 
 def _drive(page, run_dir: Path, shot: Path) -> None:
@@ -137,11 +319,7 @@ def _drive(page, run_dir: Path, shot: Path) -> None:
     assert runs.read_status(run_dir)["state"] == "stopped"
 
 
-def _cleanup(run_dir: Path, server: subprocess.Popen, log) -> None:
-    try:
-        _kill_group(json.loads((run_dir / RunDir.LAUNCH).read_text())["pgid"])
-    except (OSError, ValueError, KeyError):
-        pass
+def _stop_server(server: subprocess.Popen, log) -> None:
     _kill_group(server.pid)
     try:
         server.wait(timeout=10)

@@ -158,3 +158,91 @@ def test_error_view_colours_false_positives_red_and_false_negatives_cyan(viewer,
     r, g, b = (rgb[..., i].astype(int) for i in range(3))
     red, cyan = (r > 150) & (g < 80) & (b < 80), (r < 110) & (g > 150) & (b > 150)  # the 0.8-opaque blends
     assert red.mean() > 0.01 and cyan.mean() > 0.01
+
+
+@pytest.mark.gui
+def test_another_record_from_a_widget_thread_keeps_the_3d_view_and_the_layers(viewer, tiny_manifest):
+    """Notebook 01's record change as JupyterLab delivers it: a widget callback on a kernel
+    subshell's thread, with napari in 3D. The call is run on the Qt thread, the layers get the new
+    data in place (the layer list never paints a removed row) and the camera stays oblique."""
+    import threading
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    manifest = load_manifest(tiny_manifest)
+    first, second = (data.open_record(manifest, r.id) for r in manifest.records[:2])
+    before = views.show_record(viewer, first, (np.asarray(first.label) == 1).astype(np.float32))
+    views.set_ndisplay(viewer, 3)
+    shown, threads = [], []
+
+    def callback() -> None:
+        shown.append(views.show_record(viewer, second))
+        threads.append(threading.current_thread())
+
+    worker = threading.Thread(target=callback)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while worker.is_alive() and time.monotonic() < deadline:
+        QApplication.processEvents()  # the kernel's Qt loop
+        time.sleep(0.01)
+    worker.join(timeout=1)
+    assert shown and threads[0] is not threading.main_thread()
+    assert [layer.name for layer in viewer.layers] == ["image", "surface", "ignored"]  # the prediction was the first's
+    assert all(a is b for a, b in zip(shown[0], before, strict=False))  # the same layers, new data
+    assert viewer.layers["image"].data is second.image
+    assert viewer.dims.ndisplay == 3 and tuple(viewer.scene.camera.angles) == pytest.approx(views.OBLIQUE)
+    assert viewer.dims.axis_labels == ("z", "y", "x") and not viewer.layers["ignored"].visible
+
+
+def test_a_viewer_call_from_another_thread_raises_its_error_in_the_caller(x_display):
+    """An exception on the Qt thread comes back to the calling thread, never raised in a Qt slot."""
+    import threading
+
+    from qtpy.QtWidgets import QApplication
+
+    from vesuvius_lab.lab.qt import on_qt_thread
+
+    QApplication.instance() or QApplication([])
+
+    @on_qt_thread
+    def fails(value):
+        assert threading.current_thread() is threading.main_thread()
+        raise ValueError(f"bad {value}")
+
+    caught = []
+    worker = threading.Thread(target=lambda: caught.append(pytest.raises(ValueError, fails, 3)))
+    worker.start()
+    while worker.is_alive():
+        QApplication.processEvents()
+        worker.join(timeout=0.01)
+    assert "bad 3" in str(caught[0].value)
+
+
+@pytest.mark.gui
+def test_notebook_view_shows_a_snapshot_that_follows_the_viewer(viewer, tiny_manifest, artifacts):
+    """Under a napari cell: the 2D/3D buttons and the canvas as an image, redrawn after a change."""
+    import io
+    import time
+
+    from PIL import Image
+    from qtpy.QtWidgets import QApplication
+
+    manifest = load_manifest(tiny_manifest)
+    views.show_record(viewer, data.open_record(manifest, manifest.records[0].id))
+    viewer.dims.axis_labels = ("0", "1", "2")
+    box = views.notebook_view(viewer)
+    toggle, image = box.children
+    assert viewer.dims.axis_labels == ("z", "y", "x") and isinstance(toggle, type(views.ndisplay_toggle(viewer)))
+    first = image.value
+    (artifacts / "notebook-view-2d.png").write_bytes(first)
+    assert_rendered(artifacts / "notebook-view-2d.png")
+    toggle.value = 3
+    deadline = time.monotonic() + 30
+    while image.value == first and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    assert image.value != first, "the snapshot did not follow the switch to 3D"
+    shown = np.asarray(Image.open(io.BytesIO(image.value)).convert("RGB"))
+    canvas = viewer.screenshot(canvas_only=True)[..., :3]
+    assert shown.shape == canvas.shape and np.abs(shown.astype(int) - canvas).mean() < 2

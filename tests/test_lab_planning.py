@@ -51,3 +51,48 @@ def test_the_form_before_measuring_and_its_words(tiny_root, tmp_path):
     fig = timings_figure(form.measurements)
     memory = fig.axes[1]
     assert not memory.lines[1:] and "capacity 23 GiB" in memory.get_title()  # 24 GB would flatten 0.9 GB
+
+
+def _measurements():
+    from vesuvius_lab.planner import BatchTiming, Measurements
+
+    timing = BatchTiming(2, step_s=0.5, step_median_s=0.5, data_wait_s=0.01, compute_s=0.49, step_spread_s=0.01,
+                         samples_per_s=4.0, peak_memory_mb=900.0, first_batch_s=1.0)
+    return Measurements("cpu", [timing], val_s=5.0, checkpoint_s=0.1, memory_capacity_mb=24_000.0,
+                        train_records=4, val_records=2, unique_patches=400, workers=0)
+
+
+def test_without_a_target_the_config_own_epoch_is_planned(tiny_root, tmp_path):
+    """A demo config gets a demo-sized target: its 30 steps at 0.5 s, validation and checkpoints."""
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=30)  # checkpoints every 10 steps
+    form = PlanForm(config, tmp_path / "planned.yaml")
+    assert form.target.value == 0 and form.plan is None
+    form.measurements = _measurements()
+    plan = form.recommend()
+    epoch_s = 30 * 0.5 + 5.0 + 4 * 0.1
+    assert form.target.value == pytest.approx(0.4)  # 20.4 s, up to the next tenth of a minute
+    assert 30 <= plan.train_iterations_per_epoch <= 40  # the config's 30 steps, rounded up to the target
+    assert epoch_s <= plan.target_epoch_s == pytest.approx(24) and plan.forecast_epoch_s <= 24
+    assert plan.forecast_run_s < 3600  # minutes, not the 10 h of a 60-minute default
+
+
+def test_a_saved_plan_json_is_shown_and_replanned_without_measuring(tiny_root, tmp_path):
+    import json
+
+    from vesuvius_lab.planner import recommend
+    from vesuvius_lab.config import load_config
+
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=30)
+    saved = recommend(_measurements(), load_config(config), target_epoch_minutes=2.0)
+    plan_file = tmp_path / "runs" / config.stem / "plan.json"  # where `vesuvius-lab plan` saves it
+    plan_file.parent.mkdir(parents=True)
+    plan_file.write_text(json.dumps(saved.to_dict(), indent=1))
+    form = PlanForm(config, tmp_path / "planned.yaml", runs_dir=tmp_path / "runs")
+    assert form.target.value == 2.0 and str(plan_file) in form.message.value
+    assert form.plan.train_iterations_per_epoch == saved.train_iterations_per_epoch
+    assert form.table.value.count("<tr>") == 2 and form.plot.value[:4] == b"\x89PNG" and not form.apply_button.disabled
+    form.target.value = 1.0
+    assert form.plan.train_iterations_per_epoch < saved.train_iterations_per_epoch
+    plan_file.write_text('{"format": "something else"}')
+    broken = PlanForm(config, tmp_path / "planned.yaml", runs_dir=tmp_path / "runs")
+    assert "not a plan this form reads" in broken.message.value and broken.plan is None

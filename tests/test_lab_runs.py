@@ -122,3 +122,57 @@ def test_a_failed_launch_shows_its_error_line_in_red_and_start_stays_usable(tiny
     assert "unknown key training.max_epoch (did you mean training.max_epochs?)" in monitor.status.value
     assert "color:#c00" in monitor.status.value
     assert not monitor.start_button.disabled and monitor.stop_button.disabled
+
+
+def _write_run(folder, steps: int = 20, val_at: tuple[int, ...] = (20,)) -> None:
+    """A finished run's files as the trainer writes them (metrics.jsonl, train.log), no console.log."""
+    folder.mkdir(parents=True)
+    lines = [{"kind": "train", "step": i, "loss": 1.0 / i + 0.3 * (i % 2), "lr": 0.01, "samples_per_s": 4.0,
+              "step_s": 0.5, "data_wait_s": 0.1, **{t: 0.1 for t in TERMS}} for i in range(1, steps + 1)]
+    lines += [{"kind": "val", "step": s, "score": 0.4, "topo": 0.3, "surface_dice": 0.5, "voi_score": 0.6}
+              for s in val_at]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (folder / "train.log").write_text("step 20/20 loss 0.35\nfinished: 20 steps\n")
+
+
+def test_ema_is_debiased_and_skips_missing_points():
+    assert runs.ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards 0
+    smoothed = runs.ema([1.0, float("nan"), 0.0], 0.5)
+    assert smoothed[0] == 1.0 and smoothed[1] != smoothed[1] and smoothed[2] == pytest.approx(1 / 3)
+    assert runs.ema([3.0, 1.0], 0.0) == [3.0, 1.0]
+
+
+def test_loss_legend_hides_no_curve_and_one_validation_point_sits_on_the_step_axis(tmp_path):
+    _write_run(tmp_path / "r", steps=20, val_at=(20,))
+    history = runs.History()
+    history.add(runs.MetricsReader(tmp_path / "r" / "metrics.jsonl").read())
+    fig = runs.history_figure(history, smoothing=0.6)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    ax_loss, ax_val = fig.axes[0], fig.axes[4]
+    legend = ax_loss.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(ax_loss.get_window_extent(renderer))  # beside the axes, not over the total
+    assert ax_val.get_xlim()[0] == 0 and 20 <= ax_val.get_xlim()[1] <= 21  # not 19.95..20.05
+    assert ax_val.get_xlim() == ax_loss.get_xlim()
+    total, raw = ax_loss.lines[1], ax_loss.lines[0]
+    assert list(raw.get_ydata()) == history.loss and list(total.get_ydata()) == runs.ema(history.loss, 0.6)
+
+
+def test_a_finished_run_shows_its_log_and_a_restarted_kernel_offers_the_last_run(tmp_path):
+    runs_dir = tmp_path / "runs"
+    _write_run(runs_dir / "older")
+    _write_run(runs_dir / "exp2")
+    monitor = runs.RunMonitor("c.yaml", runs_dir, "older", default_run_name="demo")
+    monitor.run_name.value = "exp2"  # the researcher switches to another run
+    assert "finished: 20 steps" in monitor.log_tail() and "train.log" in monitor.log_tail()
+    assert monitor.history.last_step == 20
+    before = monitor.plot.value
+    monitor.smoothing.value = 0.0
+    assert monitor.plot.value != before  # redrawn with the raw curves, no new records needed
+    again = runs.RunMonitor("c.yaml", runs_dir, None, default_run_name="demo")  # the kernel restarted
+    assert again.run_name.value == "exp2" and again.history.last_step == 20
+    (runs_dir / ".last_run.json").write_text('{"run_name": "../elsewhere"}')  # never a folder outside runs_dir
+    assert runs.RunMonitor("c.yaml", runs_dir, None, default_run_name="demo").run_name.value == "demo"
+    assert "has no run" in runs.RunMonitor("c.yaml", runs_dir, "new", default_run_name="demo").log_tail()

@@ -20,6 +20,8 @@ from vesuvius_lab.manifest import load_manifest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+TWIN_DIR = NOTEBOOK_DIR / "py"  # the py:percent twins, kept out of the notebooks' file browser (.jupytext.toml)
+FORMATS = "ipynb,py//py:percent"
 # Small parameters per notebook, on top of the tiny manifest, cache, screenshot folder and close_viewer.
 SMALL = {
     "01_inspect_volumes": {},
@@ -45,16 +47,17 @@ def _tags(cell) -> list[str]:
 
 def test_every_notebook_has_a_twin_and_small_parameters():
     assert {p.stem for p in NOTEBOOKS} >= {"01_inspect_volumes", "02_preview_patches"}
-    assert {p.stem for p in NOTEBOOK_DIR.glob("*.py")} == {p.stem for p in NOTEBOOKS}
+    assert {p.stem for p in TWIN_DIR.glob("*.py")} == {p.stem for p in NOTEBOOKS}
+    assert not list(NOTEBOOK_DIR.glob("*.py")), "twins go to notebooks/py/, beside nothing in the file browser"
     assert set(SMALL) == {p.stem for p in NOTEBOOKS}, "each notebook needs small parameters to run in the tests"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_paired_clean_and_parameterised(path):
-    nb, twin = nbformat.read(path, as_version=4), jupytext.read(path.with_suffix(".py"))
+    nb, twin = nbformat.read(path, as_version=4), jupytext.read(TWIN_DIR / f"{path.stem}.py")
     for doc in (nb, twin):
-        assert doc.metadata["jupytext"]["formats"] == "ipynb,py:percent"
-    assert _cells(nb) == _cells(twin), f"{path.name} and its .py twin differ: run jupytext --sync"
+        assert doc.metadata["jupytext"]["formats"] == FORMATS
+    assert _cells(nb) == _cells(twin), f"{path.name} and its twin differ: run jupytext --sync notebooks/py/{path.stem}.py"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code), f"{path.name} has outputs"
     assert [i for i, c in enumerate(code) if "parameters" in _tags(c)] == [0]
@@ -114,6 +117,9 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         shot = artifacts / f"{path.stem}-{suffix}.png"
         assert str(shot) in printed
         assert_rendered(shot)
+    napari_cells = [c for c in nb.cells if c.cell_type == "code" and "napari.Viewer(" in c.source]
+    red = [o.text for c in napari_cells for o in c.outputs if o.get("name") == "stderr"]
+    assert not red, f"a napari cell printed warnings (PyQt5, Qt6 theme, XDG_RUNTIME_DIR): {red}"
     shown = _widget_texts(nb)
     if path.stem == "05_evaluate":
         tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
@@ -190,3 +196,27 @@ def test_a_cell_that_awaits_is_not_starved_by_the_qt_loop(x_display, tmp_path):
     nbformat.write(nb, path)
     done = run_notebook(path, timeout=60)
     assert done.cells[2].outputs[0]["data"]["text/plain"] == "5"
+
+
+def test_a_new_notebook_gets_its_twin_in_py_and_jupyterlab_has_no_news_pop_up(tmp_path):
+    """The file browser lists each notebook once: .jupytext.toml pairs a new one into py/ as well.
+    JupyterLab reads the workbench's overrides (installed by `make install`): no news pop-up."""
+    shutil.copy(NOTEBOOK_DIR / ".jupytext.toml", tmp_path)
+    nbformat.write(new_notebook(cells=[new_code_cell("x = 1")]), tmp_path / "06_new.ipynb")
+    jupytext_cli = Path(sys.executable).with_name("jupytext")
+    done = subprocess.run([str(jupytext_cli), "--sync", str(tmp_path / "06_new.ipynb")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "py" / "06_new.py").is_file() and not (tmp_path / "06_new.py").exists()
+
+    ours = json.loads((NOTEBOOK_DIR.parent / "jupyterlab-overrides.json").read_text())
+    installed = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "vesuvius-lab.json"
+    assert installed.is_file(), "make install puts jupyterlab-overrides.json there"
+    assert json.loads(installed.read_text()) == ours
+    schemas = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas"
+    for plugin, settings in ours.items():  # real settings of this JupyterLab, with allowed values
+        package, name = plugin.split(":")
+        schema = json.loads((schemas / package / f"{name}.json").read_text())["properties"]
+        for key, value in settings.items():
+            allowed = [o["const"] for o in schema[key].get("oneOf", [])] or [value]
+            assert value in allowed, (plugin, key, value)
+    assert ours["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"

@@ -11,7 +11,7 @@ import vesuvius_lab
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-CONDA_TO_PIP = {"pytorch": "torch", "pyqt": "pyqt5"}
+CONDA_TO_PIP = {"pytorch": "torch"}
 
 
 def _name(req: str) -> str:

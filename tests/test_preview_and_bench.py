@@ -7,7 +7,7 @@ import numpy as np  # noqa: E402
 
 from pipeline_helpers import make_dataset, strong_augment  # noqa: E402
 from vesuvius_lab.config import AugmentConfig  # noqa: E402
-from vesuvius_lab.preview import box_edges, draw_patches, montage  # noqa: E402
+from vesuvius_lab.preview import box_edges, draw_patches  # noqa: E402
 
 
 def test_draw_patches_gives_boxes_in_volume_coordinates(tiny_root, tmp_path):
@@ -35,10 +35,24 @@ def test_rotated_patch_box_is_rotated(tiny_root, tmp_path):
 
 
 def test_montage_has_orthogonal_slices_for_each_sample(tiny_root, tmp_path):
+    """Labels in notebook 01's colours with a legend; the distance column with its colour bar."""
+    from matplotlib.colors import to_rgba
+
+    from vesuvius_lab.lab.data import LABEL_COLORS
+    from vesuvius_lab.lab.plots import montage
+
     ds = make_dataset(tiny_root, tmp_path / "c", augment=strong_augment())
     fig = montage(draw_patches(ds, 2))
-    assert len(fig.axes) == 2 * 3 * 4
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2 * 3 * 4 and len(fig.axes) == len(panels) + 1  # one colour bar
     assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "label", "skeleton", "distance"]
+    assert "signed distance" in fig.axes[-1].get_xlabel()
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["1 surface", "2 ignored"]
+    assert to_rgba(legend.legend_handles[0].get_facecolor()) == LABEL_COLORS[1]
+    overlay = panels[1].get_images()[1].get_array()  # label column: the image, then the label colours
+    surface = np.all(np.isclose(overlay, LABEL_COLORS[1]), axis=-1)
+    assert surface.any() or not (draw_patches(ds, 1)[0]["label"] == 1).any()
     fig.savefig(tmp_path / "montage.png")
     assert (tmp_path / "montage.png").stat().st_size > 10_000
 

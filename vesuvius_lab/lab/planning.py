@@ -1,20 +1,30 @@
 """The epoch planner of notebook 03 as a form: targets, Measure (in a background thread, with a
 progress bar), the timings table and plots, the recommendation with its warnings and presets, and
-Apply (writes the config). Callbacks are plain methods, so tests drive it without a browser."""
+Apply (writes the config). Callbacks are plain methods, so tests drive it without a browser.
+
+Its defaults come from the config: without a target, the epoch to plan is the config's own (its
+steps per epoch at the measured speed), so a demo config is planned at demo size; a ``plan.json``
+that ``vesuvius-lab plan`` saved for the config is shown at once, and re-planned without measuring."""
 
 from __future__ import annotations
 
 import html
+import json
+import math
+import os
 import threading
+import time
 from pathlib import Path
 
 import ipywidgets as w
 from matplotlib.figure import Figure
 
 from vesuvius_lab import planner
-from vesuvius_lab.config import load_config
+from vesuvius_lab.config import Config, load_config
+from vesuvius_lab.data import epoch_layout
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.lab.widgets import html_table
+from vesuvius_lab.training.run_dir import RunDir
 
 
 def timings_rows(m: planner.Measurements) -> list[list[str]]:
@@ -41,15 +51,40 @@ def timings_figure(m: planner.Measurements) -> Figure:
     return fig
 
 
+def read_plan(path: str | Path) -> planner.Plan:
+    """A plan saved by ``vesuvius-lab plan`` (``Plan.to_dict`` as JSON), with its measurements."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    m = dict(doc["measurements"])
+    m["timings"] = [planner.BatchTiming(**t) for t in m["timings"]]
+    doc["measurements"] = planner.Measurements(**m)
+    doc["presets"] = [planner.Preset(**p) for p in doc["presets"]]
+    return planner.Plan(**{k: math.nan if v is None else v for k, v in doc.items()})
+
+
+def config_epoch_minutes(m: planner.Measurements, config: Config) -> float:
+    """The config's own epoch (its steps per epoch at its batch size, validation and checkpoints
+    included) at the measured speed: the default target, so a demo config is planned at demo size."""
+    ok = [t for t in m.timings if not t.out_of_memory]
+    timing = next((t for t in ok if t.batch_size == config.training.train_batch_size),
+                  max(ok, key=lambda t: t.samples_per_s))
+    steps = epoch_layout(config, max(m.train_records, 1), m.world_size).steps
+    seconds = planner._epoch_seconds(steps, timing, m, config, config.training.val_every_epochs)
+    return max(0.1, math.ceil(seconds / 6) / 10)  # up to the next tenth of a minute
+
+
 class PlanForm:
     """Targets, Measure with progress, the recommendation, and Apply to ``out_path``."""
 
-    def __init__(self, config_path: str | Path, out_path: str | Path, target_epoch_minutes: float = 60.0,
+    def __init__(self, config_path: str | Path, out_path: str | Path, target_epoch_minutes: float | None = None,
                  budget_hours: float | None = None, coverage_target: float = 1.0,
-                 batch_sizes: list[int] | None = None, warmup: int = 2, steps: int = 8):
+                 batch_sizes: list[int] | None = None, warmup: int = 2, steps: int = 8,
+                 runs_dir: str | Path | None = None):
         self.config_path, self.out_path = Path(config_path), Path(out_path)
         self.batch_sizes, self.warmup, self.steps = batch_sizes, warmup, steps
-        self.target = w.FloatText(value=target_epoch_minutes, description="epoch (min)")
+        # where `vesuvius-lab plan` saves it: the config's run folder, runs/<config name>/plan.json
+        self.plan_path = RunDir(Path(runs_dir) / self.config_path.stem).plan if runs_dir else None
+        self.target = w.FloatText(value=target_epoch_minutes or 0.0, description="epoch (min)",
+                                  tooltip="0: the config's own epoch, as measured")
         self.budget = w.FloatText(value=budget_hours or 0.0, description="budget (h)", tooltip="0: no budget")
         self.coverage = w.FloatText(value=coverage_target, description="coverage")
         self.measure_button = w.Button(description="Measure", button_style="info")
@@ -67,6 +102,23 @@ class PlanForm:
         self.measurements: planner.Measurements | None = None
         self.plan: planner.Plan | None = None
         self.thread: threading.Thread | None = None
+        if self.plan_path is not None and self.plan_path.is_file():
+            self.show_saved(self.plan_path)
+
+    def show_saved(self, path: Path) -> planner.Plan | None:
+        """Show a saved plan: its timings, and its recommendation for its own target."""
+        try:
+            saved = read_plan(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.message.value = f"<span style='color:#b00'>{html.escape(str(path))}: not a plan this form reads ({html.escape(str(exc))})</span>"
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+        if not self.target.value:
+            self.target.value = round(saved.target_epoch_s / 60, 2)  # recommends again through the observer
+        self._show_measurements(saved.measurements)
+        self.message.value = (f"the plan saved in {html.escape(str(path))} ({when}, measured on {saved.measurements.device}): "
+                              "change a target to plan again from its timings, or Measure to time this machine now")
+        return self.plan
 
     def measure(self) -> planner.Measurements:
         """Run the planner's sweep (the progress bar follows its parts), then recommend."""
@@ -77,12 +129,16 @@ class PlanForm:
         self.measurements = planner.measure(load_config(self.config_path), self.batch_sizes, warmup=self.warmup,
                                             steps=self.steps, progress=False, on_progress=on_progress)
         m = self.measurements
+        self._show_measurements(m)
         self.message.value = f"measured {len(m.timings)} batch sizes in {m.seconds:.0f} s on {m.device}"
+        return m
+
+    def _show_measurements(self, m: planner.Measurements) -> None:
+        self.measurements = m
         self.table.value = html_table(timings_rows(m), ("batch", "samples/s", "step s", "data wait s", "peak MB"))
         self.plot.value = figure_png(timings_figure(m))
         self.plot.layout.display = None
         self.recommend()
-        return m
 
     def measure_async(self) -> threading.Thread:
         def run() -> None:
@@ -101,7 +157,11 @@ class PlanForm:
     def recommend(self) -> planner.Plan | None:
         if self.measurements is None:
             return None
-        self.plan = planner.recommend(self.measurements, load_config(self.config_path), self.target.value,
+        config = load_config(self.config_path)
+        if not self.target.value:  # the config's own epoch; setting the field recommends through the observer
+            self.target.value = config_epoch_minutes(self.measurements, config)
+            return self.plan
+        self.plan = planner.recommend(self.measurements, config, self.target.value,
                                       self.budget.value or None, coverage_target=self.coverage.value or None)
         p = self.plan
         head = (f"<b>batch {p.train_batch_size} × {p.train_iterations_per_epoch} steps/epoch × {p.max_epochs} epochs</b>"

@@ -7,8 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from vesuvius_lab.lab.data import LABEL_COLORS
+from vesuvius_lab.layout import IGNORE_LABEL
+from vesuvius_lab.targets import DISTANCE_CLIP
 
 AXES = "zyx"
 
@@ -74,3 +77,41 @@ class OrthoSlices:
 
     def png(self) -> bytes:
         return figure_png(self.fig)
+
+
+MONTAGE_COLUMNS = ("image", "label", "skeleton", "distance")
+
+
+def montage(samples: list[dict], max_samples: int = 4) -> Figure:
+    """Mid-slices along z, y and x of each sampled patch: image, label, skeleton and signed distance.
+
+    Labels are drawn over the image in notebook 01's colours with a legend; the signed distance
+    (negative inside the surface) has its colour bar in voxels.
+    """
+    samples = samples[:max_samples]
+    fig = Figure(figsize=(9.5, 2.1 * 3 * len(samples) + 0.9), dpi=80, layout="constrained")
+    axes = fig.subplots(3 * len(samples), len(MONTAGE_COLUMNS), squeeze=False)
+    distance = None
+    for row, sample in enumerate(samples):
+        for axis in range(3):
+            ax_row = axes[3 * row + axis]
+            image, label, skeleton, dist = (np.take(sample[k], sample[k].shape[axis] // 2, axis=axis)
+                                            for k in MONTAGE_COLUMNS)
+            ax_row[0].imshow(image, cmap="gray")
+            ax_row[1].imshow(image, cmap="gray")
+            ax_row[1].imshow(label_rgba(np.asarray(label).astype(np.intp)), interpolation="nearest")
+            ax_row[2].imshow(skeleton, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+            distance = ax_row[3].imshow(dist, cmap="RdBu", vmin=-DISTANCE_CLIP, vmax=DISTANCE_CLIP)
+            for ax in ax_row:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            ax_row[0].set_ylabel(f"{sample['record_id']}\n{AXES[axis]}-mid", fontsize=7)
+    for ax, key in zip(axes[0], MONTAGE_COLUMNS, strict=True):
+        ax.set_title(key)
+    if distance is not None:
+        fig.colorbar(distance, ax=axes[:, 3].tolist(), location="bottom", shrink=0.9, aspect=15,
+                     label="signed distance, voxels\n(< 0 inside the surface)")
+    handles = [Patch(color=LABEL_COLORS[1], label="1 surface"),
+               Patch(color=LABEL_COLORS[IGNORE_LABEL][:3] + (0.6,), label=f"{IGNORE_LABEL} ignored")]
+    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8, title="label colours (as in notebook 01)")
+    return fig

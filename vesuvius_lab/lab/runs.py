@@ -286,18 +286,49 @@ class RunProcess:
 # --- the plot --------------------------------------------------------------------------------------
 
 
-def history_figure(history: History, title: str = "") -> Figure:
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average as TensorBoard smooths a curve (debiased, so the first points are
+    not pulled towards 0); NaN points (a skipped step) stay NaN and do not enter the average."""
+    out, mean, norm = [], 0.0, 0.0
+    for value in values:
+        if value != value:
+            out.append(math.nan)
+            continue
+        mean, norm = weight * mean + (1 - weight) * value, weight * norm + (1 - weight)
+        out.append(mean / norm)
+    return out
+
+
+def plot_losses(ax, history: History, smoothing: float = 0.0) -> None:
+    """The total loss and every term, smoothed by an EMA of weight ``smoothing`` (the raw total
+    stays as a faint line); the legend sits outside the axes, where it hides no curve."""
+    s = history.steps
+    if smoothing > 0 and s:
+        ax.plot(s, history.loss, color="black", lw=1, alpha=0.25)
+    ax.plot(s, ema(history.loss, smoothing) if smoothing > 0 else history.loss, color="black", lw=2, label="total")
+    for term, values in history.terms.items():
+        if any(v == v for v in values):  # topo: only every topo_every steps
+            ax.plot(s, ema(values, smoothing) if smoothing > 0 else values, lw=1, marker=".", ms=3, label=term)
+    ax.set_title(f"loss and terms (EMA {smoothing:.2f})" if smoothing > 0 else "loss and terms")
+    if ax.lines:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def step_limits(history: History) -> tuple[float, float]:
+    """One step range for every panel: a single validation point sits at its step, not on an axis
+    of its own spanning a hundredth of a step."""
+    last = max(history.steps[-1:] + history.val_steps[-1:] + [1])
+    return 0.0, last * 1.02
+
+
+def history_figure(history: History, title: str = "", smoothing: float = 0.0) -> Figure:
     """Losses, LR, throughput, data-wait share and validation scores against the step."""
     fig = Figure(figsize=(12, 6.5), dpi=72, layout="constrained")
     (ax_loss, ax_lr, ax_speed), (ax_wait, ax_val, ax_info) = fig.subplots(2, 3)
     if title:
         fig.suptitle(title)
     s = history.steps
-    ax_loss.plot(s, history.loss, color="black", lw=2, label="total")
-    for term, values in history.terms.items():
-        if any(v == v for v in values):
-            ax_loss.plot(s, values, lw=1, marker=".", ms=3, label=term)  # topo: only every topo_every steps
-    ax_loss.set_title("loss and terms")
+    plot_losses(ax_loss, history, smoothing)
     ax_lr.plot(s, history.lr, color="tab:purple")
     ax_lr.set_title("learning rate")
     ax_speed.plot(s, history.samples_per_s, color="tab:green")
@@ -309,11 +340,11 @@ def history_figure(history: History, title: str = "") -> Figure:
         ax_val.plot(history.val_steps, history.val[part], marker="o", lw=2 if part == "score" else 1, label=part)
     ax_val.set_ylim(0, 1.05)
     ax_val.set_title("validation")
-    for ax in (ax_loss, ax_val):
-        if ax.lines:
-            ax.legend(fontsize=7, loc="best")
+    if ax_val.lines:
+        ax_val.legend(fontsize=7, loc="best")
     for ax in (ax_loss, ax_lr, ax_speed, ax_wait, ax_val):
         ax.set_xlabel("step")
+        ax.set_xlim(step_limits(history))
         ax.grid(alpha=0.3)
     ax_info.axis("off")
     ax_info.text(0.0, 1.0, f"steps logged: {len(s)}\nlast step: {history.last_step}\n"
@@ -324,17 +355,37 @@ def history_figure(history: History, title: str = "") -> Figure:
 # --- the widget --------------------------------------------------------------------------------------
 
 
+LAST_RUN = ".last_run.json"  # in runs_dir: the run a monitor attached to last, offered after a kernel restart
+
+
+def last_run_name(runs_dir: str | Path) -> str | None:
+    """The run a monitor over ``runs_dir`` attached to last, if its folder is still there."""
+    try:
+        name = json.loads((Path(runs_dir) / LAST_RUN).read_text(encoding="utf-8"))["run_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and Path(name).name == name and (Path(runs_dir) / name).is_dir() else None
+
+
+def remember_run(runs_dir: str | Path, run_name: str) -> None:
+    if last_run_name(runs_dir) != run_name:
+        atomic_write_text(Path(runs_dir) / LAST_RUN, json.dumps({"run_name": run_name}))
+
+
 class RunMonitor:
     """Config, run name, devices, Start / Stop / Resume, a progress bar with ETA and the live plot.
 
     ``refresh()`` reads what is new in the run directory and redraws; ``watch()`` does that from a
     background thread every ``interval`` seconds, so the kernel stays free. Constructing it on an
-    existing run directory reattaches (reads everything logged, and the process if it is alive).
+    existing run directory reattaches (reads everything logged, and the process if it is alive);
+    without a run name it reattaches to the run it attached to last (after a kernel restart).
     """
 
-    def __init__(self, config: str | Path, runs_dir: str | Path, run_name: str = "run", devices: int = 1,
-                 overrides: Sequence[str] = (), interval: float = 2.0, cwd: str | Path | None = None):
+    def __init__(self, config: str | Path, runs_dir: str | Path, run_name: str | None = None, devices: int = 1,
+                 overrides: Sequence[str] = (), interval: float = 2.0, cwd: str | Path | None = None,
+                 default_run_name: str = "run"):
         self.runs_dir, self.interval, self.cwd = Path(runs_dir), interval, cwd
+        run_name = run_name or last_run_name(runs_dir) or default_run_name
         self.config = w.Text(value=str(config), description="config", layout=w.Layout(width="520px"))
         self.run_name = w.Text(value=run_name, description="run name")
         self.devices = w.BoundedIntText(value=devices, min=1, max=64, description="GPUs",
@@ -348,6 +399,9 @@ class RunMonitor:
         self.status = w.HTML()
         self.message = w.HTML()
         self.plot = w.Image(format="png")
+        self.smoothing = w.FloatSlider(value=0.6, min=0.0, max=0.99, step=0.01, description="smoothing",
+                                       tooltip="EMA weight of the loss curves (0: raw)", readout_format=".2f")
+        self.smoothing.observe(lambda _c: self.redraw(), names="value")
         self.start_button.on_click(lambda _b: self.start(resume=False))
         self.stop_button.on_click(lambda _b: self.stop())
         self.resume_button.on_click(lambda _b: self.start(resume=True))
@@ -355,7 +409,7 @@ class RunMonitor:
         self.widget = w.VBox([
             w.HBox([self.config, self.devices]), w.HBox([self.run_name, self.overrides]),
             w.HBox([self.start_button, self.stop_button, self.resume_button]),
-            w.HBox([self.progress, self.status]), self.message, self.plot,
+            w.HBox([self.progress, self.status]), self.message, self.smoothing, self.plot,
         ])
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -391,7 +445,9 @@ class RunMonitor:
             self.process = RunProcess(self.run_dir)
             self.reader = MetricsReader(RunDir(self.run_dir).metrics)
             self.history = History()
-            self._drawn = -1
+            self._drawn, self._state = -1, ""
+            if self.run_dir.is_dir():
+                remember_run(self.runs_dir, self.run_name.value)
         self.refresh()
 
     def start(self, resume: bool = False) -> None:
@@ -404,6 +460,7 @@ class RunMonitor:
                 return
             argv = self.argv(resume)
             self.process.start(argv, cwd=self.cwd)
+            remember_run(self.runs_dir, self.run_name.value)
             self.message.value = f"<code>{html.escape(' '.join(argv))}</code>"
         self.refresh()
 
@@ -446,10 +503,17 @@ class RunMonitor:
             self.start_button.disabled = alive
             self.resume_button.disabled = alive
             self.stop_button.disabled = not alive
+            self._state = state
             if len(self.history.steps) + len(self.history.val_steps) != self._drawn:
-                self._drawn = len(self.history.steps) + len(self.history.val_steps)
-                self.plot.value = figure_png(history_figure(self.history, f"{self.run_name.value}: {state}"))
+                self.redraw()
             return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
+
+    def redraw(self) -> None:
+        """Draw the plot from the history read so far (a new smoothing needs no new records)."""
+        with self._lock:
+            self._drawn = len(self.history.steps) + len(self.history.val_steps)
+            title = f"{self.run_name.value}: {self._state}"
+            self.plot.value = figure_png(history_figure(self.history, title, self.smoothing.value))
 
     def watch(self, interval: float | None = None) -> None:
         """Refresh from a background thread until ``unwatch()``."""
@@ -491,8 +555,11 @@ class RunMonitor:
         return path
 
     def log_tail(self, lines: int = 15) -> str:
-        """The last lines of the run's console output (its command line, stdout and stderr)."""
-        console = RunDir(self.run_dir).console
-        if not console.is_file():
-            return "(no output yet: the run has not been started)"
-        return "".join(console.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-lines:])
+        """The last lines of the run's output: the console of a run launched from here (its command
+        line, stdout and stderr), else the trainer's own train.log (a run started elsewhere)."""
+        run = RunDir(self.run_dir)
+        for path in (run.console, run.train_log):
+            if path.is_file():
+                text = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-lines:]
+                return f"({path})\n" + "".join(text)
+        return f"(no output yet: {self.run_dir} has no run)"

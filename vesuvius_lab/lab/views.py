@@ -1,11 +1,15 @@
 """napari layers for a record, its prediction and its sampled patches, through the public layer API.
 
 Volumes are added as the cache's memmaps, so napari reads only the slices it displays. Layers
-have fixed names and are replaced when a new record is shown, so a viewer can be reused.
+have fixed names and get the new record's data in place when another record is shown, so a viewer
+is reused with its camera, its layer settings and its 2D/3D mode. Every function that changes a
+viewer runs on the Qt thread (``qt.on_qt_thread``), whichever thread a widget callback calls it from.
 """
 
 from __future__ import annotations
 
+import io
+import sys
 import weakref
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from napari.utils.colormaps import DirectLabelColormap
 from vesuvius_lab.cache import CachedVolume
 from vesuvius_lab.layout import IGNORE_LABEL
 from vesuvius_lab.lab.data import LABEL_COLORS
+from vesuvius_lab.lab.qt import on_qt_thread
 from vesuvius_lab.preview import box_edges
 
 PREDICTION_COLORS = {1: (1.0, 0.2, 1.0, 0.9)}
@@ -26,6 +31,7 @@ DRAW_COLORS = {True: (1.0, 0.25, 0.25, 1.0), False: (0.2, 1.0, 0.45, 1.0)}  # fo
 BOX_WALK = (0, 1, 3, 2, 0, 4, 5, 7, 6, 4, 5, 1, 3, 7, 6, 2)
 ONLY_2D = ("ignored", "patch outlines")  # layers that would hide the rest in 3D
 OBLIQUE = (0.0, -25.0, 55.0)  # camera angles for a first 3D view
+AXIS_LABELS = ("z", "y", "x")  # the slider napari shows for a 3D volume says z, not -3
 _FOLLOWING: weakref.WeakSet = weakref.WeakSet()  # viewers whose ndisplay changes are followed
 
 
@@ -53,33 +59,52 @@ def _follow_ndisplay(viewer: napari.Viewer) -> None:
     _sync_2d_only(viewer)
 
 
+def _set_data(viewer: napari.Viewer, name: str, data: np.ndarray, kind: type, add) -> napari.layers.Layer:
+    """The layer ``name`` showing ``data``: the existing one gets the data in place (layers are not
+    removed and re-added, so the camera, the layer settings and the layer list's rows stay), a
+    missing one, or one of another kind, is added with ``add(data)``."""
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if type(layer) is kind:
+            layer.data = data
+            return layer
+        viewer.layers.remove(layer)
+    return add(data)
+
+
+@on_qt_thread
 def show_record(viewer: napari.Viewer, volume: CachedVolume, prediction: np.ndarray | None = None) -> list:
     """Image, surface (label 1) and ignored regions (label 2) in distinct colours, and a prediction.
 
     Surface and ignored regions are two labels layers over the same memmap: the ignored border
     encloses every volume, so in 3D it would hide the surface and is shown in 2D only. An integer
-    prediction is a label map (1 = surface); a float one is a probability map.
+    prediction is a label map (1 = surface); a float one is a probability map. Showing another
+    record keeps the view (2D/3D, camera angles); it is refitted only if the shape changed.
     """
-    for name in ("image", "surface", "ignored", "prediction"):
-        _replace(viewer, name)
+    before = viewer.layers["image"].data.shape if "image" in viewer.layers else None
     layers = [
-        viewer.add_image(
-            volume.image, name="image", colormap="gray", contrast_limits=(0, 255), blending="additive",
-            rendering="attenuated_mip", attenuation=0.3,
-        ),
-        viewer.add_labels(volume.label, name="surface", colormap=label_colormap({1: LABEL_COLORS[1]}), opacity=0.7),
-        viewer.add_labels(volume.label, name="ignored", colormap=label_colormap({IGNORE_LABEL: LABEL_COLORS[IGNORE_LABEL]})),
+        _set_data(viewer, "image", volume.image, napari.layers.Image, lambda d: viewer.add_image(
+            d, name="image", colormap="gray", contrast_limits=(0, 255), blending="additive",
+            rendering="attenuated_mip", attenuation=0.3)),
+        _set_data(viewer, "surface", volume.label, napari.layers.Labels, lambda d: viewer.add_labels(
+            d, name="surface", colormap=label_colormap({1: LABEL_COLORS[1]}), opacity=0.7)),
+        _set_data(viewer, "ignored", volume.label, napari.layers.Labels, lambda d: viewer.add_labels(
+            d, name="ignored", colormap=label_colormap({IGNORE_LABEL: LABEL_COLORS[IGNORE_LABEL]}))),
     ]
-    if prediction is not None:
-        if np.issubdtype(prediction.dtype, np.integer):
-            layers.append(viewer.add_labels(prediction, name="prediction", colormap=label_colormap(PREDICTION_COLORS)))
-        else:
-            layers.append(
-                viewer.add_image(
-                    prediction, name="prediction", colormap="magenta", blending="additive", contrast_limits=(0, 1)
-                )
-            )
-    viewer.layers.move_multiple([viewer.layers.index(layer) for layer in layers], 0)  # under any patch boxes
+    if prediction is None:
+        _replace(viewer, "prediction")
+    elif np.issubdtype(prediction.dtype, np.integer):
+        layers.append(_set_data(viewer, "prediction", prediction, napari.layers.Labels, lambda d: viewer.add_labels(
+            d, name="prediction", colormap=label_colormap(PREDICTION_COLORS))))
+    else:
+        layers.append(_set_data(viewer, "prediction", prediction, napari.layers.Image, lambda d: viewer.add_image(
+            d, name="prediction", colormap="magenta", blending="additive", contrast_limits=(0, 1))))
+    order = [viewer.layers.index(layer) for layer in layers]
+    if order != list(range(len(layers))):
+        viewer.layers.move_multiple(order, 0)  # under any patch boxes
+    viewer.dims.axis_labels = AXIS_LABELS
+    if before is not None and before != volume.image.shape:
+        viewer.reset_view(reset_camera_angle=False)
     viewer.title = f"vesuvius-lab: {volume.record.id}"
     _follow_ndisplay(viewer)
     return layers
@@ -116,6 +141,7 @@ def box_sections(corners: np.ndarray) -> list[np.ndarray]:
     return sections
 
 
+@on_qt_thread
 def show_patch_boxes(viewer: napari.Viewer, patches: list[dict]) -> list:
     """Sampled patch boxes, foreground and uniform draws in different colours.
 
@@ -151,6 +177,7 @@ def show_patch_boxes(viewer: napari.Viewer, patches: list[dict]) -> list:
     return layers
 
 
+@on_qt_thread
 def set_ndisplay(viewer: napari.Viewer, ndisplay: int) -> None:
     """Switch 2D/3D; 3D starts from an oblique camera (napari's default looks along z, like 2D)."""
     viewer.dims.ndisplay = ndisplay
@@ -166,6 +193,76 @@ def ndisplay_toggle(viewer: napari.Viewer) -> ipywidgets.ToggleButtons:
     return toggle
 
 
+# layer events that change what the canvas shows (not thumbnails, status or loading states)
+SHOWN_EVENTS = {"data", "visible", "opacity", "colormap", "contrast_limits", "gamma", "blending", "rendering",
+                "attenuation", "iso_threshold", "edge_color", "face_color", "edge_width", "show_selected_label"}
+SNAPSHOT_DELAY_MS = 250  # one snapshot after a burst of changes (a slider drag, a record switch)
+
+
+class ViewerSnapshot:
+    """The viewer's canvas as an image in the notebook, redrawn after whatever changes it.
+
+    napari draws in a desktop window; on a remote JupyterLab (or in a saved notebook) this image is
+    what the researcher sees. Camera, slider, 2D/3D and layer changes schedule one snapshot, taken
+    on the Qt thread ``SNAPSHOT_DELAY_MS`` after the last of a burst.
+    """
+
+    def __init__(self, viewer: napari.Viewer, width: str = "640px"):
+        from qtpy.QtCore import QTimer
+
+        self.viewer = viewer
+        self.image = ipywidgets.Image(format="png", layout=ipywidgets.Layout(width=width))
+        self.widget = self.image
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(SNAPSHOT_DELAY_MS)
+        self._timer.timeout.connect(self._scheduled)
+        viewer.scene.camera.events.connect(self._changed)
+        viewer.dims.events.current_step.connect(self._changed)
+        viewer.dims.events.ndisplay.connect(self._changed)
+        viewer.layers.events.connect(self._changed)
+        viewer.layers.events.inserted.connect(lambda event: event.value.events.connect(self._layer_changed))
+        for layer in viewer.layers:
+            layer.events.connect(self._layer_changed)
+        self.update()
+
+    def _layer_changed(self, event) -> None:
+        if event.type in SHOWN_EVENTS:
+            self._changed(event)
+
+    def _changed(self, _event=None) -> None:
+        self._timer.start()  # napari's events come on the Qt thread (views.* run there)
+
+    def _scheduled(self) -> None:
+        """The timer's snapshot: an error is reported, never raised inside a Qt slot (which aborts)."""
+        try:
+            self.update()
+        except Exception as exc:  # e.g. the viewer was closed meanwhile
+            print(f"napari snapshot skipped: {exc!r}", file=sys.stderr)
+
+    @on_qt_thread
+    def update(self) -> bytes:
+        """Take the snapshot now; its PNG bytes."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(self.viewer.screenshot(canvas_only=True, flash=False)).save(buf, format="png")
+        self.image.value = buf.getvalue()
+        return self.image.value
+
+
+def notebook_view(viewer: napari.Viewer) -> ipywidgets.VBox:
+    """What a napari cell shows under it: the 2D/3D buttons and a live snapshot of the canvas (axes
+    named z/y/x), so the notebook reads without the desktop window."""
+    if viewer.dims.ndim == len(AXIS_LABELS):
+        viewer.dims.axis_labels = AXIS_LABELS
+    snapshot = ViewerSnapshot(viewer)
+    box = ipywidgets.VBox([ndisplay_toggle(viewer), snapshot.widget])
+    box.snapshot = snapshot  # alive as long as its widget: napari holds event callbacks weakly
+    return box
+
+
+@on_qt_thread
 def save_views(viewer: napari.Viewer, folder: str | Path, stem: str) -> list[Path]:
     """Canvas screenshots in 2D and 3D (``{stem}-2d.png``, ``{stem}-3d.png``); ndisplay is restored."""
     folder = Path(folder)

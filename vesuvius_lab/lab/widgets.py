@@ -16,9 +16,8 @@ import ipywidgets as w
 from vesuvius_lab.cache import CachedVolume
 from vesuvius_lab.config import AugmentConfig, SamplerConfig, TrainingConfig
 from vesuvius_lab.lab import data
-from vesuvius_lab.lab.plots import OrthoSlices, figure_png
+from vesuvius_lab.lab.plots import OrthoSlices, figure_png, montage
 from vesuvius_lab.manifest import Manifest
-from vesuvius_lab.preview import montage
 
 
 def html_table(rows: Sequence[Sequence[str]], header: Sequence[str] = ()) -> str:
@@ -184,8 +183,6 @@ class PatchPreview:
         self._callbacks.append(callback)
 
     def sample(self) -> list[dict]:
-        import matplotlib.pyplot as plt
-
         form = self.form
         self.patches = data.sample_patches(
             self.picker.manifest, self.picker.dropdown.value, form.patch_size, form.n_patches.value,
@@ -198,9 +195,7 @@ class PatchPreview:
         )
         cov = data.epoch_coverage(self.picker.manifest, form.patch_size, self.training)
         self.coverage.value = html_table(data.coverage_rows(cov), ("training split, one epoch", ""))
-        fig = montage(self.patches, self.montage_samples)
-        self.montage.value = figure_png(fig)
-        plt.close(fig)
+        self.montage.value = figure_png(montage(self.patches, self.montage_samples))
         for callback in self._callbacks:
             callback(self.patches)
         return self.patches

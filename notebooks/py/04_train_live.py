@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -18,15 +18,16 @@
 #
 # Start a training run as a separate process (one process, or torchrun over N GPUs), stop it
 # (SIGTERM: it checkpoints, then exits) and resume it, while the plot below follows
-# `metrics.jsonl`: the total loss and every loss term, the learning rate, samples/s, the share of
-# each step spent waiting for data, and the validation score with its parts. The progress bar and
-# ETA come from `status.json`. The kernel stays free while the run trains; reopening this notebook
-# on the same run name reattaches to the run, running or finished.
+# `metrics.jsonl`: the total loss and every loss term (smoothed by the slider's EMA), the learning
+# rate, samples/s, the share of each step spent waiting for data, and the validation score with its
+# parts. The progress bar and ETA come from `status.json`. The kernel stays free while the run
+# trains; reopening this notebook (or restarting its kernel) reattaches to the run it showed last,
+# running or finished.
 
 # %% tags=["parameters"]
 config_path = "../configs/demo.yaml"  # the run config
 runs_dir = "../runs"  # run directories go here, one per run name
-run_name = "demo"  # an existing run's name reattaches to it
+run_name = None  # None: the run this notebook attached to last, else "demo"; an existing run's name reattaches
 devices = 1  # 1: one process; N > 1: torchrun with one process per GPU
 overrides = []  # config overrides, "section.key=value"
 refresh_s = 2.0  # seconds between plot refreshes
@@ -40,7 +41,8 @@ from pathlib import Path
 
 from vesuvius_lab.lab import runs
 
-monitor = runs.RunMonitor(config_path, runs_dir, run_name, devices, overrides, interval=refresh_s)
+monitor = runs.RunMonitor(config_path, runs_dir, run_name, devices, overrides, interval=refresh_s,
+                          default_run_name="demo")
 monitor.watch()  # refreshes from a background thread; the kernel stays free
 monitor.widget
 
@@ -52,7 +54,8 @@ if wait_steps:
 print(f"step {monitor.history.last_step}, {len(monitor.history.steps)} steps logged in {monitor.run_dir}")
 
 # %% [markdown]
-# The run's own output (the command line, then stdout and stderr), last lines:
+# The run's own output, last lines: the console of a run started here (the command line, then stdout
+# and stderr), else the trainer's `train.log`:
 
 # %%
 print(monitor.log_tail(15))

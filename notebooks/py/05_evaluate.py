@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -56,7 +56,7 @@ from vesuvius_lab.lab import views
 
 viewer = napari.Viewer()
 evaluation.show_errors(viewer, results[show_volume])
-views.ndisplay_toggle(viewer)
+views.notebook_view(viewer)  # 2D/3D and a live snapshot of the canvas
 
 # %%
 if screenshot_dir:

@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -56,7 +56,9 @@ slices.widget
 
 # %% [markdown]
 # ## napari
-# The viewer follows the record chosen above (the prediction belongs to the first record only).
+# The viewer follows the record chosen above (the prediction belongs to the first record only),
+# keeping its 2D/3D mode and camera. Under the cell, a snapshot of napari's canvas is redrawn after
+# each change, so the view reads here too (a remote JupyterLab, a saved notebook).
 
 # %%
 import napari
@@ -64,7 +66,7 @@ import napari
 viewer = napari.Viewer()
 views.show_record(viewer, picker.volume, data.open_prediction(prediction_path, picker.volume.image.shape))
 picker.on_change(lambda volume: views.show_record(viewer, volume))
-views.ndisplay_toggle(viewer)
+views.notebook_view(viewer)  # 2D/3D and a live snapshot of the canvas
 
 # %%
 if screenshot_dir:

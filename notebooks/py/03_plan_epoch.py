@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -19,12 +19,15 @@
 # How many steps per epoch, at which batch size, for how many epochs: set the wanted epoch
 # duration, the total budget and the coverage target, press "Measure" (the real training step and
 # loader are timed at each batch size, in the background), and read the recommendation, its
-# warnings and the presets. "Apply" writes the config with the plan's training keys.
+# warnings and the presets. "Apply" writes the config with the plan's training keys. Until you set
+# a target, the epoch planned is the config's own (the demo's takes minutes); a plan that
+# `vesuvius-lab plan` saved for this config shows here at once.
 
 # %% tags=["parameters"]
 config_path = "../configs/demo.yaml"  # the run config to plan
 out_path = "../configs/demo_planned.yaml"  # where Apply writes the planned config
-target_epoch_minutes = 60.0
+runs_dir = "../runs"  # a plan `vesuvius-lab plan` saved there (runs/<config name>/plan.json) is shown at once
+target_epoch_minutes = None  # None: the config's own epoch (its steps per epoch), as measured
 budget_hours = None  # None: no budget
 coverage_target = 1.0  # wanted share of the training patches seen per epoch
 batch_sizes = None  # None: 1, 2, 4, ... until memory or speed stops growing
@@ -38,7 +41,8 @@ from pathlib import Path
 
 from vesuvius_lab.lab.planning import PlanForm
 
-form = PlanForm(config_path, out_path, target_epoch_minutes, budget_hours, coverage_target, batch_sizes, warmup, steps)
+form = PlanForm(config_path, out_path, target_epoch_minutes, budget_hours, coverage_target, batch_sizes, warmup, steps,
+                runs_dir=runs_dir)
 form.widget
 
 # %%

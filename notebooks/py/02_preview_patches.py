@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -64,7 +64,7 @@ views.show_record(viewer, picker.volume)
 picker.on_change(lambda volume: views.show_record(viewer, volume))
 preview.on_sampled(lambda patches: views.show_patch_boxes(viewer, patches))
 preview.sample()
-views.ndisplay_toggle(viewer)
+views.notebook_view(viewer)  # 2D/3D and a live snapshot of the canvas
 
 # %% [markdown]
 # ## Montage and coverage
