@@ -78,6 +78,15 @@ def test_dynunet_heads_reach_the_loss_at_their_own_resolution():
     assert model.eval()(as_input(torch.randn(1, 1, 16, 16, 32))).shape == (1, 1, 16, 16, 32)
 
 
+def test_resuming_a_dynunet_with_a_patch_that_replans_it_is_one_line(recipe_run, cli):
+    before = (recipe_run / "checkpoints" / "last.pt").read_bytes()
+    code, _, err = cli("train", "--config", recipe_run / "config.yaml", "--run-dir", recipe_run, "--resume",
+                       "--no-progress", "data.patch_size=[32,32,32]", "training.max_epochs=4")
+    assert code == 2 and len(err) == 1 and "cannot resume with another model" in err[0]
+    assert "data.patch_size [16, 16, 16] -> [32, 32, 32] (model.arch dynunet plans its stages from it)" in err[0]
+    assert (recipe_run / "checkpoints" / "last.pt").read_bytes() == before
+
+
 # --- per-term schedules ----------------------------------------------------------------------------
 
 def test_a_term_contributes_nothing_before_its_start_and_its_full_weight_after_the_ramp():

@@ -118,11 +118,10 @@ def model_from_checkpoint(path: str | os.PathLike | Sequence[str | os.PathLike],
 
     ``weights``: ``auto`` loads the EMA of the weights when the checkpoint has one (what its
     validation scored; see ``training.ema``), else the trained weights; ``ema`` or ``raw`` insist.
-    Several checkpoints (files, run folders, glob patterns: ``run_dir.checkpoint_sources``) make an
-    ``Ensemble`` that averages their probabilities; the first one's config sets the inference."""
-    if isinstance(path, str | os.PathLike):
-        return _one_model(Path(path), overrides, weights)
-    paths = checkpoint_sources(path)
+    A run folder or a glob pattern, or several of any (``run_dir.checkpoint_sources``), that stand for
+    more than one checkpoint make an ``Ensemble`` that averages their probabilities; the first
+    one's config sets the inference."""
+    paths = checkpoint_sources([path] if isinstance(path, str | os.PathLike) else path)
     loaded = [_one_model(p, overrides, weights) for p in paths]
     if len(loaded) == 1:
         return loaded[0]

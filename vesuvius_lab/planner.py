@@ -179,7 +179,9 @@ def measure(
 ) -> Measurements:
     """Time each candidate batch size (1, 2, 4, ... until out of memory, the memory cap, a doubling
     that gains under 5 % samples/s, or a next size that would not fit in ``max_seconds``), re-time
-    the best one, then time a validation pass and a checkpoint.
+    the best one, then time a validation pass and a checkpoint. The sweep keeps to ``max_seconds``
+    even when one step outlasts it: a step is timed once after the first, the re-time is skipped,
+    and validation is forecast from the volumes timed by then. Listed ``batch_sizes`` are timed in full.
 
     Under torchrun every rank times its own share of each step side by side, as training runs it.
     ``on_progress(done, total, message)`` is called as each part finishes (a widget's progress bar);
@@ -199,6 +201,7 @@ def measure(
     timings: list[BatchTiming] = []
     report = on_progress or (lambda done, total, message: None)
     report(0, len(candidates) + 2, "measuring batch sizes")
+    deadline = started + max_seconds if batch_sizes is None else None  # the sweep's budget; listed sizes are timed in full
     bar = tqdm(candidates, desc="plan: batch sizes", unit="size", disable=not (progress and ddp.master))
     last_cost = 0.0
     for b in bar:
@@ -209,7 +212,7 @@ def measure(
             break
         bar.set_postfix(batch=b)
         t0 = time.perf_counter()
-        t = time_batch_size(config, data, b, device, warmup, steps, ddp, deadline=started + max_seconds)
+        t = time_batch_size(config, data, b, device, warmup, steps, ddp, deadline=deadline)
         last_cost = time.perf_counter() - t0
         timings.append(t)
         report(len(timings), len(candidates) + 2, f"batch size {b}: " + (
@@ -221,11 +224,11 @@ def measure(
             break  # a doubling without 5 % more throughput: larger batches will not pay
     total = len(timings) + 2
     usable = [t for t in timings if not t.out_of_memory and t.peak_memory_mb <= capacity]
-    (room,) = ddp.broadcast([time.perf_counter() - started + 2 * last_cost <= max_seconds])
+    (room,) = ddp.broadcast([deadline is None or time.perf_counter() - started + 2 * last_cost <= max_seconds])
     if usable and room:  # the sweep's few steps pick the size; a longer run of that size sets the forecast
         best = max(usable, key=lambda t: t.samples_per_s)
         confirmed = time_batch_size(config, data, best.batch_size, device, warmup, 2 * steps, ddp,
-                                    deadline=started + max_seconds)
+                                    deadline=deadline)
         if not confirmed.out_of_memory:
             timings[timings.index(best)] = confirmed
     report(total - 1, total, "confirmed the best batch size; timing validation and a checkpoint")
@@ -235,7 +238,7 @@ def measure(
         if data.val and config.training.val_every_epochs:
             metrics_warm_up()  # as training does before its first epoch
             val_s = _time_validation(engine.model, data.val[: config.val.max_volumes], config, data, device,
-                                     started + max_seconds)
+                                     deadline)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             save_checkpoint(Path(tmp) / "c.pt", {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict()})
@@ -251,12 +254,12 @@ def measure(
 
 
 def _time_validation(model: torch.nn.Module, records: list, config: Config, data: Data, device: torch.device,
-                     deadline: float) -> float:
+                     deadline: float | None) -> float:
     """Seconds of one validation pass; past ``deadline`` the volumes left are forecast from those timed."""
     t0 = time.perf_counter()
     for done, record in enumerate(records, start=1):
         score_records(model, [record], config, data.cache, device)
-        if time.perf_counter() > deadline and done < len(records):
+        if deadline is not None and time.perf_counter() > deadline and done < len(records):
             return (time.perf_counter() - t0) / done * len(records)
     return time.perf_counter() - t0
 

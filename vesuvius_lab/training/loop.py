@@ -30,6 +30,7 @@ from vesuvius_lab.evaluate import mean_scores, score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import Batches, build_loader
 from vesuvius_lab.losses import TERMS
+from vesuvius_lab.topology import nnunet_topology
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.ema import resume_ema
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, lr_at, optimizer_update
@@ -298,6 +299,9 @@ def _check_run_folder(run: RunDir, config: Config, resume: bool) -> dict | None:
     defaults = asdict(ModelConfig())  # keys added since the checkpoint was written held their defaults
     differ = [f"model.{k} {stored.get(k, defaults[k])!r} -> {wanted[k]!r}" for k in wanted
               if stored.get(k, defaults[k]) != wanted[k]]
+    before, now = ckpt.get("config", {}).get("data", {}).get("patch_size"), config.data.patch_size
+    if wanted["arch"] == "dynunet" and before and nnunet_topology(before).strides != nnunet_topology(now).strides:
+        differ.append(f"data.patch_size {before!r} -> {now!r} (model.arch dynunet plans its stages from it)")
     if differ:
         raise ConfigError(f"{run.last}: cannot resume with another model ({'; '.join(differ)}); "
                           f"resume with the run's own config {run.config}, or start a new --run-dir")
