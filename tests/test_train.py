@@ -117,8 +117,18 @@ def test_predict_writes_masks_and_submission(tiny_config, tiny_root, tmp_path, c
     assert code == 2 and err == [f"error: {tmp_path / 'nope.pt'}: checkpoint not found"]
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tiny_config, tmp_path):
-    cfg = tiny_config()
+RECIPES = {
+    "unet": {},
+    # the leaderboard's recipe, tiny: residual DynUNet, EMA weights, a late loss term, kept checkpoints
+    "dynunet-ema": {"model": {"arch": "dynunet", "res_block": True, "base_features": 4, "max_features": 16},
+                    "optim": {"ema_decay": 0.9}, "loss": {"skeleton_recall_start": 4, "skeleton_recall_ramp": 3},
+                    "training": {"keep_last": 3, "keep_best": 2}},
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tiny_config, tmp_path, recipe):
+    cfg = tiny_config(**RECIPES[recipe])
     reference = tmp_path / "reference"
     done = start(cfg, reference)
     assert done.wait(timeout=300) == 0, done.stderr.read()
@@ -138,6 +148,12 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tiny_config, tmp
     assert a["step"] == b["step"] == STEPS * EPOCHS
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    assert ("ema" in a) == ("ema" in b) == (recipe == "dynunet-ema")
+    if "ema" in a:  # the average too, and the same checkpoints kept
+        assert a["ema"]["updates"] == b["ema"]["updates"] == STEPS * EPOCHS
+        assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+        kept = [sorted(p.name for p in (r / "checkpoints").glob("*step_*.pt")) for r in (reference, run)]
+        assert kept[0] == kept[1] and len(kept[0]) == 5
     steps = [r["step"] for r in records(run) if r["kind"] == "train"]
     assert steps == list(range(1, STEPS * EPOCHS + 1))  # no duplicated or missing log lines
 

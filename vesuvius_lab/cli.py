@@ -187,7 +187,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 # --- predict ---------------------------------------------------------------------------------
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.pt) written by train")
+    p.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                   help="checkpoint (.pt) written by train; several, a run folder (its best kept checkpoints) "
+                        "or a quoted glob predict as an ensemble that averages their probabilities")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="a checkpoint's EMA of the weights or its trained weights (default: the EMA when it has one)")
     p.add_argument("--input", type=Path, required=True, help="a volume .tif or a folder of them")
     p.add_argument("--output", type=Path, required=True, help="folder for {id}.tif masks and submission.zip")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
@@ -197,7 +201,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from vesuvius_lab.predict import predict
 
-    written = predict(args.checkpoint, args.input, args.output, args.overrides, args.device)
+    written = predict(args.checkpoint, args.input, args.output, args.overrides, args.device, weights=args.weights)
     print(f"wrote {len(written)} masks and {args.output / 'submission.zip'}")
     return 0
 

@@ -26,6 +26,7 @@ import yaml
 from vesuvius_lab.errors import ConfigError
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.postprocess import PostprocessConfig
+from vesuvius_lab.topology import NNUNET_MIN_EDGE, nnunet_topology
 
 
 @dataclass
@@ -68,9 +69,13 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    features: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    features: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # unet: width per stage
     deep_supervision: bool = True
     deep_supervision_heads: int = 3  # full resolution + auxiliary heads at 1/2, 1/4
+    arch: str = "unet"  # unet: the U-Net of `features`; dynunet: MONAI's DynUNet, stages planned from the patch as nnU-Net does
+    res_block: bool = False  # dynunet: residual blocks (the residual-encoder "ResEnc" recipe)
+    base_features: int = 32  # dynunet: width of the first stage, doubling per stage (nnU-Net: 32)
+    max_features: int = 320  # dynunet: widest stage (nnU-Net 3D: 320)
 
 
 @dataclass
@@ -88,6 +93,21 @@ class LossConfig:
     topo_every: int = 10  # steps between TopLoss evaluations
     topo_downsample: int = 4  # probability map pooled by this factor before persistence
     deep_supervision_terms: list[str] = field(default_factory=lambda: ["bce", "dice"])
+    # Per-term schedules: a term is off for its first `<term>_start` steps (or epochs, `schedule_unit`),
+    # then its weight ramps linearly to full over `<term>_ramp` steps (0: at once).
+    schedule_unit: str = "step"  # step | epoch: the unit of every `<term>_start`
+    bce_start: int = 0
+    bce_ramp: int = 0
+    dice_start: int = 0
+    dice_ramp: int = 0
+    cldice_start: int = 0
+    cldice_ramp: int = 0
+    skeleton_recall_start: int = 0
+    skeleton_recall_ramp: int = 0
+    surface_start: int = 0
+    surface_ramp: int = 0
+    topo_start: int = 0
+    topo_ramp: int = 0
 
 
 @dataclass
@@ -104,6 +124,7 @@ class OptimConfig:
     accumulate: int = 1
     amp: str = "bf16"  # bf16 | fp16 | off; used on CUDA only
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    ema_decay: float | None = None  # EMA of the weights (e.g. 0.999) for validation, best.pt and predict; 0/None: off
 
 
 @dataclass
@@ -130,6 +151,8 @@ class TrainingConfig:
     checkpoint_every_steps: int = 100
     val_every_epochs: int = 1
     seed: int = 0
+    keep_last: int = 1  # most recent checkpoints kept (last.pt is the newest; more are kept as step_N.pt)
+    keep_best: int = 1  # best-scoring checkpoints kept (best.pt is the best; more are kept as best_step_N_score_S.pt)
 
 
 @dataclass
@@ -248,14 +271,19 @@ RULES: dict[str, Rule] = {
     "augment.contrast_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.noise_std": NON_NEGATIVE, "augment.blur_sigma": Rule(low=0, length=2, ordered=True),
     "model.features": COUNT, "model.deep_supervision_heads": COUNT,
+    "model.arch": Rule(choices=("unet", "dynunet")), "model.base_features": COUNT, "model.max_features": COUNT,
     **{f"loss.{k}": NON_NEGATIVE for k in ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")},
     "loss.pos_weight": POSITIVE, "loss.cldice_iterations": COUNT, "loss.topo_every": COUNT,
     "loss.topo_downsample": COUNT, "loss.deep_supervision_terms": Rule(choices=TERMS_WITH_HEADS),
+    "loss.schedule_unit": Rule(choices=("step", "epoch")),
+    **{f"loss.{k}_{s}": NON_NEGATIVE for k in ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")
+       for s in ("start", "ramp")},
     "optim.name": Rule(choices=("adamw", "sgd")), "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
     "optim.momentum": Rule(low=0, high=1, high_open=True), "optim.warmup_steps": NON_NEGATIVE,
     "optim.schedule": Rule(choices=("poly", "cosine")), "optim.poly_power": POSITIVE, "optim.min_lr": NON_NEGATIVE,
     "optim.grad_clip": POSITIVE, "optim.accumulate": COUNT, "optim.amp": Rule(choices=("bf16", "fp16", "off")),
     "optim.max_nonfinite": COUNT,
+    "optim.ema_decay": Rule(low=0, high=1, high_open=True),
     "val.overlap": Rule(low=0, high=1, high_open=True), "val.batch": COUNT, "val.max_volumes": COUNT,
     "postprocess.method": Rule(choices=("threshold", "hysteresis")), "postprocess.threshold": SHARE,
     "postprocess.low": SHARE, "postprocess.high": SHARE, "postprocess.min_component_size": NON_NEGATIVE,
@@ -264,6 +292,7 @@ RULES: dict[str, Rule] = {
     "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),
     "training.checkpoint_every_steps": NON_NEGATIVE, "training.worker_timeout_s": NON_NEGATIVE, "training.val_every_epochs": NON_NEGATIVE,
     "training.seed": NON_NEGATIVE,
+    "training.keep_last": COUNT, "training.keep_best": COUNT,
 }
 
 
@@ -410,10 +439,12 @@ def _cross_checks(config: Config) -> list[str]:
     problems = []
     if len(config.data.patch_size) != 3:
         problems.append(f"data.patch_size: expected 3 positive sizes, got {config.data.patch_size}")
-    if len(config.model.features) < 2:
+    if config.model.arch == "dynunet":
+        problems += _dynunet_checks(config)
+    elif len(config.model.features) < 2:
         problems.append(f"model.features: {config.model.features} needs at least 2 stages")
     divisor = 2 ** (len(config.model.features) - 1)
-    if len(config.data.patch_size) == 3 and any(p % divisor for p in config.data.patch_size):
+    if config.model.arch == "unet" and len(config.data.patch_size) == 3 and any(p % divisor for p in config.data.patch_size):
         problems.append(
             f"data.patch_size: {config.data.patch_size} must be divisible by {divisor} "
             f"({len(config.model.features)} U-Net stages in model.features)"
@@ -426,6 +457,25 @@ def _cross_checks(config: Config) -> list[str]:
         config.postprocess.check()
     except ConfigError as exc:
         problems += exc.lines
+    return problems
+
+
+def _dynunet_checks(config: Config) -> list[str]:
+    """DynUNet's stages come from the patch (nnU-Net's rule): the patch must be a multiple of its pooling."""
+    patch = config.data.patch_size
+    if len(patch) != 3:
+        return []
+    topo = nnunet_topology(patch)
+    problems = []
+    if topo.stages < 3:
+        problems.append(f"data.patch_size: {patch} is too small for model.arch dynunet (nnU-Net plans "
+                        f"{topo.stages} stages; MONAI's DynUNet needs 3, i.e. a side of at least {4 * NNUNET_MIN_EDGE})")
+    elif topo.padded_patch != list(patch):
+        problems.append(f"data.patch_size: {patch} must be a multiple of {topo.divisor} for model.arch dynunet "
+                        f"(nnU-Net's {topo.stages}-stage plan for it); nnU-Net would use {topo.padded_patch}")
+    if config.model.max_features < config.model.base_features:
+        problems.append(f"model.max_features: {config.model.max_features} is below model.base_features "
+                        f"{config.model.base_features}")
     return problems
 
 

@@ -3,7 +3,9 @@
 ``predict_volume`` is what validation, ``vesuvius-lab predict`` and notebook 05 call: sliding
 windows blended with a Gaussian (MONAI's inferer), ``val.batch`` windows through the model at once,
 ``val.tta`` mirror test-time augmentation, autocast on CUDA as ``optim.amp`` says (the stitched
-volume stays on the CPU), then the config's ``postprocess`` section.
+volume stays on the CPU), then the config's ``postprocess`` section. A checkpoint ensemble
+(``Ensemble``, several checkpoints given to ``model_from_checkpoint``) goes through the same path:
+its members' probabilities are averaged in every window.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from vesuvius_lab.device import amp_dtype
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.model import as_input, build_model
 from vesuvius_lab.postprocess import postprocess
-from vesuvius_lab.training.run_dir import load_checkpoint
+from vesuvius_lab.training.run_dir import checkpoint_sources, load_checkpoint
+
+WEIGHTS = ("auto", "ema", "raw")  # which weights of a checkpoint: its EMA when it has one, the EMA, the trained ones
 
 
 def _mirrors(tta: bool) -> list[tuple[int, ...]]:
@@ -96,12 +100,51 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, config: Config, de
     return Prediction(prob, postprocess(prob, config.postprocess))
 
 
-def model_from_checkpoint(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, Config]:
-    """The trained model (eval mode) and the config it was trained with, ``overrides`` applied."""
-    ckpt = load_checkpoint(Path(path))
+class Ensemble(torch.nn.Module):
+    """Several models as one: the logit of their mean probability (a checkpoint ensemble)."""
+
+    def __init__(self, members: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(prob, eps=1e-6)
+
+
+def model_from_checkpoint(path: str | os.PathLike | Sequence[str | os.PathLike], overrides: Sequence[str] = (),
+                          weights: str = "auto") -> tuple[torch.nn.Module, Config]:
+    """The trained model (eval mode) and the config it was trained with, ``overrides`` applied.
+
+    ``weights``: ``auto`` loads the EMA of the weights when the checkpoint has one (what its
+    validation scored; see ``training.ema``), else the trained weights; ``ema`` or ``raw`` insist.
+    A run folder or a glob pattern, or several of any (``run_dir.checkpoint_sources``), that stand for
+    more than one checkpoint make an ``Ensemble`` that averages their probabilities; the first
+    one's config sets the inference."""
+    paths = checkpoint_sources([path] if isinstance(path, str | os.PathLike) else path)
+    loaded = [_one_model(p, overrides, weights) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    config = loaded[0][1]
+    for p, (_, other) in zip(paths[1:], loaded[1:], strict=True):
+        if other.data.patch_size != config.data.patch_size:
+            raise DataError(f"{p}: patch size {other.data.patch_size} differs from {config.data.patch_size} of "
+                            f"{paths[0]}; an ensemble slides one window")
+    return Ensemble([m for m, _ in loaded]).eval(), config
+
+
+def _one_model(path: Path, overrides: Sequence[str], weights: str) -> tuple[torch.nn.Module, Config]:
+    ckpt = load_checkpoint(path)
     if "config" not in ckpt or "model" not in ckpt:
         raise DataError(f"{path}: not a vesuvius_lab checkpoint (no config or model)")
-    config = config_from_dict(ckpt["config"], overrides, origin=f"{path} (stored config)", root=Path(path).resolve().parent)
-    model = build_model(config.model)
-    model.load_state_dict(ckpt["model"])
+    if weights not in WEIGHTS:
+        raise DataError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if weights == "ema" and "ema" not in ckpt:
+        raise DataError(f"{path}: holds no EMA of the weights (trained without optim.ema_decay)")
+    state = ckpt["ema"]["model"] if weights != "raw" and "ema" in ckpt else ckpt["model"]
+    origin, root = f"{path} (stored config)", path.resolve().parent
+    trained = config_from_dict(ckpt["config"], origin=origin, root=root)  # the network as it was trained
+    config = config_from_dict(ckpt["config"], overrides, origin=origin, root=root) if overrides else trained
+    model = build_model(trained.model, trained.data.patch_size)
+    model.load_state_dict(state)
     return model.eval(), config

@@ -1,7 +1,9 @@
 """The six loss terms of the topology-aware objective, and their weighted, deep-supervised sum.
 
 Every term masks label 2 (ignored), stays finite on empty patches, runs in fp32 even under
-autocast, and is skipped entirely when its weight is 0. Targets: ``label`` (0/1/2), ``skeleton``
+autocast, and is skipped entirely while its weight is 0: a term may start late and ramp in
+(``loss.<term>_start`` / ``_ramp``, ScrollPrize's ``start_epoch``), and until it starts it costs
+nothing and logs None. Targets: ``label`` (0/1/2), ``skeleton``
 (precomputed medial surface of label 1) and ``distance`` (precomputed signed distance, negative
 inside), as produced by the patch pipeline.
 """
@@ -168,27 +170,53 @@ def topo_loss(prob, fg, valid, downsample: int) -> torch.Tensor:
     return total / p.shape[0]
 
 
-def _downsample_targets(batch: dict, factor: int) -> dict:
-    if factor == 1:
+def ramp_factor(step: int, start: int, ramp: int) -> float:
+    """Share of a term's weight at the 0-based optimizer step ``step``: 0 for the first ``start``
+    steps, then rising linearly to 1 over ``ramp`` steps (at once when ``ramp`` is 0)."""
+    if step < start:
+        return 0.0
+    return 1.0 if ramp <= 0 else min(1.0, (step - start + 1) / ramp)
+
+
+def _downsample_targets(batch: dict, shape: tuple[int, ...]) -> dict:
+    """Targets at a head's resolution ``shape`` (Z, Y, X): every k-th label, the skeleton max-pooled
+    (thin sheets survive), distances in coarse voxels. nnU-Net's planner may stride axes differently."""
+    full = tuple(batch["label"].shape[1:])
+    if full == tuple(shape):
         return batch
-    s = slice(None, None, factor)
+    factors = tuple(f // s for f, s in zip(full, shape, strict=True))
+    if any(f * k != n for f, k, n in zip(shape, factors, full, strict=True)):
+        raise ValueError(f"a deep-supervision head of shape {tuple(shape)} does not divide the patch {full}")
+    z, y, x = (slice(None, None, k) for k in factors)
     skel = batch["skeleton"].float()[:, None]
     return {
-        "label": batch["label"][:, s, s, s],
-        "skeleton": F.max_pool3d(skel, factor, factor)[:, 0],
-        "distance": batch["distance"][:, s, s, s] / factor,
+        "label": batch["label"][:, z, y, x],
+        "skeleton": F.max_pool3d(skel, factors, factors)[:, 0],
+        "distance": batch["distance"][:, z, y, x] / max(factors),
     }
 
 
 class TopologyLoss(torch.nn.Module):
-    """Weighted sum of the six terms, deep-supervised; returns (total, per-term values at full scale)."""
+    """Weighted sum of the six terms, deep-supervised; returns (total, per-term values at full scale).
 
-    def __init__(self, cfg: LossConfig):
+    ``steps_per_epoch`` turns starts written in epochs (``loss.schedule_unit: epoch``) into steps."""
+
+    def __init__(self, cfg: LossConfig, steps_per_epoch: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.steps_per_epoch = steps_per_epoch
 
-    def weight(self, term: str) -> float:
-        return float(getattr(self.cfg, term))
+    def weight(self, term: str, step: int | None = None) -> float:
+        """The term's weight; at ``step`` (0-based optimizer step) as its schedule has it."""
+        full = float(getattr(self.cfg, term))
+        if step is None:
+            return full
+        start = getattr(self.cfg, f"{term}_start") * (self.steps_per_epoch if self.cfg.schedule_unit == "epoch" else 1)
+        return full * ramp_factor(step, start, getattr(self.cfg, f"{term}_ramp"))
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        """Every term's effective weight at ``step`` (what the log records as ``weight_<term>``)."""
+        return {t: self.weight(t, step) for t in TERMS}
 
     def terms(self, logits: torch.Tensor, targets: dict, names, compute_topo: bool) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -215,7 +243,8 @@ class TopologyLoss(torch.nn.Module):
 
     def forward(self, outputs, targets: dict, step: int = 0) -> tuple[torch.Tensor, dict[str, float | None]]:
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-        active = [t for t in TERMS if self.weight(t) > 0]
+        weights = self.weights_at(step)
+        active = [t for t in TERMS if weights[t] > 0]
         compute_topo = self.cfg.topo_every > 0 and step % self.cfg.topo_every == 0
         scale_w = [0.5**j for j in range(len(outputs))]
         norm = sum(scale_w)
@@ -225,9 +254,9 @@ class TopologyLoss(torch.nn.Module):
             logged: dict[str, torch.Tensor] = {}
             for j, logits in enumerate(outputs):
                 names = active if j == 0 else [t for t in active if t in self.cfg.deep_supervision_terms]
-                values = self.terms(logits, _downsample_targets(targets, 2**j), names, compute_topo and j == 0)
+                values = self.terms(logits, _downsample_targets(targets, logits.shape[2:]), names, compute_topo and j == 0)
                 for name, value in values.items():
-                    total = total + (scale_w[j] / norm) * self.weight(name) * value
+                    total = total + (scale_w[j] / norm) * weights[name] * value
                 if j == 0:
                     logged = values
         names = list(logged)

@@ -1,8 +1,14 @@
-"""An nnU-Net-like 3D U-Net with deep supervision, from MONAI's DynUNet building blocks.
+"""The networks ``model.arch`` chooses, all returning logits the same way.
 
-In training mode it returns the full-resolution logits followed by the auxiliary heads' logits
-at 1/2, 1/4, ... resolution; the loss compares those with *downsampled targets*, so no head is
-upsampled (that would cost memory for nothing). In eval mode it returns the full-resolution
+``unet``: a four-level 3D U-Net with deep supervision from MONAI's DynUNet building blocks (the
+widths in ``model.features``). ``dynunet``: MONAI's ``DynUNet`` (nnU-Net's dynamic U-Net) with its
+stages, kernel sizes and strides planned from the patch size the way nnU-Net's experiment planner
+does it (``nnunet_topology``), widths doubling from ``model.base_features`` up to
+``model.max_features``; ``model.res_block: true`` gives residual blocks (the residual-encoder recipe).
+
+In training mode a network returns the full-resolution logits followed by the auxiliary heads'
+logits at their own, coarser resolution; the loss compares those with *downsampled targets*, so no
+head is upsampled (that would cost memory for nothing). In eval mode it returns the full-resolution
 logits only.
 """
 
@@ -10,9 +16,11 @@ from __future__ import annotations
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
+from monai.networks.nets import DynUNet
 from torch import nn
 
 from vesuvius_lab.config import ModelConfig
+from vesuvius_lab.topology import nnunet_topology, stage_widths
 
 
 class UNet3D(nn.Module):
@@ -48,10 +56,57 @@ class UNet3D(nn.Module):
         return [head(levels[j]) for j, head in enumerate(self.heads)]
 
 
-def build_model(cfg: ModelConfig) -> UNet3D:
-    """The configured U-Net in channels-last-3D layout (3x faster 3D convolutions on CPU here)."""
-    model = UNet3D(cfg.features, heads=cfg.deep_supervision_heads if cfg.deep_supervision else 1)
+class DeepSupervisedDynUNet(DynUNet):
+    """MONAI's DynUNet whose training output is a list of logits at each head's own resolution.
+
+    MONAI interpolates every auxiliary head up to full resolution and stacks them; the project's
+    loss takes the heads as they are, against downsampled targets, as it does for ``UNet3D``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        out = self.output_block(self.skip_layers(x))
+        if not (self.training and self.deep_supervision):
+            self._release_heads()
+            return out
+        heads = list(self.heads)  # filled by the skip layers, coarser with each entry
+        self._release_heads()
+        return [out, *heads]
+
+    def _release_heads(self) -> None:
+        """The skip layers park each head's output on the module; drop them (they hold activations)."""
+        for i in range(len(self.heads)):
+            self.heads[i] = _EMPTY
+
+
+_EMPTY = torch.empty(0)
+
+
+def build_dynunet(cfg: ModelConfig, patch_size: list[int]) -> DeepSupervisedDynUNet:
+    topo = nnunet_topology(patch_size)
+    heads = cfg.deep_supervision_heads if cfg.deep_supervision else 1
+    extra = max(0, min(heads - 1, topo.stages - 2))  # MONAI: fewer auxiliary heads than upsampling layers
+    return DeepSupervisedDynUNet(
+        spatial_dims=3, in_channels=1, out_channels=1, kernel_size=topo.kernels, strides=topo.strides,
+        upsample_kernel_size=topo.strides[1:], filters=stage_widths(topo.stages, cfg.base_features, cfg.max_features),
+        norm_name=("INSTANCE", {"affine": True}), deep_supervision=extra > 0, deep_supr_num=max(extra, 1),
+        res_block=cfg.res_block,
+    )
+
+
+def build_model(cfg: ModelConfig, patch_size: list[int] | None = None) -> nn.Module:
+    """The configured network in channels-last-3D layout (3x faster 3D convolutions on CPU here).
+
+    ``dynunet`` plans its stages from ``patch_size`` (``data.patch_size``)."""
+    if cfg.arch == "dynunet":
+        if patch_size is None:
+            raise ValueError("model.arch dynunet plans its stages from the patch size: pass data.patch_size")
+        model = build_dynunet(cfg, patch_size)
+    else:
+        model = UNet3D(cfg.features, heads=cfg.deep_supervision_heads if cfg.deep_supervision else 1)
     return model.to(memory_format=torch.channels_last_3d)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def as_input(image: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ class BatchTiming:
     peak_memory_mb: float = math.nan
     first_batch_s: float = math.nan  # worker start-up and first batch: paid once per run
     out_of_memory: bool = False
+    timed_steps: int = 0  # steps behind these numbers (fewer than asked when a step outlasts max_seconds)
 
 
 @dataclass
@@ -111,8 +112,11 @@ def _layout_for(config: Config, m: Measurements, batch_size: int, steps: int):
 
 
 def time_batch_size(config: Config, data: Data, batch_size: int, device: torch.device, warmup: int, steps: int,
-                    ddp: Distributed | None = None) -> BatchTiming:
-    """Time the real training step (every rank at once under torchrun) with the configured loader."""
+                    ddp: Distributed | None = None, deadline: float | None = None) -> BatchTiming:
+    """Time the real training step (every rank at once under torchrun) with the configured loader.
+
+    Past ``deadline`` (a ``perf_counter`` time) it stops once one step after the first is timed: a
+    128^3 residual U-Net takes minutes per step on a laptop CPU."""
     ddp = ddp or Distributed()
     cfg = replace(config, training=replace(config.training, train_batch_size=batch_size,
                                            train_iterations_per_epoch=warmup + steps, persistent_workers=False))
@@ -124,7 +128,7 @@ def time_batch_size(config: Config, data: Data, batch_size: int, device: torch.d
     try:
         engine = build_engine(cfg, dataset, device, ddp.world, ddp.local_rank)
         batches = iter(build_loader(dataset, cfg, rank=ddp.rank, num_steps=warmup + steps))
-        totals, waits = [], []
+        totals, waits, late = [], [], False
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             fb = forward_backward(engine, batches, i)
@@ -132,9 +136,12 @@ def time_batch_size(config: Config, data: Data, batch_size: int, device: torch.d
             elapsed = time.perf_counter() - t0
             if i == 0:
                 timing.first_batch_s = fb.data_wait_s
-            if i >= warmup:
+            if i >= warmup or (late and i >= 1):  # the first step (worker start-up) is never timed
                 totals.append(elapsed)
                 waits.append(fb.data_wait_s)
+            (late,) = ddp.broadcast([deadline is not None and time.perf_counter() > deadline])
+            if late and totals:
+                break
         del batches
     except RuntimeError as exc:
         if not _is_oom(exc):
@@ -156,6 +163,7 @@ def time_batch_size(config: Config, data: Data, batch_size: int, device: torch.d
     timing.step_spread_s = q[2] - q[0]
     timing.samples_per_s = dataset.layout.global_batch / timing.step_s
     timing.peak_memory_mb = max(r[2] for r in ranks)
+    timing.timed_steps = len(totals)
     return timing
 
 
@@ -171,7 +179,9 @@ def measure(
 ) -> Measurements:
     """Time each candidate batch size (1, 2, 4, ... until out of memory, the memory cap, a doubling
     that gains under 5 % samples/s, or a next size that would not fit in ``max_seconds``), re-time
-    the best one, then time a validation pass and a checkpoint.
+    the best one, then time a validation pass and a checkpoint. The sweep keeps to ``max_seconds``
+    even when one step outlasts it: a step is timed once after the first, the re-time is skipped,
+    and validation is forecast from the volumes timed by then. Listed ``batch_sizes`` are timed in full.
 
     Under torchrun every rank times its own share of each step side by side, as training runs it.
     ``on_progress(done, total, message)`` is called as each part finishes (a widget's progress bar);
@@ -191,6 +201,7 @@ def measure(
     timings: list[BatchTiming] = []
     report = on_progress or (lambda done, total, message: None)
     report(0, len(candidates) + 2, "measuring batch sizes")
+    deadline = started + max_seconds if batch_sizes is None else None  # the sweep's budget; listed sizes are timed in full
     bar = tqdm(candidates, desc="plan: batch sizes", unit="size", disable=not (progress and ddp.master))
     last_cost = 0.0
     for b in bar:
@@ -201,7 +212,7 @@ def measure(
             break
         bar.set_postfix(batch=b)
         t0 = time.perf_counter()
-        t = time_batch_size(config, data, b, device, warmup, steps, ddp)
+        t = time_batch_size(config, data, b, device, warmup, steps, ddp, deadline=deadline)
         last_cost = time.perf_counter() - t0
         timings.append(t)
         report(len(timings), len(candidates) + 2, f"batch size {b}: " + (
@@ -213,9 +224,11 @@ def measure(
             break  # a doubling without 5 % more throughput: larger batches will not pay
     total = len(timings) + 2
     usable = [t for t in timings if not t.out_of_memory and t.peak_memory_mb <= capacity]
-    if usable:  # the sweep's few steps pick the size; a longer run of that size sets the forecast
+    (room,) = ddp.broadcast([deadline is None or time.perf_counter() - started + 2 * last_cost <= max_seconds])
+    if usable and room:  # the sweep's few steps pick the size; a longer run of that size sets the forecast
         best = max(usable, key=lambda t: t.samples_per_s)
-        confirmed = time_batch_size(config, data, best.batch_size, device, warmup, 2 * steps, ddp)
+        confirmed = time_batch_size(config, data, best.batch_size, device, warmup, 2 * steps, ddp,
+                                    deadline=deadline)
         if not confirmed.out_of_memory:
             timings[timings.index(best)] = confirmed
     report(total - 1, total, "confirmed the best batch size; timing validation and a checkpoint")
@@ -224,9 +237,8 @@ def measure(
         engine = build_engine(config, data.patch_dataset(config), device)
         if data.val and config.training.val_every_epochs:
             metrics_warm_up()  # as training does before its first epoch
-            t0 = time.perf_counter()
-            score_records(engine.model, data.val[: config.val.max_volumes], config, data.cache, device)
-            val_s = time.perf_counter() - t0
+            val_s = _time_validation(engine.model, data.val[: config.val.max_volumes], config, data, device,
+                                     deadline)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             save_checkpoint(Path(tmp) / "c.pt", {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict()})
@@ -239,6 +251,17 @@ def measure(
         train_records=len(data.train), val_records=len(data.val), unique_patches=data.unique_patches(config.data.patch_size),
         workers=config.training.workers, seconds=time.perf_counter() - started, world_size=ddp.world,
     )
+
+
+def _time_validation(model: torch.nn.Module, records: list, config: Config, data: Data, device: torch.device,
+                     deadline: float | None) -> float:
+    """Seconds of one validation pass; past ``deadline`` the volumes left are forecast from those timed."""
+    t0 = time.perf_counter()
+    for done, record in enumerate(records, start=1):
+        score_records(model, [record], config, data.cache, device)
+        if deadline is not None and time.perf_counter() > deadline and done < len(records):
+            return (time.perf_counter() - t0) / done * len(records)
+    return time.perf_counter() - t0
 
 
 def _epoch_seconds(steps: int, t: BatchTiming, m: Measurements, config: Config, val_every: int) -> float:
@@ -290,7 +313,7 @@ def recommend(
         f"Batch size {best.batch_size}: {best.samples_per_s:.2f} samples/s, the best of "
         + ", ".join(f"{t.batch_size} ({t.samples_per_s:.2f}/s)" for t in usable)
         + f", within {headroom:.0%} of {m.memory_capacity_mb / 1024:.1f} GiB ({best.peak_memory_mb:.0f} MB peak).",
-        f"A step takes {best.step_s:.3f} s on average (median {best.step_median_s:.3f} s, spread {best.step_spread_s:.3f} s): "
+        f"A step takes {best.step_s:.3f} s on average over {best.timed_steps} timed steps (median {best.step_median_s:.3f} s, spread {best.step_spread_s:.3f} s): "
         f"{best.compute_s:.3f} s compute and {best.data_wait_s:.3f} s waiting for data.",
         f"{steps} steps fill a {target_epoch_minutes:g}-minute epoch after validation ({m.val_s:.1f} s) "
         f"and checkpoints ({m.checkpoint_s:.2f} s each): {samples} samples per epoch, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,19 @@ def input_volumes(source: str | os.PathLike) -> list[Path]:
 
 
 def predict(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike],
     source: str | os.PathLike,
     output: str | os.PathLike,
     overrides: list[str] | tuple[str, ...] = (),
     device: str | None = None,
     progress: bool = True,
+    weights: str = "auto",
 ) -> list[Path]:
-    """Write ``{id}.tif`` masks (input shape, uint8 0/1) and ``submission.zip`` to ``output``."""
-    model, config = model_from_checkpoint(checkpoint, overrides)
+    """Write ``{id}.tif`` masks (input shape, uint8 0/1) and ``submission.zip`` to ``output``.
+
+    Several checkpoints (or run folders, or glob patterns) predict as an ensemble that averages
+    their probabilities; ``weights`` picks a checkpoint's EMA or trained weights (``inference``)."""
+    model, config = model_from_checkpoint(checkpoint, overrides, weights)
     files = input_volumes(source)
     dev = torch.device(device) if device else default_device()
     model.to(dev)

@@ -121,6 +121,7 @@ class History:
     data_wait_share: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in VAL_PARTS})
+    weights: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TERMS})  # per-term schedules
 
     def add(self, records: Sequence[dict]) -> None:
         for r in records:
@@ -129,6 +130,7 @@ class History:
                 self.loss.append(_num(r.get("loss")))
                 for t in TERMS:
                     self.terms[t].append(_num(r.get(t)))
+                    self.weights[t].append(_num(r.get(f"weight_{t}")))
                 self.lr.append(_num(r.get("lr")))
                 self.samples_per_s.append(_num(r.get("samples_per_s")))
                 step_s = _num(r.get("step_s"))
@@ -138,6 +140,16 @@ class History:
                 self.val_steps.append(r["step"])
                 for k in VAL_PARTS:
                     self.val[k].append(_num(r.get(k)))
+
+    def term_starts(self) -> dict[str, int]:
+        """The step at which each late-starting term got its first weight (a term on from the first
+        step logged, or never on, is not listed)."""
+        starts = {}
+        for t, weights in self.weights.items():
+            on = [i for i, w in enumerate(weights) if w > 0]
+            if on and on[0] > 0:
+                starts[t] = self.steps[on[0]]
+        return starts
 
     @property
     def last_step(self) -> int:
@@ -306,9 +318,12 @@ def plot_losses(ax, history: History, smoothing: float = 0.0) -> None:
     if smoothing > 0 and s:
         ax.plot(s, history.loss, color="black", lw=1, alpha=0.25)
     ax.plot(s, ema(history.loss, smoothing) if smoothing > 0 else history.loss, color="black", lw=2, label="total")
+    starts = history.term_starts()
     for term, values in history.terms.items():
         if any(v == v for v in values):  # topo: only every topo_every steps
-            ax.plot(s, ema(values, smoothing) if smoothing > 0 else values, lw=1, marker=".", ms=3, label=term)
+            line, = ax.plot(s, ema(values, smoothing) if smoothing > 0 else values, lw=1, marker=".", ms=3, label=term)
+            if term in starts:  # a term that starts late (loss.<term>_start): where it comes in
+                ax.axvline(starts[term], color=line.get_color(), ls=":", lw=1, label=f"{term} starts")
     ax.set_title(f"loss and terms (EMA {smoothing:.2f})" if smoothing > 0 else "loss and terms")
     if ax.lines:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)

@@ -2,7 +2,8 @@
 
 The training loop and the planner's measurements run exactly this code: the model (in DDP when
 there are several ranks), the optimizer, the precision (``device.amp_dtype``) and the loss; one
-step is ``forward_backward`` over ``optim.accumulate`` micro-batches, then ``optimizer_update``.
+step is ``forward_backward`` over ``optim.accumulate`` micro-batches, then ``optimizer_update``
+(which also moves the EMA of the weights, ``optim.ema_decay``, when it is on).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vesuvius_lab.device import amp_dtype
 from vesuvius_lab.losses import TopologyLoss
 from vesuvius_lab.model import as_input, build_model
 from vesuvius_lab.sampling import PatchDataset
+from vesuvius_lab.training.ema import EMA
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -48,10 +50,16 @@ class Engine:
     grad_clip: float
     accumulate: int = 1
     world: int = 1
+    ema: EMA | None = None  # the averaged weights, when optim.ema_decay is on
 
     @property
     def raw_model(self) -> torch.nn.Module:
         return self.model.module if self.world > 1 else self.model
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation scores: the EMA of the weights when it is on, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.raw_model
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -64,13 +72,14 @@ class StepResult:
     loss: float
     terms: dict
     data_wait_s: float
+    weights: dict  # "weight_<term>": each term's weight at this step, as its schedule has it
 
 
 def build_engine(config: Config, dataset: PatchDataset, device: torch.device, world: int = 1,
                  local_rank: int = 0) -> Engine:
     """Model, optimizer, precision and loss as configured (the model wrapped in DDP when world > 1)."""
     torch.manual_seed(config.training.seed)
-    model = build_model(config.model).to(device)
+    model = build_model(config.model, config.data.patch_size).to(device)
     if world > 1:
         # 1x1x1 head kernels have the same memory in both layouts; DDP's stride warning is moot there.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -82,8 +91,10 @@ def build_engine(config: Config, dataset: PatchDataset, device: torch.device, wo
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     dtype = amp_dtype(o.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    return Engine(model, TopologyLoss(config.loss), optimizer, scaler, dataset, device, dtype, o.grad_clip,
-                  o.accumulate, world)
+    raw = model.module if world > 1 else model
+    ema = EMA(raw, o.ema_decay) if o.ema_decay else None
+    criterion = TopologyLoss(config.loss, steps_per_epoch=dataset.layout.steps)
+    return Engine(model, criterion, optimizer, scaler, dataset, device, dtype, o.grad_clip, o.accumulate, world, ema)
 
 
 def forward_backward(engine: Engine, batches: Iterator[dict], step: int) -> StepResult:
@@ -108,7 +119,8 @@ def forward_backward(engine: Engine, batches: Iterator[dict], step: int) -> Step
         for k, v in terms.items():
             if v is not None:
                 sums[k] = sums.get(k, 0.0) + v / e.accumulate
-    return StepResult(finite, loss_value, sums, data_wait)
+    weights = {f"weight_{t}": w for t, w in e.criterion.weights_at(step).items()}
+    return StepResult(finite, loss_value, sums, data_wait, weights)
 
 
 def optimizer_update(engine: Engine, finite: bool) -> tuple[float, bool]:
@@ -126,6 +138,8 @@ def optimizer_update(engine: Engine, finite: bool) -> tuple[float, bool]:
         if applied:
             e.scaler.step(e.optimizer)
             e.scaler.update()
+            if e.ema is not None:
+                e.ema.update(e.raw_model)
     e.optimizer.zero_grad(set_to_none=True)
     if e.device.type == "cuda":
         torch.cuda.synchronize(e.device)

@@ -17,12 +17,12 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vesuvius_lab.config import Config, load_config, save_config
+from vesuvius_lab.config import Config, ModelConfig, load_config, save_config
 from vesuvius_lab.data import Data, open_data, prepare_demo_data
 from vesuvius_lab.device import default_device, memory_mb
 from vesuvius_lab.errors import ConfigError, DataError, VLabError
@@ -30,7 +30,9 @@ from vesuvius_lab.evaluate import mean_scores, score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import Batches, build_loader
 from vesuvius_lab.losses import TERMS
+from vesuvius_lab.topology import nnunet_topology
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
+from vesuvius_lab.training.ema import resume_ema
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, lr_at, optimizer_update
 from vesuvius_lab.training.run_dir import (
     EPOCH, TRAIN, VAL, RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
@@ -47,6 +49,7 @@ class Progress:
     best: float = -math.inf
     nonfinite_total: int = 0
     saved: int | None = None  # the step last.pt holds (not itself saved)
+    scored: tuple[int, float] | None = None  # (step, score) of the latest validation (not itself saved)
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -104,6 +107,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         engine.raw_model.load_state_dict(ckpt["model"])
         engine.optimizer.load_state_dict(ckpt["optimizer"])
         engine.scaler.load_state_dict(ckpt["scaler"])
+        resume_ema(engine, ckpt, log if ddp.master else None)
         state = Progress(ckpt["step"], ckpt["best_score"], ckpt["nonfinite_total"])
         set_rng_state(ckpt["rng"][ddp.rank] if ddp.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if ddp.master:
@@ -165,7 +169,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 run.append({
                     "kind": TRAIN, "step": state.step, "epoch": epoch, "lr": lr,
                     "loss": fb.loss if loss_finite else None, "skipped": not finite,
-                    **{t: fb.terms.get(t) for t in TERMS},
+                    **{t: fb.terms.get(t) for t in TERMS}, **fb.weights,
                     "grad_norm": grad_norm if finite else None,
                     "step_s": step_s, "data_wait_s": fb.data_wait_s,
                     "samples_per_s": layout.global_batch / step_s,
@@ -250,9 +254,13 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp
         "rank_weights": digests,  # one digest per rank, all equal
         "config": config.to_dict(),  # paths absolute: it resolves from wherever it is read
     }
+    if engine.ema is not None:
+        payload["ema"] = engine.ema.state_dict()  # the averaged weights: what validation scored
     save_checkpoint(run.last, payload)
     if best_too:
         save_checkpoint(run.best, payload)
+    score = state.scored[1] if state.scored and state.scored[0] == state.step else None
+    run.retain(state.step, score, config.training.keep_last, config.training.keep_best)
 
 
 def worker_failure(exc: Exception, batches: Batches) -> str | None:
@@ -288,7 +296,12 @@ def _check_run_folder(run: RunDir, config: Config, resume: bool) -> dict | None:
     ckpt = load_checkpoint(run.last)
     stored = ckpt.get("config", {}).get("model", {})
     wanted = config.to_dict()["model"]
-    differ = [f"model.{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]]
+    defaults = asdict(ModelConfig())  # keys added since the checkpoint was written held their defaults
+    differ = [f"model.{k} {stored.get(k, defaults[k])!r} -> {wanted[k]!r}" for k in wanted
+              if stored.get(k, defaults[k]) != wanted[k]]
+    before, now = ckpt.get("config", {}).get("data", {}).get("patch_size"), config.data.patch_size
+    if wanted["arch"] == "dynunet" and before and nnunet_topology(before).strides != nnunet_topology(now).strides:
+        differ.append(f"data.patch_size {before!r} -> {now!r} (model.arch dynunet plans its stages from it)")
     if differ:
         raise ConfigError(f"{run.last}: cannot resume with another model ({'; '.join(differ)}); "
                           f"resume with the run's own config {run.config}, or start a new --run-dir")
@@ -328,7 +341,7 @@ def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, ep
         return False
     improved = False
     if ddp.master:
-        results = score_records(engine.raw_model, data.val[: config.val.max_volumes], config, data.cache,
+        results = score_records(engine.eval_model, data.val[: config.val.max_volumes], config, data.cache,
                                 engine.device, progress)
         scores = mean_scores(results)
         run.append({"kind": VAL, "step": state.step, "epoch": epoch, **scores})
@@ -336,7 +349,8 @@ def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, ep
                  scores["score"], scores["topo"], scores["surface_dice"], scores["voi_score"])
         improved = scores["score"] > state.best
         state.best = max(state.best, scores["score"])
-    improved, state.best = ddp.broadcast([improved, state.best])
+        state.scored = (state.step, scores["score"])
+    improved, state.best, state.scored = ddp.broadcast([improved, state.best, state.scored])
     return improved
 
 

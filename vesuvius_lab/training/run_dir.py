@@ -2,24 +2,31 @@
 
     config.yaml  metrics.jsonl  train.log  status.json  console.log  launch.json  plan.json
     checkpoints/last.pt  checkpoints/best.pt
+    checkpoints/step_00001200.pt ...                  (training.keep_last > 1: the K most recent)
+    checkpoints/best_step_00001000_score_0.612345.pt  (training.keep_best > 1: the M best scores)
 
 The trainer writes it (rank 0), the notebook's run monitor and the planner read it; each name is
 spelled here only. Checkpoints are complete (model, optimizer, schedule, scaler, step, every RNG
-state), atomic, and load with ``torch.load(weights_only=True)``.
+state, the EMA of the weights when it is on), atomic, and load with ``torch.load(weights_only=True)``.
+The kept copies are hard links to the checkpoint just written (a copy where the filesystem has no
+links), made atomically; older ones are pruned only once the new one is on disk.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import glob
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +75,46 @@ class RunDir:
         self.previous_config = self.root / self.PREVIOUS_CONFIG
         self.train_log, self.status_file = self.root / self.TRAIN_LOG, self.root / self.STATUS
         self.console, self.launch, self.plan = self.root / self.CONSOLE, self.root / self.LAUNCH, self.root / self.PLAN
+
+    RECENT = re.compile(r"step_(\d{8,})\.pt")
+    BEST = re.compile(r"best_step_(\d{8,})_score_(-?\d+\.\d+)\.pt")
+
+    def recent_checkpoints(self) -> list[Path]:
+        """The kept recent checkpoints (``training.keep_last``), newest first."""
+        found = [(int(m[1]), p) for p in self._listed() if (m := self.RECENT.fullmatch(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def best_checkpoints(self) -> list[Path]:
+        """The kept best checkpoints (``training.keep_best``), best score first (the earlier of equals)."""
+        found = [(-float(m[2]), int(m[1]), p) for p in self._listed() if (m := self.BEST.fullmatch(p.name))]
+        return [p for *_, p in sorted(found)]
+
+    def _listed(self) -> list[Path]:
+        return list(self.checkpoints.glob("*.pt")) if self.checkpoints.is_dir() else []
+
+    def retain(self, step: int, score: float | None, keep_last: int, keep_best: int) -> None:
+        """Keep last.pt (just written, as of ``step``) among the ``keep_last`` most recent and, when it
+        was scored, among the ``keep_best`` best; then prune what fell out. With 1 and 1 last.pt and
+        best.pt are all there is."""
+        if keep_last > 1:
+            _keep_copy(self.last, self.checkpoints / f"step_{step:08d}.pt")
+            for old in self.recent_checkpoints()[keep_last:]:
+                old.unlink(missing_ok=True)
+        if keep_best > 1 and score is not None and math.isfinite(score):
+            kept = self.best_checkpoints()
+            worst = float(self.BEST.fullmatch(kept[-1].name)[2]) if kept else -math.inf
+            if len(kept) < keep_best or round(score, 6) > worst:
+                _keep_copy(self.last, self.checkpoints / f"best_step_{step:08d}_score_{score:.6f}.pt")
+                for old in self.best_checkpoints()[keep_best:]:
+                    old.unlink(missing_ok=True)
+
+    def ensemble(self) -> list[Path]:
+        """The checkpoints a run folder stands for in a checkpoint ensemble: its kept best ones, else
+        best.pt, else last.pt."""
+        kept = self.best_checkpoints()
+        if kept:
+            return kept
+        return [p for p in (self.best, self.last) if p.is_file()][:1]
 
     def create(self) -> list[Path]:
         """Make the folders; remove temp files a kill during a save left behind (returned)."""
@@ -161,6 +208,47 @@ def _write_refused(tmp: Path) -> int | None:
     if shutil.disk_usage(tmp.parent).free < 2**20:
         return errno.ENOSPC
     return None
+
+
+def _keep_copy(source: Path, target: Path) -> None:
+    """``target`` becomes ``source``'s content, atomically: a hard link (no space, no write) or, on a
+    filesystem without links, a copy."""
+    try:
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+            try:
+                os.link(source, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                shutil.copyfile(source, tmp)
+    except OSError as exc:
+        raise DataError(f"{target}: could not keep a copy of {source.name} ({exc.strerror or exc}); "
+                        f"{source} is intact") from None
+
+
+def checkpoint_sources(sources: Sequence[str | os.PathLike]) -> list[Path]:
+    """The checkpoint files ``predict --checkpoint`` names: files, run folders (``RunDir.ensemble``:
+    their best kept checkpoints) and glob patterns, in the order given."""
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            run = RunDir(path.parent if path.name == "checkpoints" else path)
+            members = run.ensemble()
+            if not members:
+                raise DataError(f"{path}: no checkpoints in this run folder ({run.checkpoints} holds no .pt)")
+            found += members
+        elif any(c in str(source) for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(source))) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"{source}: no checkpoint matches this pattern")
+            found += matches
+        else:
+            raise DataError(f"{path}: checkpoint not found")
+    return found
 
 
 def load_checkpoint(path: Path) -> dict:
