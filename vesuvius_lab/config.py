@@ -112,6 +112,8 @@ class ValConfig:
     batch: int = 2
     tta: bool = False  # mirror test-time augmentation
     max_volumes: int | None = None
+    live_volume: int | str | None = 0  # kept at each validation: index among the validated volumes, or record id; null: none
+    live_keep: int = 10  # live predictions kept: the latest N and the best (0: every one)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = 100
     val_every_epochs: int = 1
     seed: int = 0
+    tensorboard: bool = True  # also write metrics.jsonl's records as TensorBoard events in the run folder
 
 
 @dataclass
@@ -214,6 +217,8 @@ class Rule:
         if self.ordered and any(a > b for a, b in zip(items, items[1:])):
             return f"{key}: {value!r} must be in increasing order ([low, high])"
         for item in items:
+            if isinstance(item, str) and not self.choices:  # a key that takes a number or a name
+                continue
             if self.choices:
                 if item not in self.choices:
                     return f"{key}: {value!r} is not one of {', '.join(map(str, self.choices))}"
@@ -264,6 +269,8 @@ RULES: dict[str, Rule] = {
     "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),
     "training.checkpoint_every_steps": NON_NEGATIVE, "training.worker_timeout_s": NON_NEGATIVE, "training.val_every_epochs": NON_NEGATIVE,
     "training.seed": NON_NEGATIVE,
+    "val.live_volume": NON_NEGATIVE,  # an index; a record id (a string) is checked against the data at validation
+    "val.live_keep": NON_NEGATIVE,
 }
 
 
