@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,6 +333,7 @@ class RunMonitor:
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
+        self.followers: list[Callable[[Path], None]] = []  # e.g. lab.live.LivePanel.follow: run dir, each refresh
         self.attach()
 
     # -- state --
@@ -422,6 +423,8 @@ class RunMonitor:
             if len(self.history.steps) + len(self.history.val_steps) != self._drawn:
                 self._drawn = len(self.history.steps) + len(self.history.val_steps)
                 self.plot.value = figure_png(history_figure(self.history, f"{self.run_name.value}: {state}"))
+            for follow in self.followers:
+                follow(self.run_dir)
             return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
 
     def watch(self, interval: float | None = None) -> None:

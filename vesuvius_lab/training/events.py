@@ -14,14 +14,15 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import time
 from pathlib import Path
 
 from vesuvius_lab.config import Config
-from vesuvius_lab.training.run_dir import EPOCH, TRAIN, VAL, RunDir
+from vesuvius_lab.training.run_dir import TRAIN, RunDir
 
 log = logging.getLogger("vesuvius_lab.train")
 
-FLUSH_S = 5  # seconds between the writer's flushes: `tensorboard` shows a running run this fresh
+FLUSH_S = 5  # the writer's own flush period (each record is flushed anyway)
 SKIP = ("kind", "step")
 
 
@@ -35,7 +36,7 @@ def scalars(record: dict) -> dict[str, float]:
     kind = record.get("kind", "record")
     out = {}
     for key, value in record.items():
-        if key in SKIP or value is None or not isinstance(value, int | float):
+        if key in SKIP or value is None or not isinstance(value, int | float) or (key == "epoch" and kind != TRAIN):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             continue
@@ -46,7 +47,9 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 class EventLog:
-    """One SummaryWriter, opened at the first record (its step is the purge step)."""
+    """One event file per process, opened at the first record, whose step is the purge step: a
+    resumed run hides what an earlier process logged beyond its checkpoint, as metrics.jsonl does.
+    Each record is one event (all its scalars), flushed at once: a kill loses nothing written."""
 
     def __init__(self, root: str | Path):
         self.root, self.writer, self.failed = Path(root), None, False
@@ -55,16 +58,21 @@ class EventLog:
         if self.failed or record.get("step") is None:
             return
         try:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
             step = int(record["step"])
             if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
+                from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-                self.writer = SummaryWriter(log_dir=str(self.root), purge_step=step, flush_secs=FLUSH_S)
-                atexit.register(self.close)  # the writer's thread is a daemon: flush what it holds at exit
-            for tag, value in scalars(record).items():
-                self.writer.add_scalar(tag, value, step)
-            if record.get("kind") in (VAL, EPOCH):
-                self.writer.flush()
+                self.writer = EventFileWriter(str(self.root), flush_secs=FLUSH_S)
+                self.writer.add_event(Event(wall_time=time.time(), step=step,
+                                            session_log=SessionLog(status=SessionLog.START)))
+                atexit.register(self.close)
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)
+                                     for tag, value in scalars(record).items()])
+            self.writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+            self.writer.flush()
         except Exception as exc:  # noqa: BLE001 - the events are a view; the run goes on without them
             self.failed = True
             log.warning("TensorBoard events stopped at step %s (%s: %s); metrics.jsonl has every record",

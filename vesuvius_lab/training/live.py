@@ -93,10 +93,12 @@ def _write(run: RunDir, live_keep: int, result: VolumeResult, step: int, epoch: 
         mask = np.packbits(np.asarray(result.mask).astype(bool, copy=False).reshape(-1))
         name = entry_file(step)
         size = _save_npz(run.live / name, probability=probability, mask=mask)
-        entries = [e for e in index.get("entries", []) if e["step"] < step]  # a resumed run rewrites later ones
+        earlier = index.get("entries", [])
+        entries = [e for e in earlier if e["step"] < step]  # a resumed run rewrites the later ones
         entries.append({"step": step, "epoch": epoch, "file": name, "scores": result.scores, "bytes": size,
                         "loop_s": round(loop_s, 6), "write_s": round(time.perf_counter() - t0, 3)})
         index["entries"], dropped = _retain(entries, live_keep)
+        dropped += [e for e in earlier if e["step"] > step]
         index.pop("problem", None)
         atomic_write_text(run.live / INDEX, json_line(index))
         for entry in dropped:
