@@ -106,6 +106,7 @@ class LivePanel:
             w.HBox(self.positions), self.scores, self.message, self.image,
         ])
         self._lock = threading.RLock()
+        self._setting = False
         self.viewer = None
         self.dock = None
         self.attach(run_dir)
@@ -157,12 +158,17 @@ class LivePanel:
             self.draw()
 
     def _set_options(self, options: list[tuple[str, int]], value: int) -> None:
-        if list(self.slider.options) != options:
-            with self.slider.hold_trait_notifications():
+        self._setting = True  # moves made here are not a choice by hand
+        try:
+            if list(self.slider.options) != options:
                 self.slider.options = options
-        self.slider.value = value
+            self.slider.value = value
+        finally:
+            self._setting = False
 
     def _on_choice(self, change: dict) -> None:
+        if self._setting:
+            return
         latest = self.entries[-1]["step"] if self.entries else -1
         if change["new"] != latest and change["new"] != -1:
             self.follow_latest.value = False  # an earlier epoch chosen by hand stays shown
