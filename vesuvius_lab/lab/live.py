@@ -105,6 +105,7 @@ class LivePanel:
             w.HBox([self.slider, self.follow_latest, self.napari_button]),
             w.HBox(self.positions), self.scores, self.message, self.image,
         ])
+        self.widget.add_class("vlab-live-panel")  # for the browser test and custom CSS
         self._lock = threading.RLock()
         self._setting = False
         self.viewer = None
@@ -200,11 +201,10 @@ class LivePanel:
                 return
             position = tuple(s.value for s in self.positions)
             key = (entry["file"], position)
+            if key != self._drawn:  # the slices first: the score line never runs ahead of them
+                self._drawn = key
+                self.image.value = figure_png(live_figure(*arrays, position, f"{self.run_dir.name}: {entry_label(entry)}"))
             self.scores.value = format_scores(self.index["volume"], entry)
-            if key == self._drawn:
-                return
-            self._drawn = key
-            self.image.value = figure_png(live_figure(*arrays, position, f"{self.run_dir.name}: {entry_label(entry)}"))
 
     def open_napari(self):
         """A napari viewer on the same volume, its "Live run" dock widget following this run."""

@@ -44,13 +44,14 @@ class LiveRunWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer, run_dir: str | Path | None = None, poll_ms: int = POLL_MS):
         self.viewer = viewer
         self.run_folder = FileEdit(label="run folder", mode="d")
-        self.validation = ComboBox(label="validation", choices=[])
+        self._choices: list = []
+        # a callable: napari resets a docked magicgui widget's choices whenever layers change
+        self.validation = ComboBox(label="validation", choices=lambda _widget: self._choices)
         self.follow = CheckBox(text="follow the run (show each new validation)", value=True)
         self.status = Label(value="choose a run folder")
         super().__init__(widgets=[self.run_folder, self.validation, self.follow, self.status])
         self.shown: int | None = None  # the step shown
         self.reloads = 0  # validations shown so far (tests and the status line)
-        self._choices: list = []
         self.run_folder.changed.connect(self._on_folder)
         self.validation.changed.connect(self._on_choice)
         self.timer = QTimer(self.native)  # stops with the widget
@@ -66,7 +67,8 @@ class LiveRunWidget(Container):
 
     def _on_folder(self) -> None:
         self.shown, self._choices = None, []
-        self.validation.choices = []
+        with self.validation.changed.blocked():
+            self.validation.reset_choices()
         self.poll()
 
     def _on_choice(self) -> None:
@@ -79,7 +81,14 @@ class LiveRunWidget(Container):
         self._show(step)
 
     def poll(self) -> None:
-        """Offer the kept validations; show the latest when following and it is new."""
+        """Offer the kept validations; show the latest when following and it is new. Called by the
+        Qt timer, where an exception would end napari (PyQt aborts): it is shown instead."""
+        try:
+            self._poll()
+        except Exception as exc:  # noqa: BLE001 - the next poll tries again
+            self.status.value = f"reload failed: {type(exc).__name__}: {exc}"
+
+    def _poll(self) -> None:
         if self.run_dir is None:
             return
         index = live.read_index(self.run_dir)
@@ -91,7 +100,7 @@ class LiveRunWidget(Container):
         if choices != self._choices:
             self._choices = choices
             with self.validation.changed.blocked():
-                self.validation.choices = choices
+                self.validation.reset_choices()
                 if self.shown in [s for _, s in choices]:
                     self.validation.value = self.shown
         latest = entries[-1]["step"]

@@ -1,0 +1,102 @@
+"""Notebook 04's live prediction panel in a real JupyterLab through headless Chromium: Run All,
+press Start, and see the panel change from one validation to the next, scores shown."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+from conftest import require
+from lab_runs_helpers import write_tiny_config
+from test_browser import ARGS, CHROMIUM, NOTEBOOK, TOKEN, _cleanup, _free_port, _wait_for_server
+from vesuvius_lab.lab import runs
+from vesuvius_lab.lab.runner import inject_parameters
+
+EPOCH = re.compile(r"epoch (\d+) · step (\d+) · score (\d\.\d{4}) · topo \d\.\d{4} · surface Dice \d\.\d{4} · VOI \d\.\d{4}")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_live_panel_changes_between_two_validations_in_jupyterlab(tiny_root, tmp_path, artifacts):
+    require(CHROMIUM.exists(), "chromium")
+    from PIL import Image
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path / "lab"
+    root.mkdir()
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=3, epochs=60)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    inject_parameters(nb, {"config_path": str(config), "runs_dir": str(tmp_path / "runs"), "run_name": "live",
+                           "refresh_s": 0.5})
+    nbformat.write(nb, root / NOTEBOOK.name)
+    run_dir = tmp_path / "runs" / "live"
+    port = _free_port()
+    log = open(tmp_path / "jupyter.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
+    )
+    shots: list[tuple[tuple[str, ...], np.ndarray]] = []
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", server)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={TOKEN}")
+            page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+            select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
+            try:
+                select.wait_for(timeout=20_000)
+                select.click()
+            except PlaywrightTimeout:
+                pass
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+                state="attached", timeout=60_000)
+            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+            panel = page.locator(".vlab-live-panel")
+            panel.get_by_text("no live prediction").wait_for(timeout=90_000)  # the panel, before any validation
+            page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Start\s*$")).click()
+            try:
+                for n in range(2):
+                    shots.append(_shot(page, panel, artifacts / f"04_train_live-panel-{n}.png", shots, Image))
+            except Exception:
+                page.screenshot(path=str(artifacts / "04_train_live-panel-failure.png"), full_page=True)
+                raise
+            page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Stop\s*$")).click()
+            page.get_by_text(re.compile(r"^stopped$")).first.wait_for(timeout=90_000)
+            browser.close()
+    finally:
+        _cleanup(run_dir, server, log)
+    (first, one), (second, two) = shots
+    assert first[:2] != second[:2] and one.shape == two.shape and not np.array_equal(one, two)
+    assert runs.read_status(run_dir)["state"] == "stopped"
+
+
+def _shot(page, panel, path: Path, earlier: list, Image) -> tuple[tuple[str, ...], np.ndarray]:
+    """Wait for a validation not shown before; screenshot the panel while its score line stays."""
+    seen = {s[0][:2] for s in earlier}
+    page.wait_for_function(
+        """([seen]) => { const el = document.querySelector('.vlab-live-panel');
+             const m = el && el.innerText.match(/epoch (\\d+) · step (\\d+) · score/);
+             return m && !seen.includes(m[1] + ':' + m[2]) && el.querySelector('img').naturalWidth > 0; }""",
+        arg=[[f"{e}:{s}" for e, s in seen]], timeout=180_000)
+    while True:
+        before = EPOCH.search(panel.inner_text())
+        png = panel.screenshot(path=str(path))
+        after = EPOCH.search(panel.inner_text())
+        if before and after and before.groups() == after.groups():
+            print(path, before.group(0))
+            return before.groups(), np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
