@@ -58,11 +58,50 @@ def _kill_group(pgid: int | None, sig: int = signal.SIGTERM) -> None:
             pass
 
 
+def start_lab(root: Path, tmp_path: Path) -> tuple[subprocess.Popen, int, object]:
+    """A JupyterLab server on ``root`` (its own process group), answering; (server, port, log)."""
+    port = _free_port()
+    log = open(tmp_path / "jupyter.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
+    )
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", server)
+    except Exception:
+        _kill_group(server.pid)
+        log.close()
+        raise
+    return server, port, log
+
+
+def open_and_run_all(p, port: int, name: str):
+    """Headless Chromium on the notebook ``name``, its kernel chosen, Run All Cells; (browser, page)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={TOKEN}")
+    page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+    select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
+    try:  # a fresh JupyterLab asks which kernel, even with the notebook's kernelspec
+        select.wait_for(timeout=20_000)
+        select.click()
+    except PlaywrightTimeout:
+        pass
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(state="attached", timeout=60_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+    return browser, page
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
     require(CHROMIUM.exists(), "chromium")
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     root = tmp_path / "lab"
@@ -73,33 +112,11 @@ def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
                            "refresh_s": 0.5})
     nbformat.write(nb, root / NOTEBOOK.name)
     run_dir = tmp_path / "runs" / "web"
-    port = _free_port()
-    log = open(tmp_path / "jupyter.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
-    )
+    server, port, log = start_lab(root, tmp_path)
     shot = artifacts / "04_train_live-browser.png"
     try:
-        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", server)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={TOKEN}")
-            page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
-            select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
-            try:  # a fresh JupyterLab asks which kernel, even with the notebook's kernelspec
-                select.wait_for(timeout=20_000)
-                select.click()
-            except PlaywrightTimeout:
-                pass
-            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
-                state="attached", timeout=60_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+            browser, page = open_and_run_all(p, port, NOTEBOOK.name)
             page.on("dialog", lambda dialog: dialog.accept())
             failure = artifacts / "04_train_live-browser-failure.png"
             try:

@@ -4,10 +4,7 @@ press Start, and see the panel change from one validation to the next, scores sh
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -16,7 +13,7 @@ import pytest
 
 from conftest import require
 from lab_runs_helpers import write_tiny_config
-from test_browser import ARGS, CHROMIUM, NOTEBOOK, TOKEN, _cleanup, _free_port, _wait_for_server
+from test_browser import CHROMIUM, NOTEBOOK, _cleanup, open_and_run_all, start_lab
 from vesuvius_lab.lab import runs
 from vesuvius_lab.lab.runner import inject_parameters
 
@@ -28,7 +25,6 @@ EPOCH = re.compile(r"epoch (\d+) · step (\d+) · score (\d\.\d{4}) · topo \d\.
 def test_live_panel_changes_between_two_validations_in_jupyterlab(tiny_root, tmp_path, artifacts):
     require(CHROMIUM.exists(), "chromium")
     from PIL import Image
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     root = tmp_path / "lab"
@@ -39,33 +35,11 @@ def test_live_panel_changes_between_two_validations_in_jupyterlab(tiny_root, tmp
                            "refresh_s": 0.5})
     nbformat.write(nb, root / NOTEBOOK.name)
     run_dir = tmp_path / "runs" / "live"
-    port = _free_port()
-    log = open(tmp_path / "jupyter.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
-    )
+    server, port, log = start_lab(root, tmp_path)
     shots: list[tuple[tuple[str, ...], np.ndarray]] = []
     try:
-        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", server)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={TOKEN}")
-            page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
-            select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
-            try:
-                select.wait_for(timeout=20_000)
-                select.click()
-            except PlaywrightTimeout:
-                pass
-            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
-                state="attached", timeout=60_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+            browser, page = open_and_run_all(p, port, NOTEBOOK.name)
             panel = page.locator(".vlab-live-panel")
             panel.get_by_text("no live prediction").wait_for(timeout=90_000)  # the panel, before any validation
             page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Start\s*$")).click()

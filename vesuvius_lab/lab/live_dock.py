@@ -15,9 +15,9 @@ import napari
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label
 from qtpy.QtCore import QTimer
 
-from vesuvius_lab.evaluate import VolumeResult
+from vesuvius_lab.evaluate import SCORE_PARTS, VolumeResult
 from vesuvius_lab.lab.evaluation import error_labels, show_errors
-from vesuvius_lab.lab.live import entry_label
+from vesuvius_lab.lab.live import PART_NAMES, entry_label
 from vesuvius_lab.training import live
 
 POLL_MS = 1000
@@ -117,8 +117,9 @@ class LiveRunWidget(Container):
         self.shown, self.reloads = step, self.reloads + 1
         with self.validation.changed.blocked():
             self.validation.value = step
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items() if isinstance(v, float))
-        self.status.value = f"{result.id}: {entry_label(entry)}\n{scores}"
+        scores = ", ".join(f"{PART_NAMES[k]} {result.scores[k]:.3f}" for k in SCORE_PARTS
+                           if isinstance(result.scores.get(k), int | float))
+        self.status.value = f"{entry_label(entry)}: {scores}"
         self.viewer.title = f"vesuvius-lab live: {self.run_dir.name}, {entry_label(entry)}"
 
 
