@@ -49,6 +49,7 @@ def test_live_panel_changes_between_two_validations_in_jupyterlab(tiny_root, tmp
             except Exception:
                 page.screenshot(path=str(artifacts / "04_train_live-panel-failure.png"), full_page=True)
                 raise
+            assert panel.locator(".widget-readout").all_inner_texts()[-3:] == ["24", "24", "24"]  # z, y, x: centre
             page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Stop\s*$")).click()
             page.get_by_text(re.compile(r"^stopped$")).first.wait_for(timeout=90_000)
             browser.close()

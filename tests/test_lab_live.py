@@ -87,6 +87,9 @@ def test_panel_and_napari_dock_follow_a_running_run(viewer, tiny_root, tmp_path,
             shots.append(assert_rendered(shot))
             panels.append(_png(panel.image.value, artifacts / f"live-panel-{wanted}.png"))
             layers.append(viewer.layers["probability"].data.copy())
+            if wanted == 1:  # the notebook reopened on the running run: the new panel shows what is kept
+                again = LivePanel(monitor.run_dir)
+                assert again.entries and again.slider.value == again.entries[-1]["step"] and again.image.value
     finally:
         monitor.stop()
         monitor.process.wait(timeout=120)
@@ -129,3 +132,32 @@ def test_the_linked_notebook_05_evaluates_the_best_checkpoint(finished_runs, x_d
     tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "text/plain" in o.get("data", {})]
     assert any("surface_dice" in t and "mean" in t for t in tables)
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_open_in_napari_and_the_plugin_dock_show_a_finished_run(finished_runs, viewer, artifacts):
+    from npe2 import PluginManager
+
+    from vesuvius_lab.lab.live_dock import LiveRunWidget
+
+    panel = LivePanel(finished_runs / "a")
+    opened = panel.open_napari()  # the notebook's button: a viewer with the dock following the run
+    try:
+        assert panel.dock.shown == 8 and panel.dock.reloads == 1 and "epoch 1 · step 8" in opened.title
+        assert [layer.name for layer in opened.layers][1:] == ["probability", "ground truth",
+                                                                "errors (TP white, FP red, FN cyan)"]
+        panel.dock.validation.value = 4  # an earlier validation, chosen in the dock: following stops
+        assert panel.dock.shown == 4 and not panel.dock.follow.value
+        panel.dock.poll()
+        assert panel.dock.shown == 4
+    finally:
+        opened.close()
+    PluginManager.instance().discover()
+    _dock, widget = viewer.window.add_plugin_dock_widget("vesuvius-lab", "Live run")
+    assert isinstance(widget, LiveRunWidget) and widget.status.value == "choose a run folder"
+    widget.run_folder.value = finished_runs / "b"
+    assert widget.shown == 8 and widget.status.value.startswith("epoch 1 · step 8: score ")
+    viewer.reset_view()
+    viewer.screenshot(path=str(artifacts / "live-dock-finished.png"), canvas_only=True)
+    assert_rendered(artifacts / "live-dock-finished.png")

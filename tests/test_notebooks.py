@@ -140,6 +140,7 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         assert status["state"] == "stopped" and 3 <= status["step"] < 200, status
         assert "stopped\n" in printed and any("steps logged in" in line for line in printed.splitlines())
         assert any(t.startswith("<b>stopped</b> · step ") for t in shown)
+        assert any(t.startswith("no live prediction in ") for t in shown)  # the live panel, before a validation
         return
     assert any(t.startswith(f"<b>{first.id}</b>: scroll {first.scroll_id}") for t in shown)  # the record summary
     if path.stem == "02_preview_patches":

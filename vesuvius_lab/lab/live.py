@@ -182,7 +182,8 @@ class LivePanel:
             except (OSError, KeyError, ValueError):
                 return None
             for slider, size in zip(self.positions, self.volume[0].shape, strict=True):
-                slider.max, slider.value = size - 1, size // 2
+                with slider.hold_sync():  # one message: the browser never clamps the value to the old max
+                    slider.max, slider.value = size - 1, size // 2
         if self._loaded is None or self._loaded[0] != entry["file"]:
             try:
                 self._loaded = (entry["file"], live.load_entry(self.run_dir, entry, self.index["shape"]))
