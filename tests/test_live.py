@@ -84,7 +84,7 @@ def _result(rid: str, score: float, seed: int, shape=(8, 12, 16)) -> VolumeResul
 
 
 def test_retention_keeps_the_latest_and_the_best_and_a_resume_rewrites_later_ones(tmp_path):
-    run, config = RunDir(tmp_path / "run"), load_config(None, ["val.live_keep=2"])
+    run, config = RunDir(tmp_path / "run"), load_config(None, ["val.live_keep=2", "val.live_volume=v1"])
     run.create()
     for step, score in ((10, 0.2), (20, 0.9), (30, 0.3), (40, 0.4), (50, 0.1)):
         live.keep(run, config, [VolumeResult("other", scores={}), _result("v1", score, step)], step, step // 10)

@@ -38,9 +38,9 @@ INDEX, VOLUME = "index.json", "volume.npz"
 _writer: threading.Thread | None = None  # the one background write in flight (rank 0 only)
 
 
-def volume_ids(config: Config, records: Sequence[Record]) -> tuple[str, ...]:
+def volume_ids(config: Config, records: Sequence[Record | VolumeResult]) -> tuple[str, ...]:
     """The id of the validated volume ``val.live_volume`` names (an index or a record id); () when
-    it names none of ``records``."""
+    it names none of ``records`` (or of their results, in the same order)."""
     chosen = config.val.live_volume
     if chosen is None:
         return ()
@@ -63,7 +63,8 @@ def keep(run: RunDir, config: Config, results: Sequence[VolumeResult], step: int
         return 0.0
     if _writer is not None:
         _writer.join()  # one write at a time; a validation later, the last one is long done
-    kept = next((r for r in results if r.probability is not None), None)
+    chosen = volume_ids(config, results)
+    kept = next((r for r in results if r.id in chosen and r.probability is not None), None)
     if kept is None:
         _note_problem(run, f"val.live_volume {config.val.live_volume!r} is none of the validated volumes "
                            f"({', '.join(r.id for r in results)}): no live prediction is kept")
