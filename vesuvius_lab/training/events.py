@@ -6,7 +6,8 @@ turns this off). Tags are ``<kind>/<field>``: ``train/loss``, ``train/<term>`` f
 ``train/lr``, ``train/samples_per_s``, ``train/data_wait_share``, ``train/memory_mb``,
 ``val/score`` and its parts, ``epoch/epoch_s``. metrics.jsonl stays the source of truth: a
 failure here (a full disk, a broken install) is logged once and ends the events, never the run.
-A resumed run purges what an earlier process logged after the resumed step (``purge_step``).
+A resumed run hides what an earlier process logged after the resumed step (a ``SessionLog`` START at
+its first step, which TensorBoard honours as a purge).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class EventLog:
             self.close()
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         if self.writer is not None:
             writer, self.writer = self.writer, None
             try:
