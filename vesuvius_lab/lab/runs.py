@@ -30,7 +30,7 @@ from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
-from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir, pid_alive, same_process
+from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir, pid_alive, same_process  # noqa: F401 (pid_alive)
 
 
 
