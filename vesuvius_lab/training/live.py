@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from vesuvius_lab.training.run_dir import RunDir, json_line
 log = logging.getLogger("vesuvius_lab.train")
 
 INDEX, VOLUME = "index.json", "volume.npz"
+COMPRESS_LEVEL = 1
 _writer: threading.Thread | None = None  # the one background write in flight (rank 0 only)
 
 
@@ -125,9 +127,13 @@ def _finite(value) -> bool:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> int:
+    """An .npz as ``np.savez_compressed`` writes it, at zlib level 1: a third of level 6's time for
+    4 % more bytes on a 320^3 probability (2.6 s, 25 MiB). ``np.load`` reads it."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to the temp name
-            np.savez_compressed(fh, **arrays)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=COMPRESS_LEVEL) as zf:
+            for name, array in arrays.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asarray(array), allow_pickle=False)
         size = tmp.stat().st_size
     return size
 
