@@ -59,3 +59,45 @@ def cli(capsys):
         return code, out.splitlines(), keep
 
     return run
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tiny_root, tmp_path_factory) -> Path:
+    """A folder of two finished tiny runs, "a" and "b" (``loss.cldice`` and ``optim.lr`` differ), two
+    validations each; "b" was SIGKILLed after a checkpoint and resumed (one run, two processes)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lab_runs_helpers import write_tiny_config
+
+    root = tmp_path_factory.mktemp("finished")
+    training = {"checkpoint_every_steps": 2}
+    configs = {"a": write_tiny_config(tiny_root, root / "cfg_a", steps=4, epochs=2, training=training),
+               "b": write_tiny_config(tiny_root, root / "cfg_b", steps=4, epochs=2, training=training,
+                                      loss={"cldice": 0.5}, optim={"lr": 0.02},
+                                      data={"manifest": str(root / "cfg_a" / "tiny.yaml")})}  # the same data
+
+    def train(name: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "vesuvius_lab", "train", "--config", str(configs[name]),
+                                 "--run-dir", str(root / "runs" / name), "--no-progress", *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    assert train("a").wait(timeout=600) == 0
+    killed, status = train("b"), root / "runs" / "b" / "status.json"
+    deadline = time.monotonic() + 300
+    while killed.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads(status.read_text()).get("step", 0) >= 3:  # past the checkpoint at step 2
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    if killed.poll() is None:
+        os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = train("b", "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    return root / "runs"

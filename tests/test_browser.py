@@ -269,10 +269,7 @@ def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
             _failed_launch(page, failed)
             _drive(page, run_dir, shot)
     finally:
-        try:
-            _kill_group(json.loads((run_dir / RunDir.LAUNCH).read_text())["pgid"])
-        except (OSError, ValueError, KeyError):
-            pass
+        kill_run(run_dir)
     from conftest_gui import assert_rendered
 
     assert_rendered(shot)
@@ -317,6 +314,14 @@ def _drive(page, run_dir: Path, shot: Path) -> None:
     page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Stop\s*$")).click()
     page.get_by_text(re.compile(r"^stopped$")).first.wait_for(timeout=90_000)
     assert runs.read_status(run_dir)["state"] == "stopped"
+
+
+def kill_run(run_dir: Path) -> None:
+    """Stop the run a test started from the notebook (its process group, from launch.json), if any."""
+    try:
+        _kill_group(json.loads((run_dir / RunDir.LAUNCH).read_text())["pgid"])
+    except (OSError, ValueError, KeyError):
+        pass
 
 
 def _stop_server(server: subprocess.Popen, log) -> None:

@@ -13,6 +13,7 @@ from conftest_gui import assert_rendered
 from vesuvius_lab.augment import patch_corners
 from vesuvius_lab.config import AugmentConfig, SamplerConfig
 from vesuvius_lab.lab import data, views
+from vesuvius_lab.lab.live_dock import LiveRunWidget
 from vesuvius_lab.lab.napari_widget import RecordPatchesWidget
 from vesuvius_lab.manifest import load_manifest
 from vesuvius_lab.preview import box_edges
@@ -94,10 +95,10 @@ def test_label_map_prediction_and_an_ndisplay_toggle_bound_both_ways(viewer, tin
 def test_plugin_manifest_is_valid_and_points_at_the_widget():
     manifest = PluginManifest.from_file(PLUGIN_YAML)
     assert manifest.name == "vesuvius-lab"
-    (command,) = manifest.contributions.commands
-    (widget,) = manifest.contributions.widgets
-    assert widget.command == command.id
-    assert import_python_name(command.python_name) is RecordPatchesWidget
+    commands = {c.id: c.python_name for c in manifest.contributions.commands}
+    assert sorted(w.command for w in manifest.contributions.widgets) == sorted(commands)
+    assert import_python_name(commands["vesuvius-lab.record_patches"]) is RecordPatchesWidget
+    assert import_python_name(commands["vesuvius-lab.live_run"]) is LiveRunWidget
 
 
 @pytest.mark.gui

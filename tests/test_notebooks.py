@@ -31,9 +31,10 @@ SMALL = {
     # a tiny run (config written by the test), started, followed for a few steps, then stopped
     "04_train_live": {"run_name": "nb", "start": True, "wait_steps": 3, "stop_at_end": True, "refresh_s": 0.5},
     "05_evaluate": {"max_volumes": 1, "overrides": ["val.overlap=0.0"]},
+    "06_compare_runs": {},  # two finished tiny runs (the finished_runs fixture)
 }
 # The screenshots each notebook saves (suffixes of tests/artifacts/<notebook>-<suffix>.png).
-SHOTS = {"03_plan_epoch": ["timings"], "04_train_live": ["plot"]}
+SHOTS = {"03_plan_epoch": ["timings"], "04_train_live": ["plot"], "06_compare_runs": ["curves"]}
 NAPARI_SHOTS = ["2d", "3d"]
 
 
@@ -84,7 +85,7 @@ def test_inject_parameters_goes_after_the_parameters_cell_and_replaces_itself():
 @pytest.mark.gui
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manifest, artifacts, tmp_path):
+def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manifest, artifacts, tmp_path, request):
     parameters = {
         "manifest_path": str(tiny_manifest),
         "cache_dir": str(tmp_path / "cache"),
@@ -110,6 +111,9 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
     if path.stem == "04_train_live":
         parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=200))
         parameters["runs_dir"] = str(tmp_path / "runs")
+    if path.stem == "06_compare_runs":
+        parameters["runs_dir"] = str(request.getfixturevalue("finished_runs"))
+        parameters["evaluate_dir"] = str(tmp_path / "evaluations")
     nb = run_notebook(path, parameters, timeout=180)
     nbformat.write(nb, artifacts / path.name)  # the executed notebook, to look at
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
@@ -130,11 +134,19 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         assert str(tmp_path / "planned.yaml") in printed and (tmp_path / "planned.yaml").exists()
         assert any("steps/epoch" in t for t in shown) and any("<th>samples/s</th>" in t and t.count("<tr>") == 3 for t in shown)
         return
+    if path.stem == "06_compare_runs":
+        html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                if "text/html" in o.get("data", {})]
+        assert "05_evaluate-a.ipynb" in html[0] and "05_evaluate-b.ipynb" in html[0] and "finished" in html[0]
+        assert "loss.cldice" in html[1] and "optim.lr" in html[1]
+        assert sorted(p.name for p in (tmp_path / "evaluations").iterdir()) == ["05_evaluate-a.ipynb", "05_evaluate-b.ipynb"]
+        return
     if path.stem == "04_train_live":
         status = json.loads((tmp_path / "runs" / "nb" / "status.json").read_text())
         assert status["state"] == "stopped" and 3 <= status["step"] < 200, status
         assert "stopped\n" in printed and any("steps logged in" in line for line in printed.splitlines())
         assert any(t.startswith("<b>stopped</b> · step ") for t in shown)
+        assert any(t.startswith("no live prediction in ") for t in shown)  # the live panel, before a validation
         return
     assert any(t.startswith(f"<b>{first.id}</b>: scroll {first.scroll_id}") for t in shown)  # the record summary
     if path.stem == "02_preview_patches":
@@ -157,7 +169,8 @@ def _nbconvert(notebook: Path, cwd: Path, out: Path, *extra: str) -> subprocess.
 
 @pytest.mark.gui
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["01_inspect_volumes", "02_preview_patches", "03_plan_epoch", "04_train_live"])
+@pytest.mark.parametrize("name", ["01_inspect_volumes", "02_preview_patches", "03_plan_epoch", "04_train_live",
+                                  "06_compare_runs"])
 def test_notebook_runs_with_its_own_defaults_under_nbconvert(name, x_display, tmp_path):
     """From notebooks/, as shipped: the demo data is prepared where it is missing, nothing is injected."""
     out = tmp_path / f"{name}.ipynb"

@@ -193,4 +193,5 @@ def test_torchrun_two_processes_on_cpu(tiny_config, tmp_path):
     train_lines = [r for r in lines if r["kind"] == "train"]
     assert len(train_lines) == STEPS and all(r["global_batch"] == 4 for r in train_lines)  # written once, by rank 0
     assert len([r for r in lines if r["kind"] == "val"]) == 1
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # TensorBoard events: rank 0 alone
     assert json.loads((run / "status.json").read_text())["state"] == "finished"

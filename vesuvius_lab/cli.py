@@ -256,6 +256,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- runs ------------------------------------------------------------------------------------
+def _runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs_dir", nargs="?", type=Path, metavar="DIR",
+                   help="a folder of run folders, or one run folder (default: $VLAB_RUNS_DIR or ./runs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _runs(args: argparse.Namespace) -> int:
+    import json
+
+    from vesuvius_lab.compare import default_runs_dir, format_runs, runs_json, summarize_runs
+
+    runs_dir = args.runs_dir or default_runs_dir()
+    summaries = summarize_runs(runs_dir)
+    if args.json:
+        print(json.dumps(runs_json(summaries)))
+    elif not summaries:
+        print(f"{runs_dir}: no runs yet (vesuvius-lab train, or notebook 04, writes them)")
+    else:
+        format_runs(summaries)
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("synth", "write a synthetic dataset in the Kaggle layout", _synth_args, _synth),
     ("validate", "check a data root or manifest before training", _validate_args, _validate),
@@ -266,6 +289,7 @@ COMMANDS: list[Command] = [
     ("predict", "predict masks with a checkpoint; writes submission.zip", _predict_args, _predict),
     ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
     ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),
+    ("runs", "every run side by side: state, steps, wall time, best score, differing config keys", _runs_args, _runs),
 ]
 
 

@@ -133,6 +133,8 @@ class ValConfig:
     batch: int = 2
     tta: bool = False  # mirror test-time augmentation
     max_volumes: int | None = None
+    live_volume: int | str | None = 0  # kept at each validation: index among the validated volumes, or record id; null: none
+    live_keep: int = 10  # live predictions kept: the latest N and the best (0: every one)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class TrainingConfig:
     seed: int = 0
     keep_last: int = 1  # most recent checkpoints kept (last.pt is the newest; more are kept as step_N.pt)
     keep_best: int = 1  # best-scoring checkpoints kept (best.pt is the best; more are kept as best_step_N_score_S.pt)
+    tensorboard: bool = True  # also write metrics.jsonl's records as TensorBoard events in the run folder
 
 
 @dataclass
@@ -237,6 +240,8 @@ class Rule:
         if self.ordered and any(a > b for a, b in zip(items, items[1:])):
             return f"{key}: {value!r} must be in increasing order ([low, high])"
         for item in items:
+            if isinstance(item, str) and not self.choices:  # a key that takes a number or a name
+                continue
             if self.choices:
                 if item not in self.choices:
                     return f"{key}: {value!r} is not one of {', '.join(map(str, self.choices))}"
@@ -293,6 +298,8 @@ RULES: dict[str, Rule] = {
     "training.checkpoint_every_steps": NON_NEGATIVE, "training.worker_timeout_s": NON_NEGATIVE, "training.val_every_epochs": NON_NEGATIVE,
     "training.seed": NON_NEGATIVE,
     "training.keep_last": COUNT, "training.keep_best": COUNT,
+    "val.live_volume": NON_NEGATIVE,  # an index; a record id (a string) is checked against the data at validation
+    "val.live_keep": NON_NEGATIVE,
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,14 +49,16 @@ class VolumeResult:
 
 
 def score_records(model: torch.nn.Module, records: Sequence[Record], config: Config, cache: VolumeCache,
-                  device: torch.device, progress: bool = False, keep_arrays: bool = False) -> list[VolumeResult]:
-    """Predict, post-process and score each record's whole volume."""
+                  device: torch.device, progress: bool = False, keep_arrays: bool = False,
+                  keep_ids: Collection[str] = ()) -> list[VolumeResult]:
+    """Predict, post-process and score each record's whole volume; the arrays of every volume are
+    kept with ``keep_arrays``, of those in ``keep_ids`` only otherwise (training's live prediction)."""
     results = []
     for record in tqdm(records, desc="validate", unit="vol", leave=False, disable=not progress):
         volume = cache.load(record)
         pred = predict_volume(model, volume.image, config, device)
         scores = volume_score(pred.mask, np.asarray(volume.label)).as_dict()
-        if keep_arrays:
+        if keep_arrays or record.id in keep_ids:
             results.append(VolumeResult(record.id, volume.image, volume.label, pred.probability, pred.mask, scores))
         else:
             results.append(VolumeResult(record.id, scores=scores))

@@ -71,3 +71,20 @@ if stop_at_end:
     monitor.process.wait(timeout=120)
     monitor.unwatch()
     print(monitor.refresh()["state_shown"])
+
+# %% [markdown]
+# ## Live prediction
+#
+# At each validation the run keeps the prediction of one validation volume (`val.live_volume`:
+# its index or record id; `val.live_keep` bounds how many are kept). Orthogonal slices of the
+# image, the label, the probability and the errors (true positives white, false positives red,
+# false negatives cyan, as in notebook 05), with that volume's score and parts; the slider goes
+# back through the epochs. It follows the run above (and its run name); "Open in napari" shows
+# the same volume in napari, with a dock widget that reloads when a new validation lands.
+
+# %%
+from vesuvius_lab.lab.live import LivePanel
+
+live_panel = LivePanel(monitor.run_dir)
+monitor.followers.append(live_panel.follow)  # refreshed with the curves, from the same thread
+live_panel.widget

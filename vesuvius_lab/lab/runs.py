@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
-from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir
+from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir, pid_alive, same_process  # noqa: F401 (pid_alive)
 
 
 
@@ -57,22 +57,6 @@ def train_argv(config: str | Path, run_dir: str | Path, devices: int = 1, resume
 def read_status(run_dir: str | Path) -> dict:
     """status.json, or {} when it is absent or being replaced."""
     return RunDir(run_dir).read_status()
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not running
-        with open(f"/proc/{int(pid)}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class MetricsReader:
@@ -195,17 +179,6 @@ def format_duration(seconds: float | None) -> str:
 
 
 # --- the process ------------------------------------------------------------------------------------
-
-
-def same_process(pid: int | None, started: float | None) -> bool:
-    """Whether ``pid`` is still the process that started at ``started`` (psutil's create_time):
-    after it exits, its pid may be reused by an unrelated process, which must never be signalled."""
-    if not pid or started is None or not pid_alive(pid):
-        return False
-    try:
-        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
-    except psutil.Error:
-        return False
 
 
 class RunProcess:
@@ -429,6 +402,7 @@ class RunMonitor:
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
+        self.followers: list[Callable[[Path], None]] = []  # e.g. lab.live.LivePanel.follow: run dir, each refresh
         self.attach()
 
     # -- state --
@@ -521,6 +495,8 @@ class RunMonitor:
             self._state = state
             if len(self.history.steps) + len(self.history.val_steps) != self._drawn:
                 self.redraw()
+            for follow in self.followers:
+                follow(self.run_dir)
             return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
 
     def redraw(self) -> None:

@@ -31,9 +31,11 @@ from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import Batches, build_loader
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.topology import nnunet_topology
+from vesuvius_lab.training import live
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.ema import resume_ema
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, lr_at, optimizer_update
+from vesuvius_lab.training.events import event_log
 from vesuvius_lab.training.run_dir import (
     EPOCH, TRAIN, VAL, RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
 )
@@ -89,6 +91,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             os.replace(run.config, run.previous_config)  # kept: resuming never silently replaces it
             log.warning("resumed with changed keys: %s (the earlier config is %s)", "; ".join(changed), run.previous_config)
         save_config(config, run.config)
+        run.events = event_log(run, config)  # TensorBoard: every record appended is also an event
         run.status(state="preflight", step=0)
         prepare_demo_data(config, progress)  # the embedded demo's volumes, when a fresh clone lacks them
     ddp.barrier()
@@ -341,10 +344,12 @@ def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, ep
         return False
     improved = False
     if ddp.master:
-        results = score_records(engine.eval_model, data.val[: config.val.max_volumes], config, data.cache,
-                                engine.device, progress)
+        records = data.val[: config.val.max_volumes]
+        results = score_records(engine.eval_model, records, config, data.cache, engine.device, progress,
+                                keep_ids=live.volume_ids(config, records))
         scores = mean_scores(results)
         run.append({"kind": VAL, "step": state.step, "epoch": epoch, **scores})
+        live.keep(run, config, results, state.step, epoch)  # the live prediction, written in the background
         log.info("epoch %d val score %.4f (topo %.4f, surface dice %.4f, voi %.4f)", epoch,
                  scores["score"], scores["topo"], scores["surface_dice"], scores["voi_score"])
         improved = scores["score"] > state.best

@@ -4,6 +4,7 @@
     checkpoints/last.pt  checkpoints/best.pt
     checkpoints/step_00001200.pt ...                  (training.keep_last > 1: the K most recent)
     checkpoints/best_step_00001000_score_0.612345.pt  (training.keep_best > 1: the M best scores)
+    live/  (the live predictions: ``training.live``)  events.out.tfevents.*  (TensorBoard: ``training.events``)
 
 The trainer writes it (rank 0), the notebook's run monitor and the planner read it; each name is
 spelled here only. Checkpoints are complete (model, optimizer, schedule, scaler, step, every RNG
@@ -66,6 +67,7 @@ class RunDir:
     CONSOLE, LAUNCH, PLAN = "console.log", "launch.json", "plan.json"
     PREVIOUS_METRICS = "metrics.previous.jsonl"  # the log of a run that died before its first checkpoint
     PREVIOUS_CONFIG = "config.previous.yaml"  # the config a resumed run had before
+    LIVE = "live"
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -75,6 +77,8 @@ class RunDir:
         self.previous_config = self.root / self.PREVIOUS_CONFIG
         self.train_log, self.status_file = self.root / self.TRAIN_LOG, self.root / self.STATUS
         self.console, self.launch, self.plan = self.root / self.CONSOLE, self.root / self.LAUNCH, self.root / self.PLAN
+        self.live = self.root / self.LIVE
+        self.events = None  # a training.events.EventLog: append() also writes each record there
 
     RECENT = re.compile(r"step_(\d{8,})\.pt")
     BEST = re.compile(r"best_step_(\d{8,})_score_(-?\d+\.\d+)\.pt")
@@ -119,7 +123,7 @@ class RunDir:
     def create(self) -> list[Path]:
         """Make the folders; remove temp files a kill during a save left behind (returned)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        stale = stale_temp_files(self.root) + stale_temp_files(self.checkpoints)
+        stale = stale_temp_files(self.root) + stale_temp_files(self.checkpoints) + stale_temp_files(self.live)
         for path in stale:
             path.unlink(missing_ok=True)
         return stale
@@ -139,6 +143,8 @@ class RunDir:
                 fh.flush()
         except OSError as exc:
             raise DataError(f"{self.metrics}: could not append to the log ({exc.strerror or exc})") from None
+        if self.events is not None:
+            self.events.write(record)  # never raises: metrics.jsonl is the source of truth
 
     def truncate_after(self, step: int) -> None:
         """Drop log lines beyond a resumed checkpoint; the resumed run writes them again."""
@@ -169,6 +175,33 @@ class RunDir:
             return json.loads(self.status_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{int(pid)}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def same_process(pid: int | None, started: float | None) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (psutil's create_time):
+    after it exits, its pid may be reused by an unrelated process, which must never be signalled."""
+    if not pid or started is None or not pid_alive(pid):
+        return False
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
+    except psutil.Error:
+        return False
 
 
 @functools.lru_cache(maxsize=4)
