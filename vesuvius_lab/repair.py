@@ -57,6 +57,7 @@ _N26 = np.array([i for i in range(27) if _ORDER[i] >= 1], dtype=np.int64)
 _FACES = np.array([i for i in range(27) if _ORDER[i] == 1], dtype=np.int64)
 _ADJ6_IN_N18 = _adjacency(1, _N18)
 _ADJ26_IN_N26 = _adjacency(3, _N26)
+_N26_OFFSETS = _OFFSETS[_ORDER >= 1]
 
 
 @nb.njit(**_JIT)
@@ -96,12 +97,13 @@ def _components(present, positions, adjacency, seeds_only, seeds):
 
 
 @nb.njit(**_JIT)
-def _plug_sweep(m, n18, n26, faces, adj6, adj26):
-    """Fill, in place and in raster order, background voxels with T6(fg) = 1 and T26(bg) >= 2."""
+def _plug_sweep(m, n18, n26, faces, adj6, adj26, added):
+    """Fill, in place and in raster order, background voxels with T6(fg) = 1 and T26(bg) >= 2;
+    their flat indices go to ``added``; returns how many."""
     Z, Y, X = m.shape
     fg = np.zeros(27, np.bool_)
     bg = np.zeros(27, np.bool_)
-    added = 0
+    count = 0
     for z in range(1, Z - 1):
         for y in range(1, Y - 1):
             for x in range(1, X - 1):
@@ -124,16 +126,68 @@ def _plug_sweep(m, n18, n26, faces, adj6, adj26):
                     continue
                 if _components(bg, n26, adj26, False, faces) >= 2:
                     m[z, y, x] = 1
-                    added += 1
-    return added
+                    if count < added.shape[0]:
+                        added[count] = (z * Y + y) * X + x
+                    count += 1
+    return count
 
 
-def plug_pinholes(mask: np.ndarray, passes: int = 2) -> np.ndarray:
-    """Fill holes one voxel wide through sheets (see the module's note); ``passes`` sweeps at most."""
+@nb.njit(**_JIT)
+def _fill_pockets(m, starts, offsets, limit):
+    """Fill each background region (26-connected) next to a ``starts`` voxel that holds at most
+    ``limit`` voxels and does not reach the border: the pockets a plug closed off inside a thick
+    sheet's hole (a plug at each face of the sheet encloses the voxels between them)."""
+    Z, Y, X = m.shape
+    seen = np.zeros(m.shape, np.int64)
+    region = np.empty(limit + 1, np.int64)
+    mark = 0
+    for s in starts:
+        z0, r = divmod(s, Y * X)
+        y0, x0 = divmod(r, X)
+        for k in range(offsets.shape[0]):
+            z, y, x = z0 + offsets[k, 0], y0 + offsets[k, 1], x0 + offsets[k, 2]
+            if m[z, y, x] or seen[z, y, x]:
+                continue
+            mark += 1
+            seen[z, y, x] = mark
+            region[0] = (z * Y + y) * X + x
+            n, head, escaped = 1, 0, False
+            while head < n and not escaped:
+                i = region[head]
+                head += 1
+                zz, rr = divmod(i, Y * X)
+                yy, xx = divmod(rr, X)
+                if zz == 0 or yy == 0 or xx == 0 or zz == Z - 1 or yy == Y - 1 or xx == X - 1:
+                    escaped = True
+                    break
+                for j in range(offsets.shape[0]):
+                    a, b, c = zz + offsets[j, 0], yy + offsets[j, 1], xx + offsets[j, 2]
+                    if m[a, b, c] or seen[a, b, c] == mark:
+                        continue
+                    if n >= limit:
+                        escaped = True
+                        break
+                    seen[a, b, c] = mark
+                    region[n] = (a * Y + b) * X + c
+                    n += 1
+            if not escaped:
+                for h in range(n):
+                    i = region[h]
+                    zz, rr = divmod(i, Y * X)
+                    yy, xx = divmod(rr, X)
+                    m[zz, yy, xx] = 1
+
+
+def plug_pinholes(mask: np.ndarray, passes: int = 2, pocket: int = 64) -> np.ndarray:
+    """Fill holes one voxel wide through sheets (see the module's note): ``passes`` sweeps at
+    most, then the pockets of up to ``pocket`` voxels the plugs enclosed."""
     m = np.pad(np.asarray(mask, dtype=bool), 1).astype(np.uint8)
+    added = np.empty(1 << 20, np.int64)
     for _ in range(passes):
-        if _plug_sweep(m, _N18, _N26, _FACES, _ADJ6_IN_N18, _ADJ26_IN_N26) == 0:
+        n = _plug_sweep(m, _N18, _N26, _FACES, _ADJ6_IN_N18, _ADJ26_IN_N26, added)
+        if n == 0:
             break
+        _fill_pockets(m, added[: min(n, added.shape[0])], _N26_OFFSETS, pocket)
     return m[1:-1, 1:-1, 1:-1].astype(bool)
 
 
@@ -255,10 +309,17 @@ def sheet_hole_fill(piece: np.ndarray, forbidden: np.ndarray, max_hole_area: int
     # the holes and the sheet around them are drawn again as one slab, so the fill joins the sheet
     # face to face (a fill drawn in the holes alone would meet a thin sheet only at edges and corners)
     cover = holes | (occupied & ndimage.binary_dilation(holes, structure=np.ones((3, 3), bool), iterations=2))
+    # a hole cell gets the interpolated sheet plus half a voxel, a rim cell only what lies between
+    # its own voxels, so nothing sticks out of the sheet
+    reach = np.maximum(half, 0.5) + np.where(holes, 0.5, 0.0)
     add = np.zeros(piece.size, bool)
     cells = (cu[inside], cv[inside])
-    add[inside] = cover[cells] & (np.abs(gw[inside] - centre[cells]) <= np.maximum(half[cells], 0.5) + 0.5)
+    add[inside] = cover[cells] & (np.abs(gw[inside] - centre[cells]) <= reach[cells])
     add = add.reshape(piece.shape) & ~piece & ~forbidden
+    # a voxel with fewer than two face neighbours in the result would be a spike, not sheet
+    grown = np.pad(piece | add, 1)
+    faces = sum(np.roll(grown, s, axis=a) for a in range(3) for s in (1, -1))[1:-1, 1:-1, 1:-1]
+    add &= faces >= 2
     return add if add.any() else None
 
 
@@ -310,9 +371,6 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
 
 
 # --- separating sheets merged through thin bridges ------------------------------------------------
-_N26_OFFSETS = _OFFSETS[_ORDER >= 1]
-
-
 @nb.njit(**_JIT)
 def _geodesic_partition(mask, seeds, offsets):
     """Grow the seed labels through the mask breadth-first (26-neighbours): each mask voxel gets the
