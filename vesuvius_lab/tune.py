@@ -118,6 +118,8 @@ def folder_volumes(prob_dir: str | os.PathLike, label_dir: str | os.PathLike) ->
     probs, problems = volume_files(Path(prob_dir), "probability", (".npy", ".tif", ".tiff"))
     labels, more = volume_files(Path(label_dir), "label", (".tif", ".tiff"))
     problems += more
+    if problems:
+        raise VLabError(problems)
     problems += [f"{probs[i]}: no label {Path(label_dir) / (i + '.tif')} for this probability" for i in sorted(set(probs) - set(labels))]
     problems += [f"{labels[i]}: no probability {Path(prob_dir) / (i + '.npy')} for this label" for i in sorted(set(labels) - set(probs))]
     if not problems and not labels:
