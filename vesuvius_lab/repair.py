@@ -361,13 +361,50 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                 near_hi = ndimage.maximum_filter(labels, footprint=cube, mode="constant", cval=0)
                 near_lo = ndimage.minimum_filter(np.where(labels > 0, labels, n + 1), footprint=cube, mode="constant", cval=n + 1)
             forbidden = (near_hi > 0) & ~((near_hi == c) & (near_lo == c))
-            add = sheet_hole_fill(piece, forbidden, max_hole_area)
-            if add is None:
-                continue
-            after = betti(piece | add)
-            if after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]:
-                sub |= add
+            fills = [lambda: sheet_hole_fill(piece, forbidden, max_hole_area)]
+            # holes too small or too oblique for the height map: the piece's own closing
+            fills += [lambda r=r: _closing_fill(piece, forbidden, r) for r in CLOSING_RADII]
+            for fill in fills:
+                add = fill()
+                if add is None:
+                    continue
+                add |= _pockets(piece | add) & ~forbidden  # a fill may close off a pocket: it is filled too
+                after = betti(piece | add)
+                if after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]:
+                    piece |= add
+                    sub |= add
+                    before = after
+                    if before[1] == 0:
+                        break
     return out
+
+
+CLOSING_RADII = (1, 2, 3)
+
+
+def _pockets(mask: np.ndarray) -> np.ndarray:
+    """Background (26-connected) of a window that does not reach the window's faces."""
+    import cc3d
+
+    labels, n = cc3d.connected_components(np.ascontiguousarray(~mask, dtype=np.uint8), connectivity=26, return_N=True)
+    if n <= 1:
+        return np.zeros(mask.shape, bool)
+    outside = np.zeros(n + 1, bool)
+    for axis in range(3):
+        for side in (0, -1):
+            outside[np.take(labels, side, axis=axis).ravel()] = True
+    outside[0] = True
+    return ~outside[labels]
+
+
+def _closing_fill(piece: np.ndarray, forbidden: np.ndarray, radius: int) -> np.ndarray | None:
+    """The voxels a closing with a ball of ``radius`` adds to one sheet, away from other sheets."""
+    r = np.arange(-radius, radius + 1)
+    ball = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= radius * radius + radius
+    padded = np.pad(piece, radius + 1, mode="edge")  # the sheet goes on beyond the window: no border effects
+    closed = ndimage.binary_closing(padded, structure=ball)[(slice(radius + 1, -radius - 1),) * 3]
+    add = closed & ~piece & ~forbidden
+    return add if add.any() else None
 
 
 # --- separating sheets merged through thin bridges ------------------------------------------------
