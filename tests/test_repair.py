@@ -129,3 +129,34 @@ def test_repair_keys_are_checked():
         PostprocessConfig(hole_window=4)
     with pytest.raises(ConfigError, match="postprocess.repair: expected a list"):
         PostprocessConfig(repair="plug_pinholes")
+
+
+def test_predict_volume_runs_the_configured_repair():
+    """Validation, ``predict`` and notebook 05 all post-process through ``inference.predict_volume``."""
+    import torch
+
+    from vesuvius_lab.config import load_config
+    from vesuvius_lab.inference import predict_volume
+    from vesuvius_lab.model import build_model
+
+    config = load_config(None, ["data.patch_size=[16,16,16]", "model.features=[4,8]", "val.overlap=0.0",
+                                "postprocess.threshold=0.45", "postprocess.repair=[plug_pinholes, fill_sheet_holes]"])
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    image = (tilted_sheet((32, 32, 32), centre=14.0) * 180 + 30).astype(np.uint8)
+    pred = predict_volume(model, image, config, "cpu")
+    assert np.array_equal(pred.mask, postprocess(pred.probability, config.postprocess))
+    plain = postprocess(pred.probability, PostprocessConfig(threshold=0.45))
+    assert pred.mask.sum() >= plain.sum()
+
+
+def test_bench_repair_json(cli):
+    import json
+
+    code, out, err = cli("bench", "repair", "--json", "--size", "48", "--volumes", "1")
+    assert code == 0, err
+    result = json.loads(out[-1])
+    assert result["repair_cpu_seconds_per_volume"] > 0 and result["baseline_cpu_seconds_per_volume"] > 0
+    assert set(result["steps_cpu_seconds"]) >= {"plug_pinholes", "fill_sheet_holes", "split_bridges"}
+    assert result["ratio_to_baseline"] == round(result["repair_cpu_seconds_per_volume"] / result["baseline_cpu_seconds_per_volume"], 2)
+    assert len(result["tunnels_before"]) == len(result["tunnels_after"]) == 1
