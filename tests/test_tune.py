@@ -128,3 +128,21 @@ def test_a_tiny_run_is_predicted_once_and_tuned_by_the_metric(tiny_root, tmp_pat
     assert result["best"]["postprocess"]["threshold"] == max(metric, key=metric.get)
     code, out, _ = cli(*args)  # again: the cached probabilities serve
     assert code == 0 and [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+@pytest.mark.slow
+def test_the_second_synthetic_dataset_is_what_its_manifest_says(tmp_path):
+    """data_manifests/synthetic_seed7_160.yaml (the generalisation check's data) regenerates exactly."""
+    from pathlib import Path
+
+    from vesuvius_lab.manifest import build_manifest, load_manifest
+    from vesuvius_lab.synth import synth
+
+    repo = Path(__file__).resolve().parent.parent
+    committed = load_manifest(repo / "data_manifests" / "synthetic_seed7_160.yaml", root=tmp_path / "d")
+    p = committed.synth
+    assert (p["seed"], p["shape"]) == (7, [160, 160, 160])
+    synth(tmp_path / "d", p["volumes"], tuple(p["shape"]), p["seed"], p["scrolls"], p["test_volumes"], progress=False)
+    rebuilt = build_manifest(tmp_path / "d", progress=False)
+    assert [(r.id, r.stats, r.sizes) for r in rebuilt.records] == [(r.id, r.stats, r.sizes) for r in committed.records]
+    assert load_config(repo / "configs" / "demo_seed7.yaml").data.manifest == "../data_manifests/synthetic_seed7_160.yaml"
