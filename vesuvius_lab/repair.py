@@ -14,8 +14,10 @@ ones the competition's top teams wrote by hand, on the metric's own topology (fo
   from PCA, its surface becomes a height map over the sheet plane (the lowest and highest offset
   along the normal per cell, i.e. its position and local thickness), the enclosed empty cells of
   that map are the holes, and they are filled by interpolating the map across them (harmonic, from
-  the rim). A fill is kept only if the project's exact Betti numbers of the window say a tunnel
-  went and nothing merged; it never touches another sheet.
+  the rim). Holes the map misses (too small, too oblique, or between two merged sheets) get the
+  sheet's own closing with a ball of radius 1, 2, then 3; pockets a fill closes off are filled with
+  it. A fill is kept only if the exact Betti numbers of the sheet say a tunnel went and nothing
+  split or became a cavity; it never touches another sheet.
 * ``split_bridges``: cores (the mask where the probability is high and the sheet is thick) seed a
   geodesic partition of each component; where two cores' regions meet, the seam is removed, so the
   sheets they belong to are no longer 26-connected.
