@@ -63,11 +63,10 @@ _N26_OFFSETS = _OFFSETS[_ORDER >= 1]
 
 
 @nb.njit(**_JIT)
-def _components(present, positions, adjacency, seeds_only, seeds):
+def _components(present, positions, adjacency, seeds_only, seeds, label, stack):
     """Number of components of the present positions under ``adjacency``; with ``seeds_only``,
-    only those holding one of ``seeds`` count."""
-    label = np.full(27, -1, np.int64)
-    stack = np.empty(27, np.int64)
+    only those holding one of ``seeds`` count. ``label`` and ``stack`` are scratch (27 ints)."""
+    label[:] = -1
     count = 0
     for start in positions:
         if not present[start] or label[start] >= 0:
@@ -89,11 +88,18 @@ def _components(present, positions, adjacency, seeds_only, seeds):
         count += 1
     if not seeds_only:
         return count
-    hit = np.zeros(count + 1, np.bool_)
     n = 0
-    for s in seeds:
-        if present[s] and not hit[label[s]]:
-            hit[label[s]] = True
+    for i in range(seeds.shape[0]):  # distinct components among the seeds (stack reused as the seen list)
+        s = seeds[i]
+        if not present[s]:
+            continue
+        seen = False
+        for j in range(n):
+            if stack[j] == label[s]:
+                seen = True
+                break
+        if not seen:
+            stack[n] = label[s]
             n += 1
     return n
 
@@ -105,6 +111,8 @@ def _plug_sweep(m, n18, n26, faces, adj6, adj26, added):
     Z, Y, X = m.shape
     fg = np.zeros(27, np.bool_)
     bg = np.zeros(27, np.bool_)
+    label = np.empty(27, np.int64)
+    stack = np.empty(27, np.int64)
     count = 0
     for z in range(1, Z - 1):
         for y in range(1, Y - 1):
@@ -115,18 +123,24 @@ def _plug_sweep(m, n18, n26, faces, adj6, adj26, added):
                             + m[z, y, x - 1] + m[z, y, x + 1])
                 if faces_on < 2:
                     continue
+                if faces_on == 6:
+                    continue  # no background side at all: not a hole (an enclosed voxel is a cavity)
                 k = 0
+                n_bg = 0
                 for dz in range(-1, 2):
                     for dy in range(-1, 2):
                         for dx in range(-1, 2):
                             v = m[z + dz, y + dy, x + dx] != 0
                             fg[k] = v
                             bg[k] = not v
+                            n_bg += not v
                             k += 1
                 bg[13] = False
-                if _components(fg, n18, adj6, True, faces) != 1:
+                if n_bg < 3:  # the voxel itself and one more: no two sides
                     continue
-                if _components(bg, n26, adj26, False, faces) >= 2:
+                if _components(bg, n26, adj26, False, faces, label, stack) < 2:
+                    continue
+                if _components(fg, n18, adj6, True, faces, label, stack) == 1:
                     m[z, y, x] = 1
                     if count < added.shape[0]:
                         added[count] = (z * Y + y) * X + x
@@ -216,17 +230,15 @@ def tunnel_windows(mask: np.ndarray, window: int) -> list[tuple[slice, ...]]:
     """Windows whose foreground has a tunnel by its Euler characteristic (beta1 >= beta0 - chi)."""
     import cc3d
 
-    from vesuvius_lab._betti import euler_characteristic
-
-    mask = np.asarray(mask, dtype=bool)
+    mask = np.asarray(mask, dtype=np.uint8)
     found = []
     for origin in window_origins(mask.shape, window):
         sl = _window(origin, window, mask.shape)
-        sub = mask[sl]
+        sub = np.ascontiguousarray(mask[sl])
         if not sub.any():
             continue
         chi = euler_characteristic(sub)
-        b0 = cc3d.connected_components(np.ascontiguousarray(sub, dtype=np.uint8), connectivity=6, return_N=True)[1]
+        b0 = cc3d.connected_components(sub, connectivity=6, return_N=True)[1]
         if b0 - chi > 0:
             found.append(sl)
     return found
@@ -325,13 +337,36 @@ def sheet_hole_fill(piece: np.ndarray, forbidden: np.ndarray, max_hole_area: int
     return add if add.any() else None
 
 
+@nb.njit(**_JIT)
+def euler_characteristic(m):
+    """V - E + S - C of the V-construction complex of the uint8 mask ``m`` (voxels, 6-adjacent
+    pairs, 2x2 squares, 2x2x2 cubes), in one pass; ``_betti.euler_characteristic`` without temporaries."""
+    Z, Y, X = m.shape
+    chi = 0
+    for z in range(Z):
+        for y in range(Y):
+            for x in range(X):
+                if not m[z, y, x]:
+                    continue
+                chi += 1
+                a = z + 1 < Z and m[z + 1, y, x] != 0
+                b = y + 1 < Y and m[z, y + 1, x] != 0
+                c = x + 1 < X and m[z, y, x + 1] != 0
+                chi -= a + b + c
+                ab = a and b and m[z + 1, y + 1, x] != 0
+                ac = a and c and m[z + 1, y, x + 1] != 0
+                bc = b and c and m[z, y + 1, x + 1] != 0
+                chi += ab + ac + bc
+                if ab and ac and bc and m[z + 1, y + 1, x + 1]:
+                    chi -= 1
+    return chi
+
+
 def betti(mask: np.ndarray) -> tuple[int, int, int]:
     """Exact (beta0, beta1, beta2) of the V-construction complex of a small mask, cheaply: beta0
     the 6-components, beta2 the 26-components of the background that do not reach the border,
     beta1 from the Euler characteristic (chi = beta0 - beta1 + beta2)."""
     import cc3d
-
-    from vesuvius_lab._betti import euler_characteristic
 
     m = np.ascontiguousarray(mask, dtype=np.uint8)
     b0 = int(cc3d.connected_components(m, connectivity=6, return_N=True)[1])
@@ -371,13 +406,20 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                 if add is None:
                     continue
                 add |= _pockets(piece | add) & ~forbidden  # a fill may close off a pocket: it is filled too
-                after = betti(piece | add)
-                if after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]:
-                    piece |= add
-                    sub |= add
-                    before = after
-                    if before[1] == 0:
-                        break
+                # each separate blob of the fill is kept only if it removes a tunnel by itself, so a
+                # closing does not thicken the sheet where it has no hole
+                blobs, n_blobs = cc3d.connected_components(add.astype(np.uint8), connectivity=26, return_N=True)
+                parts = [blobs == b for b in range(1, n_blobs + 1)] if n_blobs > 1 else []
+                for blob in [*parts, add]:  # the whole fill last: blobs that only together close a hole
+                    after = betti(piece | blob)
+                    if after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]:
+                        piece |= blob
+                        sub |= blob
+                        before = after
+                        if before[1] == 0:
+                            break
+                if before[1] == 0:
+                    break
     return out
 
 
