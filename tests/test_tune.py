@@ -76,12 +76,19 @@ def test_the_tuners_best_is_the_metrics_best_and_apply_writes_it(cli, prob_folde
 def test_successive_halving_scores_every_setting_on_a_first_share_and_the_best_on_all(prob_folders):
     from vesuvius_lab.tune import folder_volumes, tune
 
+    import shutil
+
     prob_dir, label_dir, _ = prob_folders
+    for k in range(3, 7):  # six volumes: a first rung of two
+        shutil.copy(prob_dir / f"{11 * (k % 2 + 1)}.npy", prob_dir / f"{11 * k}.npy")
+        shutil.copy(label_dir / f"{11 * (k % 2 + 1)}.tif", label_dir / f"{11 * k}.tif")
+    volumes = folder_volumes(prob_dir, label_dir)
     grid = {"threshold": [0.3, 0.4, 0.5, 0.6], "repair": [[], REPAIR]}
-    result = tune(folder_volumes(prob_dir, label_dir), PostprocessConfig(), grid, eta=3, jobs=2, progress=False)
+    result = tune(volumes, PostprocessConfig(), grid, eta=3, jobs=2, progress=False)
     counts = sorted(r["volumes"] for r in result["rows"])
-    assert result["settings"] == 8 and counts.count(1) >= 4 and counts.count(2) >= 3
-    assert result["rows"][0]["volumes"] == 2 and result["best"]["score"] == result["rows"][0]["score"]
+    assert len(volumes) == 6 and result["settings"] == 8 and counts.count(2) >= 4 and counts.count(6) >= 3
+    assert result["rows"][0]["volumes"] == 6 and result["best"]["score"] == result["rows"][0]["score"]
+    assert tune(volumes[:5], PostprocessConfig(), grid, eta=3, jobs=1, progress=False)["rows"][-1]["volumes"] == 5
 
 
 def test_bad_input_is_one_line(cli, prob_folders, tmp_path):

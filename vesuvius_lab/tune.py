@@ -5,7 +5,7 @@ checkpoint (probabilities cached beside the run, reused while the checkpoint and
 settings stay the same), then scores every setting of a grid of ``postprocess`` keys on them with
 ``vesuvius_lab.leaderboard``, each (setting, volume) pair in its own worker process. Successive
 halving spends the volumes where they matter: every setting is scored on a first share of the
-volumes, the best third go on to all of them. The table is the mean score, TopoScore, SurfaceDice
+volumes (at least two), the best third go on to all of them. The table is the mean score, TopoScore, SurfaceDice
 and VOI score per setting; the best setting can be written into a config (``--apply``).
 """
 
@@ -249,7 +249,7 @@ def tune(volumes: Sequence[Volume], base: PostprocessConfig, grid: Mapping[str, 
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = max(1, int(jobs))
     rungs = [len(volumes)]
-    if eta > 1 and len(rows) > eta and len(volumes) > 1:
+    if eta > 1 and len(rows) > eta and len(volumes) >= 2 * eta:  # a first rung of one volume would be noise
         rungs = [max(1, math.ceil(len(volumes) / eta)), len(volumes)]
     t0 = time.perf_counter()
     alive = rows
