@@ -32,7 +32,8 @@ overrides = []  # change the stored inference settings, e.g. ["val.tta=true", "p
 show_volume = 0  # which validation volume napari shows
 close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
-repair_overrides = ["postprocess.repair=[plug_pinholes, fill_sheet_holes, plug_pinholes]"]  # the repair to compare
+# the repair to compare (tune-postprocess's choice for the demo, configs/demo_repair.yaml, less its threshold)
+repair_overrides = ["postprocess.repair=[plug_pinholes, fill_sheet_holes, plug_pinholes]", "postprocess.hole_window=24"]
 
 # %%
 from vesuvius_lab.evaluate import evaluate_checkpoint

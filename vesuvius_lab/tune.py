@@ -168,13 +168,17 @@ def parse_grid(items: Iterable[str]) -> dict[str, list]:
 
 def _relevant(cfg: PostprocessConfig) -> tuple:
     """What makes two settings different: the keys their steps read."""
+    return tuple((k, json.dumps(getattr(cfg, k))) for k in sorted(_read_keys(cfg)))
+
+
+def _read_keys(cfg: PostprocessConfig) -> list[str]:
     steps = cfg.steps()
     keys = ["method", "close_holes", "repair"]
     keys += ["threshold"] if cfg.method == "threshold" else ["low", "high"]
     for step, step_keys in STEP_KEYS.items():
         if step in steps:
             keys += step_keys
-    return tuple((k, json.dumps(getattr(cfg, k))) for k in sorted(keys))
+    return keys
 
 
 def candidates(base: PostprocessConfig, grid: Mapping[str, Sequence]) -> list[PostprocessConfig]:
@@ -186,6 +190,8 @@ def candidates(base: PostprocessConfig, grid: Mapping[str, Sequence]) -> list[Po
         try:
             cfg = dataclasses.replace(base, **dict(zip(keys, values, strict=True)))
             cfg.check()
+            unread = {f.name for f in dataclasses.fields(cfg)} - set(_read_keys(cfg))
+            cfg = dataclasses.replace(cfg, **{k: getattr(base, k) for k in unread})  # no step reads them: as configured
         except ConfigError as exc:
             problems += [line for line in exc.lines if line not in problems]
             continue
