@@ -398,9 +398,10 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                 near_hi = ndimage.maximum_filter(labels, footprint=cube, mode="constant", cval=0)
                 near_lo = ndimage.minimum_filter(np.where(labels > 0, labels, n + 1), footprint=cube, mode="constant", cval=n + 1)
             forbidden = (near_hi > 0) & ~((near_hi == c) & (near_lo == c))
-            fills = [lambda: sheet_hole_fill(piece, forbidden, max_hole_area)]
+            box = _box(piece, max(CLOSING_RADII) + 1)  # fills stay near the piece: work in its box
+            fills = [lambda: _in_box(sheet_hole_fill, piece, forbidden, box, max_hole_area)]
             # holes too small or too oblique for the height map: the piece's own closing
-            fills += [lambda r=r: _closing_fill(piece, forbidden, r) for r in CLOSING_RADII]
+            fills += [lambda r=r: _in_box(_closing_fill, piece, forbidden, box, r) for r in CLOSING_RADII]
             for fill in fills:
                 add = fill()
                 if add is None:
@@ -424,6 +425,25 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
 
 
 CLOSING_RADII = (1, 2, 3)
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The bounding box of a mask's voxels, grown by ``margin`` within the array."""
+    out = []
+    for axis in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        out.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + margin + 1, mask.shape[axis])))
+    return tuple(out)
+
+
+def _in_box(fill, piece: np.ndarray, forbidden: np.ndarray, box: tuple[slice, ...], *args) -> np.ndarray | None:
+    """``fill(piece, forbidden, *args)`` computed inside ``box`` and placed back in the window."""
+    add = fill(piece[box], forbidden[box], *args)
+    if add is None:
+        return None
+    out = np.zeros(piece.shape, bool)
+    out[box] = add
+    return out
 
 
 def _pockets(mask: np.ndarray) -> np.ndarray:
