@@ -113,3 +113,24 @@ def test_console_script_prints_json_on_stdout_and_progress_on_stderr(folders):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["volumes"]["101"]["score"] == 1.0
     assert "Traceback" not in done.stderr
+
+
+def test_topology_report_names_the_dimension_that_costs(cli, folders):
+    from vesuvius_lab._betti import betti_numbers
+    from vesuvius_lab.leaderboard import binarize
+
+    pred_dir, label_dir, volumes = folders
+    code, out, err = cli("evaluate", "--pred", pred_dir, "--labels", label_dir, "--json", "--topology")
+    assert code == 0 and not err
+    report = json.loads("\n".join(out))
+    for rid, (pred, label) in volumes.items():
+        row = report["volumes"][rid]
+        x, y = binarize(pred, label)
+        assert row["betti_pred"] == list(betti_numbers(x)) and row["betti_label"] == list(betti_numbers(y))
+        counts = volume_score(pred, label).counts
+        assert (row["matched"], row["pred_features"], row["label_features"]) == (list(counts.matched), list(counts.pred), list(counts.label))
+    assert report["volumes"]["101"]["betti_pred"] == [2, 0, 0]
+    assert report["volumes"]["303"]["betti_pred"][0] == 1  # the bridge merged the two sheets
+    code, out, _ = cli("evaluate", "--pred", pred_dir, "--labels", label_dir, "--topology")
+    lines = [line for line in out if line.startswith("  betti pred")]
+    assert len(lines) == 3 and "label 2/0/0" in lines[0] and "F1 " in lines[0]

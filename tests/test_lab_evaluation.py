@@ -30,3 +30,61 @@ def test_evaluate_a_tiny_checkpoint(tiny_root, tmp_path):
     assert list(table.index) == [results[0].id, "mean"]
     assert {"score", "topo", "surface_dice", "voi_score"} <= set(table.columns)
     assert table.loc["mean", "score"] == pytest.approx(results[0].scores["score"])
+
+
+def _holed_sheet_result():
+    from vesuvius_lab.evaluate import VolumeResult
+
+    label = np.zeros((24, 40, 40), np.uint8)
+    label[10:13] = 1  # a sheet three voxels thick
+    label[:, :, :2] = 2
+    prob = np.where(label == 1, 0.9, 0.05).astype(np.float32)
+    prob[10:13, 8:12, 8:12] = 0.1  # a hole through it, inside one of the metric's octants
+    image = np.where(label == 1, 200, 30).astype(np.uint8)
+    mask = (prob > 0.5).astype(np.uint8)
+    return VolumeResult("v1", image, label, prob, mask, {})
+
+
+def test_topology_table_shows_the_tunnel_of_a_holed_sheet():
+    table = evaluation.topology_table([_holed_sheet_result()])
+    row = table.loc["v1"]
+    assert (row["b0 pred"], row["b1 pred"], row["b2 pred"]) == (1, 1, 0)
+    assert (row["b0 label"], row["b1 label"], row["b2 label"]) == (1, 0, 0)
+    assert row["pred 1"] >= 1 and row["label 1"] == 0 and row["F1 1"] == pytest.approx(0.5 / (row["pred 1"] + 0.5))
+    assert np.isnan(row["F1 2"])
+
+
+@pytest.mark.gui
+def test_repair_view_colours_added_voxels_green(viewer, artifacts):
+    from conftest_gui import assert_rendered
+
+    result = _holed_sheet_result()
+    before = evaluation.PostprocessConfig()
+    after = evaluation.PostprocessConfig(repair=["fill_sheet_holes", "plug_pinholes"], hole_window=24)
+    (comparison,) = evaluation.compare_repair([result], before, after)
+    table = evaluation.repair_table([comparison])
+    assert table.loc["v1", "topo change"] > 0 and table.loc["v1", "score change"] > 0
+    assert table.loc["v1", "voxels added"] == 48 and table.loc["v1", "voxels removed"] == 0  # the hole, exactly
+    evaluation.show_repair(viewer, result, comparison)
+    assert [layer.name for layer in viewer.layers] == ["v1 image", "ground truth", "prediction (before repair)",
+                                                        "repair (added green, removed magenta)"]
+    assert viewer.layers[-1].data[11, 10, 10] == evaluation.ADDED and viewer.layers[-1].data[11, 30, 30] == 0
+    viewer.dims.set_point(0, 11)
+    viewer.reset_view()
+    shot = artifacts / "evaluate-repair.png"
+    viewer.screenshot(path=str(shot), canvas_only=True)
+    rgb = assert_rendered(shot, min_std=10.0, min_colours=3)
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    assert ((g > 180) & (r < 100) & (b < 100)).mean() > 0.002  # the green plug
+
+
+def test_repair_settings_come_from_the_checkpoint_with_overrides(tmp_path):
+    import torch
+
+    from vesuvius_lab.config import load_config
+
+    config = load_config(None, ["postprocess.threshold=0.4", "postprocess.repair=[plug_pinholes]"])
+    torch.save({"config": config.to_dict()}, tmp_path / "c.pt")
+    before, after = evaluation.repair_settings(tmp_path / "c.pt", ["postprocess.hole_window=24"])
+    assert after.threshold == before.threshold == 0.4 and after.repair == ["plug_pinholes"] and before.repair == []
+    assert after.hole_window == 24

@@ -239,6 +239,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--jobs", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--fg-threshold", type=float, default=None, help="foreground is value > T (default: value != 0)")
+    p.add_argument("--topology", action="store_true",
+                   help="also each volume's Betti-0/1/2 of prediction and label and the matched feature counts")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -248,7 +250,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise VLabError(f"--jobs {args.jobs}: need at least 1")
-    result = evaluate_dirs(args.pred, args.labels, jobs=args.jobs, fg_threshold=args.fg_threshold)
+    result = evaluate_dirs(args.pred, args.labels, jobs=args.jobs, fg_threshold=args.fg_threshold,
+                           with_topology=args.topology)
     if args.json:
         print(json.dumps(result))
     else:
@@ -276,6 +279,59 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"{runs_dir}: no runs yet (vesuvius-lab train, or notebook 04, writes them)")
     else:
         format_runs(summaries)
+
+
+# --- tune-postprocess ------------------------------------------------------------------------
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, nargs="?", help="run folder: its best checkpoint predicts its validation volumes")
+    p.add_argument("--checkpoint", type=Path, help="another checkpoint than RUN_DIR/checkpoints/best.pt")
+    p.add_argument("--cache", type=Path, help="where the probabilities are kept (default RUN_DIR/tune)")
+    p.add_argument("--prob", type=Path, help="instead of a run: a folder of probabilities {id}.npy or {id}.tif")
+    p.add_argument("--labels", type=Path, help="with --prob: the folder of labels {id}.tif")
+    p.add_argument("--config", type=Path,
+                   help="config whose postprocess section is the starting setting, copied by --apply (default RUN_DIR/config.yaml)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=[v1,v2,...]",
+                   help="postprocess values to search (repeat per key; default: threshold, repair steps, hole_window)")
+    p.add_argument("--eta", type=int, default=3, help="successive halving: the best 1/ETA go on to all volumes (0: full grid)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--device", help="for the probabilities: cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the table and the best setting as one JSON object")
+    p.add_argument("--apply", type=Path, metavar="OUT.yaml", help="write the config with the best setting")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import json
+
+    from vesuvius_lab.config import load_config, rewrite_config
+    from vesuvius_lab.postprocess import PostprocessConfig
+    from vesuvius_lab.tune import folder_volumes, format_table, parse_grid, run_probabilities, tune
+
+    if (args.run_dir is None) == (args.prob is None):
+        raise VLabError("give a RUN_DIR, or --prob DIR with --labels DIR")
+    if args.prob is not None and args.labels is None:
+        raise VLabError("--prob needs --labels DIR")
+    if args.jobs is not None and args.jobs < 1:
+        raise VLabError(f"--jobs {args.jobs}: need at least 1")
+    grid = parse_grid(args.grid) if args.grid else None
+    source = args.config or (args.run_dir / "config.yaml" if args.run_dir is not None else None)
+    if args.apply and (source is None or not source.is_file()):
+        raise VLabError(f"--apply needs the config to copy: {source} not found" if source else "--apply needs --config CFG")
+    base = load_config(args.config).postprocess if args.config else PostprocessConfig()
+    if args.run_dir is not None:
+        volumes, stored = run_probabilities(args.run_dir, args.cache, args.checkpoint, args.device, progress=not args.json)
+        base = base if args.config else stored
+    else:
+        volumes = folder_volumes(args.prob, args.labels)
+    result = tune(volumes, base, grid, eta=args.eta, jobs=args.jobs, progress=True)
+    if args.apply:
+        rewrite_config(source, args.apply, {"postprocess": result["best"]["setting"]})
+        result["applied"] = str(args.apply)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        format_table(result)
+        if args.apply:
+            print(f"wrote {args.apply}")
     return 0
 
 
@@ -290,6 +346,7 @@ COMMANDS: list[Command] = [
     ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
     ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),
     ("runs", "every run side by side: state, steps, wall time, best score, differing config keys", _runs_args, _runs),
+    ("tune-postprocess", "choose post-processing and repair settings by the exact score", _tune_args, _tune),
 ]
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from vesuvius_lab.errors import ConfigError
 from vesuvius_lab.io import atomic_write_text
-from vesuvius_lab.postprocess import PostprocessConfig
+from vesuvius_lab.postprocess import REPAIR_STEPS, PostprocessConfig
 from vesuvius_lab.topology import NNUNET_MIN_EDGE, nnunet_topology
 
 
@@ -292,6 +292,9 @@ RULES: dict[str, Rule] = {
     "val.overlap": Rule(low=0, high=1, high_open=True), "val.batch": COUNT, "val.max_volumes": COUNT,
     "postprocess.method": Rule(choices=("threshold", "hysteresis")), "postprocess.threshold": SHARE,
     "postprocess.low": SHARE, "postprocess.high": SHARE, "postprocess.min_component_size": NON_NEGATIVE,
+    "postprocess.repair": Rule(choices=REPAIR_STEPS), "postprocess.hole_window": _at_least(8),
+    "postprocess.max_hole_area": COUNT, "postprocess.split_threshold": SHARE, "postprocess.split_depth": NON_NEGATIVE,
+    "postprocess.split_min_core": COUNT,
     "training.train_batch_size": COUNT, "training.train_iterations_per_epoch": COUNT,
     "training.patches_per_volume": COUNT, "training.max_epochs": COUNT, "training.workers": NON_NEGATIVE,
     "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),

@@ -30,7 +30,7 @@ from vesuvius_lab.errors import DataError, VLabError
 from vesuvius_lab.inference import model_from_checkpoint, predict_volume
 from vesuvius_lab.io import read_volume, tiff_info
 from vesuvius_lab.layout import Record
-from vesuvius_lab.leaderboard import volume_score
+from vesuvius_lab.leaderboard import TopoCounts, binarize, topo_counts, volume_score
 
 SUFFIXES = (".tif", ".tiff")
 SCORE_PARTS = ("score", "topo", "surface_dice", "voi_score")
@@ -82,7 +82,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLi
     return score_records(model.to(dev), data.val[:max_volumes], config, data.cache, dev, progress, keep_arrays=True)
 
 
-def _volumes(folder: Path, what: str) -> tuple[dict[str, Path], list[str]]:
+def volume_files(folder: Path, what: str, suffixes: Sequence[str] = SUFFIXES) -> tuple[dict[str, Path], list[str]]:
+    """``{id: path}`` of the volumes in a folder (hidden files skipped) and the problems found."""
     if not folder.exists():
         return {}, [f"{folder}: {what} folder not found"]
     if not folder.is_dir():
@@ -90,7 +91,7 @@ def _volumes(folder: Path, what: str) -> tuple[dict[str, Path], list[str]]:
     found: dict[str, Path] = {}
     problems = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in SUFFIXES or not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in suffixes or not path.is_file():
             continue
         if path.stem in found:
             problems.append(f"{path}: duplicate id {path.stem!r} (also {found[path.stem].name})")
@@ -102,8 +103,8 @@ def _volumes(folder: Path, what: str) -> tuple[dict[str, Path], list[str]]:
 def pair_files(pred_dir: str | os.PathLike, label_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """(id, prediction, label) for every label; raises VLabError listing every mismatch."""
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
-    preds, problems = _volumes(pred_dir, "prediction")
-    labels, label_problems = _volumes(label_dir, "label")
+    preds, problems = volume_files(pred_dir, "prediction")
+    labels, label_problems = volume_files(label_dir, "label")
     problems += label_problems
     if problems:
         raise VLabError(problems)
@@ -131,14 +132,36 @@ def pair_files(pred_dir: str | os.PathLike, label_dir: str | os.PathLike) -> lis
     return pairs
 
 
+def topology(pred: np.ndarray, label: np.ndarray, counts: TopoCounts | None = None,
+             fg_threshold: float | None = None) -> dict:
+    """Which homology dimension costs the TopoScore: the Betti numbers (0, 1, 2) of prediction and
+    label over the whole volume (ignored voxels removed, as the metric does), and the Betti
+    matching's counts summed over the metric's octants: features matched, in the prediction, in the
+    label, and the F1 per dimension (None where neither side has a feature: the dimension is skipped)."""
+    from vesuvius_lab._betti import betti_numbers
+
+    x, y = binarize(pred, label, fg_threshold)
+    counts = counts if counts is not None else topo_counts(x, y)
+    return {
+        "betti_pred": list(betti_numbers(x)),
+        "betti_label": list(betti_numbers(y)),
+        "matched": list(counts.matched),
+        "pred_features": list(counts.pred),
+        "label_features": list(counts.label),
+        "f1": [None if f != f else f for f in counts.f1()],
+    }
+
+
 def evaluate_dirs(
     pred_dir: str | os.PathLike,
     label_dir: str | os.PathLike,
     jobs: int | None = None,
     fg_threshold: float | None = None,
     progress: bool = True,
+    with_topology: bool = False,
 ) -> dict:
-    """``{"volumes": {id: {score, topo, surface_dice, voi_score, seconds}}, "mean_score": m}``.
+    """``{"volumes": {id: {score, topo, surface_dice, voi_score, seconds}}, "mean_score": m}``;
+    ``with_topology`` adds each volume's ``topology`` (Betti numbers and matched counts).
 
     ``jobs`` threads score volumes side by side (or, for fewer volumes than threads, the octants of
     one volume); the metric kernels release the GIL.
@@ -150,9 +173,12 @@ def evaluate_dirs(
     def score(item: tuple[str, Path, Path]) -> tuple[str, dict]:
         rid, pred, label = item
         t0 = time.perf_counter()
-        result = volume_score(read_volume(pred), read_volume(label), fg_threshold=fg_threshold, jobs=inner)
+        pred_volume, label_volume = read_volume(pred), read_volume(label)
+        result = volume_score(pred_volume, label_volume, fg_threshold=fg_threshold, jobs=inner)
         row = result.as_dict()
         row["seconds"] = round(time.perf_counter() - t0, 3)
+        if with_topology:
+            row.update(topology(pred_volume, label_volume, result.counts, fg_threshold))
         return rid, row
 
     rows: dict[str, dict] = {}
@@ -174,10 +200,23 @@ def evaluate_dirs(
 
 
 def format_report(result: dict, write: Callable[[str], None] = print) -> None:
-    """One line per volume, then the mean."""
+    """One line per volume (and its topology, when computed), then the mean."""
     for rid, row in result["volumes"].items():
         write(
             f"{rid}: score {row['score']:.4f}  topo {row['topo']:.4f}  surface_dice {row['surface_dice']:.4f}"
             f"  voi_score {row['voi_score']:.4f}  ({row['seconds']:.2f} s)"
         )
+        if "betti_pred" in row:
+            write("  " + format_topology(row))
     write(f"mean score: {result['mean_score']:.4f} over {len(result['volumes'])} volumes")
+
+
+def format_topology(row: dict) -> str:
+    """One line: Betti numbers of prediction and label, and per dimension matched / predicted / label
+    features of the octants' Betti matching with its F1."""
+    def dims(values) -> str:
+        return "/".join("-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)) for v in values)
+
+    return (f"betti pred {dims(row['betti_pred'])} label {dims(row['betti_label'])} | octant features: matched "
+            f"{dims(row['matched'])} of pred {dims(row['pred_features'])}, label {dims(row['label_features'])} | "
+            f"F1 {dims(row['f1'])}")

@@ -1,22 +1,27 @@
-"""Turn a probability volume into the submitted mask: threshold or hysteresis, then topology clean-up.
+"""Turn a probability volume into the submitted mask: threshold or hysteresis, then topology clean-up
+and repair.
 
 Choices are judged by the leaderboard score (``vesuvius_lab.leaderboard``), not by eye: small spurious
-components each cost a dim-0 feature in TopoScore and a component in VOI, and enclosed cavities
-cost dim-2 features, so removing them raises the score when they are noise.
+components each cost a dim-0 feature in TopoScore and a component in VOI, enclosed cavities cost
+dim-2 features, holes in sheets cost dim-1 features and sheets merged by bridges cost Betti-0 and VOI,
+so removing them raises the score when they are errors. ``vesuvius-lab tune-postprocess`` picks the
+settings by that score; ``vesuvius_lab.repair`` holds the repair steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from vesuvius_lab.errors import ConfigError
 
 METHODS = ("threshold", "hysteresis")
+# the steps after binarisation, in the order a config lists them (postprocess.repair)
+REPAIR_STEPS = ("remove_small_components", "fill_cavities", "plug_pinholes", "fill_sheet_holes", "split_bridges")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,16 @@ class PostprocessConfig:
         as the metric counts them, so fragments touching a sheet only by an edge or corner go too.
     close_holes: fill enclosed cavities, i.e. background (26-connected, the dual of the 6-connected
         foreground the metric's topology uses) that does not reach the volume's border.
+    repair: the clean-up and repair steps after binarisation, in order (each off unless listed; a
+        step may appear twice): remove_small_components (min_component_size), fill_cavities,
+        plug_pinholes, fill_sheet_holes (hole_window, max_hole_area), split_bridges (split_*).
+        min_component_size > 0 and close_holes run first when the list does not place their step.
+    hole_window: edge of the windows in which sheet holes are located and filled; a hole up to
+        about half of it across is filled.
+    max_hole_area: largest hole filled, in cells (voxels) of the sheet's height map.
+    split_threshold, split_depth, split_min_core: a bridge is cut between two cores, each at least
+        split_min_core voxels of the mask where the probability is above split_threshold and the
+        distance to the background above split_depth voxels.
     """
 
     method: str = "threshold"
@@ -38,6 +53,12 @@ class PostprocessConfig:
     high: float = 0.7
     min_component_size: int = 0
     close_holes: bool = False
+    repair: list[str] = field(default_factory=list)
+    hole_window: int = 32
+    max_hole_area: int = 400
+    split_threshold: float = 0.5
+    split_depth: float = 1.0
+    split_min_core: int = 200
 
     def __post_init__(self) -> None:
         problems = []
@@ -52,6 +73,20 @@ class PostprocessConfig:
             problems.append(f"postprocess.min_component_size: expected an integer >= 0, got {size!r}")
         if not isinstance(self.close_holes, bool):
             problems.append(f"postprocess.close_holes: expected true or false, got {self.close_holes!r}")
+        if not isinstance(self.repair, list | tuple):
+            problems.append(f"postprocess.repair: expected a list of steps ({', '.join(REPAIR_STEPS)}), got {self.repair!r}")
+        else:
+            for step in self.repair:
+                if step not in REPAIR_STEPS:
+                    problems.append(f"postprocess.repair: {step!r} is not one of {', '.join(REPAIR_STEPS)}")
+        for name, low in (("hole_window", 8), ("max_hole_area", 1), ("split_min_core", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"postprocess.{name}: expected an integer >= {low}, got {value!r}")
+        for name in ("split_threshold", "split_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                problems.append(f"postprocess.{name}: expected a finite number >= 0, got {value!r}")
         if problems:
             raise ConfigError(problems)
 
@@ -59,6 +94,15 @@ class PostprocessConfig:
         """Cross-field rules, checked when the config is used (a config may be built key by key)."""
         if self.method == "hysteresis" and self.low > self.high:
             raise ConfigError(f"postprocess.low {self.low} is above postprocess.high {self.high}")
+
+    def steps(self) -> tuple[str, ...]:
+        """The steps after binarisation, in the order they run."""
+        first = []
+        if self.min_component_size > 1 and "remove_small_components" not in self.repair:
+            first.append("remove_small_components")
+        if self.close_holes and "fill_cavities" not in self.repair:
+            first.append("fill_cavities")
+        return (*first, *self.repair)
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> PostprocessConfig:
@@ -123,7 +167,34 @@ def postprocess(prob: np.ndarray, cfg: PostprocessConfig | Mapping | None = None
     if not (np.issubdtype(prob.dtype, np.floating) or np.issubdtype(prob.dtype, np.integer) or prob.dtype == bool):
         raise ValueError(f"expected a numeric probability volume, got dtype {prob.dtype}")
     mask = binarize_probabilities(prob, cfg)
-    mask = remove_small_components(mask, cfg.min_component_size)
-    if cfg.close_holes:
-        mask = fill_cavities(mask)
+    for step in cfg.steps():
+        mask = STEPS[step](mask, prob, cfg)
     return mask.astype(np.uint8)
+
+
+def _split_bridges(mask: np.ndarray, prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    from vesuvius_lab.repair import split_bridges
+
+    return split_bridges(mask, prob, cfg.split_threshold, cfg.split_depth, cfg.split_min_core)
+
+
+def _plug_pinholes(mask: np.ndarray, prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    from vesuvius_lab.repair import plug_pinholes
+
+    return plug_pinholes(mask)
+
+
+def _fill_sheet_holes(mask: np.ndarray, prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    from vesuvius_lab.repair import fill_sheet_holes
+
+    return fill_sheet_holes(mask, cfg.hole_window, cfg.max_hole_area)
+
+
+# step name -> (mask, probability, config) -> mask
+STEPS: dict[str, Callable[[np.ndarray, np.ndarray, PostprocessConfig], np.ndarray]] = {
+    "remove_small_components": lambda mask, prob, cfg: remove_small_components(mask, cfg.min_component_size),
+    "fill_cavities": lambda mask, prob, cfg: fill_cavities(mask),
+    "plug_pinholes": _plug_pinholes,
+    "fill_sheet_holes": _fill_sheet_holes,
+    "split_bridges": _split_bridges,
+}

@@ -19,7 +19,9 @@
 # Predict the validation volumes with a checkpoint, exactly as its training validated them (the
 # stored sliding-window, TTA, precision and post-processing settings), score each with the
 # leaderboard metric (score, topo, surface Dice, VOI), and look at the errors in napari: true
-# positives white, false positives red, false negatives cyan.
+# positives white, false positives red, false negatives cyan. Then see which homology dimension
+# costs the TopoScore, and what the topology repair (`postprocess.repair`, tuned by
+# `vesuvius-lab tune-postprocess`) adds and removes, volume by volume.
 
 # %% tags=["parameters"]
 checkpoint_path = "../runs/demo/checkpoints/best.pt"  # a vesuvius_lab checkpoint
@@ -30,6 +32,8 @@ overrides = []  # change the stored inference settings, e.g. ["val.tta=true", "p
 show_volume = 0  # which validation volume napari shows
 close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
+# the repair to compare (tune-postprocess's choice for the demo, configs/demo_repair.yaml, less its threshold)
+repair_overrides = ["postprocess.repair=[plug_pinholes, fill_sheet_holes, plug_pinholes]", "postprocess.hole_window=24"]
 
 # %%
 from vesuvius_lab.evaluate import evaluate_checkpoint
@@ -61,6 +65,36 @@ views.notebook_view(viewer)  # 2D/3D and a live snapshot of the canvas
 # %%
 if screenshot_dir:
     for path in views.save_views(viewer, screenshot_dir, "05_evaluate"):
+        print(path)
+
+# %% [markdown]
+# ## Topology: which dimension costs the score
+#
+# Betti numbers of prediction and label (ignored voxels removed), and the Betti matching's features
+# per dimension over the metric's octants: matched, in the prediction, in the label, and the F1.
+# Predicted tunnels (`pred 1`) with none in the label drop the Betti-1 F1 to 0.5 / (p + 0.5).
+
+# %%
+evaluation.topology_table(results)
+
+# %% [markdown]
+# ## Repair: what it adds and removes
+#
+# The same probabilities post-processed without and with `repair_overrides` (on top of the
+# checkpoint's settings), each part of the score before and after, and the changes in napari:
+# voxels added green, removed magenta, over the image, the ground truth and the prediction.
+
+# %%
+before, after = evaluation.repair_settings(checkpoint_path, [*overrides, *repair_overrides])
+comparisons = evaluation.compare_repair(results, before, after)
+evaluation.repair_table(comparisons)
+
+# %%
+evaluation.show_repair(viewer, results[show_volume], comparisons[show_volume])
+
+# %%
+if screenshot_dir:
+    for path in views.save_views(viewer, screenshot_dir, "05_evaluate_repair"):
         print(path)
 
 # %%

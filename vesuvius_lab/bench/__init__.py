@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "losses": "vesuvius_lab.bench.losses",
     "metric": "vesuvius_lab.bench.metric",
     "live": "vesuvius_lab.bench.live",
+    "repair": "vesuvius_lab.bench.repair",
 }
 
 

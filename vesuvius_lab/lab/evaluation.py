@@ -1,16 +1,22 @@
 """Notebook 05's views of a scored checkpoint (``evaluate.evaluate_checkpoint``): ``score_table`` is
-the leaderboard score and its parts per volume plus the mean; ``error_labels`` marks true
-positives, false positives and false negatives for napari (``show_errors``)."""
+the leaderboard score and its parts per volume plus the mean; ``topology_table`` which homology
+dimension costs the TopoScore; ``error_labels`` marks true positives, false positives and false
+negatives for napari (``show_errors``); ``compare_repair`` and ``show_repair`` what the topology
+repair adds and removes, and what that does to each part of the score."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pathlib import Path
-
 from vesuvius_lab.errors import DataError
-from vesuvius_lab.evaluate import VolumeResult
+from vesuvius_lab.evaluate import VolumeResult, topology
+from vesuvius_lab.leaderboard import volume_score
+from vesuvius_lab.postprocess import PostprocessConfig, postprocess
 
 TP, FP, FN = 1, 2, 3
 ERROR_COLORS = {0: "transparent", TP: "white", FP: "red", FN: "cyan", None: "transparent"}
@@ -52,3 +58,92 @@ def show_errors(viewer, result: VolumeResult) -> None:
     viewer.add_labels((np.asarray(result.label) == 1).astype(np.uint8), name="ground truth", opacity=0.3, visible=False)
     viewer.add_labels(error_labels(result.mask, result.label), name="errors (TP white, FP red, FN cyan)",
                       colormap=DirectLabelColormap(color_dict=ERROR_COLORS), opacity=0.8)
+
+
+def topology_table(results: list[VolumeResult]) -> pd.DataFrame:
+    """Per volume: Betti-0/1/2 of prediction and label, and per dimension the octant features
+    matched / in the prediction / in the label with the F1 (NaN: the dimension is skipped)."""
+    rows = []
+    for r in results:
+        t = topology(r.mask, r.label)
+        row = {"volume": r.id}
+        for k in range(3):
+            row |= {f"b{k} pred": t["betti_pred"][k], f"b{k} label": t["betti_label"][k], f"matched {k}": t["matched"][k],
+                    f"pred {k}": t["pred_features"][k], f"label {k}": t["label_features"][k],
+                    f"F1 {k}": np.nan if t["f1"][k] is None else t["f1"][k]}
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("volume")
+
+
+ADDED, REMOVED = 1, 2
+REPAIR_COLORS = {0: "transparent", ADDED: "lime", REMOVED: "magenta", None: "transparent"}
+
+
+@dataclasses.dataclass
+class RepairComparison:
+    """One volume's masks without and with the repair, and the score of each."""
+
+    id: str
+    before: np.ndarray
+    after: np.ndarray
+    scores_before: dict
+    scores_after: dict
+
+
+def repair_settings(checkpoint: str | Path, overrides: Sequence[str] = ()) -> tuple[PostprocessConfig, PostprocessConfig]:
+    """(without repair, with repair): the checkpoint's post-processing with ``overrides`` applied,
+    and the same with an empty repair list."""
+    from vesuvius_lab.config import config_from_dict
+    from vesuvius_lab.training.run_dir import load_checkpoint
+
+    stored = load_checkpoint(Path(checkpoint)).get("config") or {}
+    after = config_from_dict(stored, list(overrides), origin=f"{checkpoint} (stored config)",
+                             root=Path(checkpoint).resolve().parent).postprocess
+    return dataclasses.replace(after, repair=[]), after
+
+
+def compare_repair(results: list[VolumeResult], before: PostprocessConfig, after: PostprocessConfig) -> list[RepairComparison]:
+    """Each volume's probabilities post-processed both ways and scored."""
+    out = []
+    for r in results:
+        masks = postprocess(r.probability, before), postprocess(r.probability, after)
+        scores = [volume_score(m, np.asarray(r.label)).as_dict() for m in masks]
+        out.append(RepairComparison(r.id, *masks, *scores))
+    return out
+
+
+def repair_table(comparisons: list[RepairComparison]) -> pd.DataFrame:
+    """Per volume, each part of the score without and with the repair and its change; then the mean."""
+    rows = []
+    for c in comparisons:
+        row = {"volume": c.id}
+        for part in ("score", "topo", "surface_dice", "voi_score"):
+            a, b = c.scores_before[part], c.scores_after[part]
+            row |= {f"{part} before": a, f"{part} after": b, f"{part} change": b - a}
+        row |= {"voxels added": int((c.after & ~c.before).sum()), "voxels removed": int((c.before & ~c.after).sum())}
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("volume")
+    table.loc["mean"] = table.mean(numeric_only=True)
+    return table
+
+
+def repair_labels(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """uint8: 1 where the repair added a voxel, 2 where it removed one, 0 elsewhere."""
+    b, a = np.asarray(before) > 0, np.asarray(after) > 0
+    out = np.zeros(b.shape, np.uint8)
+    out[a & ~b], out[b & ~a] = ADDED, REMOVED
+    return out
+
+
+def show_repair(viewer, result: VolumeResult, comparison: RepairComparison) -> None:
+    """The image, the ground truth, the prediction before repair, and the repair's changes
+    coloured over them (added green, removed magenta)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    viewer.layers.clear()
+    viewer.add_image(np.asarray(result.image), name=f"{result.id} image", colormap="gray")
+    viewer.add_labels((np.asarray(result.label) == 1).astype(np.uint8), name="ground truth", opacity=0.25)
+    viewer.add_labels(comparison.before.astype(np.uint8), name="prediction (before repair)", opacity=0.35,
+                      colormap=DirectLabelColormap(color_dict={0: "transparent", 1: "white", None: "transparent"}))
+    viewer.add_labels(repair_labels(comparison.before, comparison.after), name="repair (added green, removed magenta)",
+                      colormap=DirectLabelColormap(color_dict=REPAIR_COLORS), opacity=1.0)

@@ -1,0 +1,155 @@
+"""``vesuvius-lab tune-postprocess``: the best setting is the metric's best, probabilities are computed
+once per checkpoint, the best setting lands in a config, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lab_runs_helpers import write_tiny_config
+from vesuvius_lab.config import load_config
+from vesuvius_lab.io import write_volume
+from vesuvius_lab.leaderboard import volume_score
+from vesuvius_lab.postprocess import PostprocessConfig, postprocess
+
+REPAIR = ["plug_pinholes", "fill_sheet_holes", "plug_pinholes"]
+
+
+@pytest.fixture()
+def prob_folders(tmp_path):
+    """Probabilities of two sheets per volume, with a hole punched in one and faint debris."""
+    prob_dir, label_dir = tmp_path / "prob", tmp_path / "labels"
+    prob_dir.mkdir()
+    rng = np.random.default_rng(0)
+    volumes = {}
+    for k, rid in enumerate(["11", "22"]):
+        label = np.zeros((32, 32, 32), np.uint8)
+        label[6 + k : 9 + k] = 1
+        label[18:21] = 1
+        label[:, :, -2:] = 2
+        prob = np.where(label == 1, 0.8, 0.1) + rng.uniform(-0.05, 0.05, label.shape)
+        prob[6 + k : 9 + k, 12:16, 12:16] = 0.2  # a hole through the first sheet
+        prob[12:14, 4:6, 24:26] = 0.45  # debris between the sheets, above some thresholds
+        np.save(prob_dir / f"{rid}.npy", prob.astype(np.float32))
+        write_volume(label_dir / f"{rid}.tif", label)
+        volumes[rid] = (prob.astype(np.float32), label)
+    return prob_dir, label_dir, volumes
+
+
+def metric_mean(volumes, cfg: PostprocessConfig) -> float:
+    return statistics.fmean(volume_score(postprocess(p, cfg), y).score for p, y in volumes.values())
+
+
+def test_the_tuners_best_is_the_metrics_best_and_apply_writes_it(cli, prob_folders, tmp_path):
+    prob_dir, label_dir, volumes = prob_folders
+    base_cfg = tmp_path / "base.yaml"
+    base_cfg.write_text("postprocess:\n  threshold: 0.5\n  min_component_size: 0\n")
+    out_cfg = tmp_path / "tuned.yaml"
+    code, out, err = cli("tune-postprocess", "--prob", prob_dir, "--labels", label_dir, "--config", base_cfg,
+                         "--grid", "threshold=[0.3, 0.5]", "--grid", f"repair=[[], [{', '.join(REPAIR)}]]",
+                         "--eta", "0", "--jobs", "1", "--json", "--apply", out_cfg)
+    assert code == 0 and not err
+    result = json.loads(out[-1])
+    assert result["settings"] == 4 and len(result["rows"]) == 4 and all(r["volumes"] == 2 for r in result["rows"])
+    by_metric = {}
+    for threshold in (0.3, 0.5):
+        for repair in ([], REPAIR):
+            by_metric[(threshold, tuple(repair))] = metric_mean(volumes, PostprocessConfig(threshold=threshold, repair=repair))
+    for row in result["rows"]:  # every row is the metric's own number
+        key = (row["setting"].get("threshold", 0.5), tuple(row["setting"].get("repair", [])))
+        assert row["score"] == pytest.approx(by_metric[key], abs=1e-12)
+    best_key = max(by_metric, key=by_metric.get)
+    best = result["best"]
+    assert (best["postprocess"]["threshold"], tuple(best["postprocess"]["repair"])) == best_key
+    assert best["score"] == pytest.approx(by_metric[best_key]) and best["score"] > result["base"]["score"]
+    assert set(best) >= {"setting", "score", "topo", "surface_dice", "voi_score"}
+    assert best_key[1] == tuple(REPAIR)  # the hole costs a tunnel: repair wins
+    tuned = load_config(out_cfg).postprocess
+    assert (tuned.threshold, tuple(tuned.repair)) == best_key
+
+
+def test_successive_halving_scores_every_setting_on_a_first_share_and_the_best_on_all(prob_folders):
+    from vesuvius_lab.tune import folder_volumes, tune
+
+    import shutil
+
+    prob_dir, label_dir, _ = prob_folders
+    for k in range(3, 7):  # six volumes: a first rung of two
+        shutil.copy(prob_dir / f"{11 * (k % 2 + 1)}.npy", prob_dir / f"{11 * k}.npy")
+        shutil.copy(label_dir / f"{11 * (k % 2 + 1)}.tif", label_dir / f"{11 * k}.tif")
+    volumes = folder_volumes(prob_dir, label_dir)
+    grid = {"threshold": [0.3, 0.4, 0.5, 0.6], "repair": [[], REPAIR]}
+    result = tune(volumes, PostprocessConfig(), grid, eta=3, jobs=2, progress=False)
+    counts = sorted(r["volumes"] for r in result["rows"])
+    assert len(volumes) == 6 and result["settings"] == 8 and counts.count(2) >= 4 and counts.count(6) >= 3
+    assert result["rows"][0]["volumes"] == 6 and result["best"]["score"] == result["rows"][0]["score"]
+    assert tune(volumes[:5], PostprocessConfig(), grid, eta=3, jobs=1, progress=False)["rows"][-1]["volumes"] == 5
+
+
+def test_bad_input_is_one_line(cli, prob_folders, tmp_path):
+    prob_dir, label_dir, _ = prob_folders
+    cases = [
+        ((), "give a RUN_DIR, or --prob DIR with --labels DIR"),
+        (("--prob", prob_dir), "--prob needs --labels DIR"),
+        (("--prob", prob_dir, "--labels", label_dir, "--grid", "treshold=[0.4]"), "--grid 'treshold=[0.4]': expected KEY="),
+        (("--prob", prob_dir, "--labels", label_dir, "--grid", "threshold=0.4"), "must be a non-empty YAML list"),
+        (("--prob", prob_dir, "--labels", label_dir, "--grid", "repair=[[close]]"), "postprocess.repair: 'close' is not one of"),
+        (("--prob", prob_dir, "--labels", tmp_path / "nowhere"), "label folder not found"),
+        (("--prob", prob_dir, "--labels", label_dir, "--apply", tmp_path / "x.yaml"), "--apply needs --config CFG"),
+    ]
+    for args, message in cases:
+        code, out, err = cli("tune-postprocess", *args)
+        assert code == 2 and len(err) == 1 and message in err[0], (args, err)
+    (prob_dir / "22.npy").unlink()
+    code, _, err = cli("tune-postprocess", "--prob", prob_dir, "--labels", label_dir)
+    assert code == 2 and err == [f"error: {label_dir / '22.tif'}: no probability {prob_dir / '22.npy'} for this label"]
+
+
+@pytest.mark.slow
+def test_a_tiny_run_is_predicted_once_and_tuned_by_the_metric(tiny_root, tmp_path, cli):
+    from vesuvius_lab.evaluate import evaluate_checkpoint, mean_scores
+
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=6, val={"max_volumes": 2})
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--config", str(config), "--run-dir", str(run),
+                    "--no-progress"], check=True, capture_output=True, timeout=600)
+    args = ("tune-postprocess", run, "--grid", "threshold=[0.3, 0.5, 0.7]", "--eta", "0", "--jobs", "2", "--json")
+    code, out, err = cli(*args)
+    assert code == 0 and not err
+    result = json.loads(out[-1])
+    cached = sorted((run / "tune").glob("*.prob.npy"))
+    assert len(cached) == len(result["volumes"]) >= 1
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    metric = {}
+    for threshold in (0.3, 0.5, 0.7):  # the whole predict-and-score path, as validation runs it
+        results = evaluate_checkpoint(run / "checkpoints" / "best.pt", overrides=[f"postprocess.threshold={threshold}"])
+        assert sorted(r.id for r in results) == sorted(result["volumes"])
+        metric[threshold] = mean_scores(results)["score"]
+    for row in result["rows"]:
+        assert row["score"] == pytest.approx(metric[row["setting"].get("threshold", 0.5)], abs=1e-9)
+    assert result["best"]["postprocess"]["threshold"] == max(metric, key=metric.get)
+    code, out, _ = cli(*args)  # again: the cached probabilities serve
+    assert code == 0 and [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+@pytest.mark.slow
+def test_the_second_synthetic_dataset_is_what_its_manifest_says(tmp_path):
+    """data_manifests/synthetic_seed7_160.yaml (the generalisation check's data) regenerates exactly."""
+    from pathlib import Path
+
+    from vesuvius_lab.manifest import build_manifest, load_manifest
+    from vesuvius_lab.synth import synth
+
+    repo = Path(__file__).resolve().parent.parent
+    committed = load_manifest(repo / "data_manifests" / "synthetic_seed7_160.yaml", root=tmp_path / "d")
+    p = committed.synth
+    assert (p["seed"], p["shape"]) == (7, [160, 160, 160])
+    synth(tmp_path / "d", p["volumes"], tuple(p["shape"]), p["seed"], p["scrolls"], p["test_volumes"], progress=False)
+    rebuilt = build_manifest(tmp_path / "d", progress=False)
+    assert [(r.id, r.stats, r.sizes) for r in rebuilt.records] == [(r.id, r.stats, r.sizes) for r in committed.records]
+    assert load_config(repo / "configs" / "demo_seed7.yaml").data.manifest == "../data_manifests/synthetic_seed7_160.yaml"
