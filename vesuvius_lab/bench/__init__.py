@@ -13,6 +13,7 @@ BENCHES: dict[str, str] = {
     "data": "vesuvius_lab.bench.data",
     "losses": "vesuvius_lab.bench.losses",
     "metric": "vesuvius_lab.bench.metric",
+    "scale": "vesuvius_lab.bench.scale",
 }
 
 
