@@ -405,6 +405,7 @@ class VolumeCache:
             with self.locked(volume.folder):
                 path = fresh()
                 if path is None:
+                    remove_stale_temp(volume.folder)
                     stamp.unlink(missing_ok=True)
                     array = compute(volume)
                     if array.ndim == 3 and tuple(array.shape) == tuple(volume.image.shape):

@@ -218,13 +218,15 @@ def seconds_per_gvoxel(cache: VolumeCache) -> float:
 
 
 def plan_preparation(cache: VolumeCache, records: Sequence[Record], max_fg_points: int | None,
-                     jobs: int | None = None) -> tuple[list[Record], PrepareReport]:
-    """The records still to prepare and how long that will take (from the last measured rate)."""
-    todo = [r for r in records if not is_prepared(cache, r, max_fg_points)]
+                     jobs: int | None = None, plain: Sequence[Record] = ()) -> tuple[list[tuple[Record, int | None]], PrepareReport]:
+    """The (record, max_fg_points) still to prepare and how long that will take (from the last
+    measured rate); ``plain`` records need their cache entry only (validation volumes)."""
+    wanted = [(r, max_fg_points) for r in records] + [(r, None) for r in plain]
+    todo = [(r, m) for r, m in wanted if not is_prepared(cache, r, m)]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
-    voxels = sum(_voxels(cache, r) for r in todo)
+    voxels = sum(_voxels(cache, r) for r, _ in todo)
     estimate = seconds_per_gvoxel(cache) * voxels / 1e9 / jobs  # the jobs share the records
-    return todo, PrepareReport(len(todo), len(records), voxels, jobs, estimate)
+    return todo, PrepareReport(len(todo), len(wanted), voxels, jobs, estimate)
 
 
 def prepare(
@@ -234,15 +236,16 @@ def prepare(
     jobs: int | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    plain: Sequence[Record] = (),
     processes: bool | None = None,
 ) -> PrepareReport:
-    """Build every record's cache entry (and targets, unless ``max_fg_points`` is None) with
+    """Build every record's cache entry and targets (``plain`` records: the entry only) with
     ``jobs`` processes (default: all cores), one progress bar; already prepared records are
     skipped, so a killed preparation resumes. Raises DataError with every bad record's problems
     after the others are done. ``processes=True`` uses a process even for one job."""
     from tqdm.auto import tqdm
 
-    todo, report = plan_preparation(cache, records, max_fg_points, jobs)
+    todo, report = plan_preparation(cache, records, max_fg_points, jobs, plain)
     (say or (lambda m: None))(report.message)
     if progress and todo:
         tqdm.write(report.message)
@@ -251,11 +254,11 @@ def prepare(
     t0, problems = time.perf_counter(), []
     bar = tqdm(total=len(todo), desc="prepare", unit="vol", disable=not progress)
     if report.jobs == 1 and not processes:
-        results = (prepare_one(str(cache.root), r, max_fg_points) for r in todo)
+        results = (prepare_one(str(cache.root), r, m) for r, m in todo)
         pool = None
     else:
         pool = ProcessPoolExecutor(report.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_single_threaded)
-        results = (f.result() for f in as_completed([pool.submit(prepare_one, str(cache.root), r, max_fg_points) for r in todo]))
+        results = (f.result() for f in as_completed([pool.submit(prepare_one, str(cache.root), r, m) for r, m in todo]))
     try:
         for result in results:
             bar.update(1)

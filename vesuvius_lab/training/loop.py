@@ -92,7 +92,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     data = open_data(config, check=True)
     dataset = data.patch_dataset(config, world_size=ddp.world)
     if ddp.master:
-        dataset.prepare(progress=progress)  # cache + targets once, before workers start
+        dataset.prepare(progress=progress, say=log.info)  # cache + targets once (all cores), before workers start
     ddp.barrier()
     layout = dataset.layout
     steps_per_epoch, total_steps = layout.steps, config.training.max_epochs * layout.steps
