@@ -255,7 +255,7 @@ class ZarrVolume:
                 raise DataError(f"{where}: multiscale dataset {exc} is missing") from None
             level = ref.level or 0
             if not 0 <= level < len(self.levels):
-                raise DataError(f"{where}: level {level} does not exist (the store has {len(self.levels)} levels)")
+                raise DataError(f"{where}: no such level (the multiscale group has levels 0-{len(self.levels) - 1})")
             self.array = self.levels[level]
             self.level = level
         else:
