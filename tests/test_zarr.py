@@ -136,6 +136,15 @@ def test_cache_follows_a_rewritten_zarr_chunk(zarr_root, tmp_path):
     assert cache.load(record).checksum != first.checksum
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy machine's spinning OpenMP threads slow them 30x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model_config(patch=16) -> tuple[torch.nn.Module, Config]:
     torch.manual_seed(0)
     config = Config(data=DataConfig(patch_size=[patch] * 3), model=ModelConfig(features=[4, 8], deep_supervision_heads=1),
@@ -143,7 +152,7 @@ def tiny_model_config(patch=16) -> tuple[torch.nn.Module, Config]:
     return build_model(config.model).eval(), config
 
 
-def test_windowed_zarr_predict_equals_the_in_memory_path(zarr_root, tmp_path):
+def test_windowed_zarr_predict_equals_the_in_memory_path(zarr_root, tmp_path, one_thread):
     model, config = tiny_model_config()
     store, ref = zarr_root / "scroll.zarr", ZarrRef(crop=((0, 40), (4, 44), (10, 74)))
     image = ZarrVolume(store, ref).read()
@@ -208,3 +217,22 @@ def test_a_zarr_manifest_end_to_end(zarr_root, tiny_root, tmp_path, cli):
     code, _, err = cli("predict", "--checkpoint", ckpt, "--input", zarr_root / "scroll.zarr", "--crop", "0:1",
                        "--output", tmp_path / "pred2")
     assert code == 2 and "z0:z1,y0:y1,x0:x1" in err[0]
+
+
+@pytest.mark.gui
+def test_napari_shows_a_zarr_record_lazily_with_its_coarser_level(viewer, zarr_root, tmp_path):
+    from conftest_gui import assert_rendered
+    from vesuvius_lab.lab import views
+
+    manifest = load_manifest(zarr_root / "zarr.yaml")
+    record = manifest.record(manifest.records[1].id)
+    volume = VolumeCache(tmp_path / "cache").load(record)
+    layers = views.show_record(viewer, volume)
+    image = layers[0]
+    assert image.multiscale and [tuple(level.shape) for level in image.data] == [(48, 48, 48), (24, 24, 24)]
+    coarse = zarr.open_group(str(zarr_root / "scroll.zarr"))["1"][:, :, 24:48]
+    np.testing.assert_array_equal(np.asarray(image.data[1]), coarse)  # the record's crop of level 1
+    np.testing.assert_array_equal(np.asarray(layers[1].data[5]), np.asarray(volume.label)[5])
+    shot = tmp_path / "zarr-record.png"
+    viewer.screenshot(path=str(shot), canvas_only=True)
+    assert_rendered(shot)

@@ -197,7 +197,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--array", default="", help="Zarr: the array or multiscale group inside the store (default: its root)")
     p.add_argument("--level", type=int, help="Zarr: OME-Zarr resolution level (default 0)")
     p.add_argument("--crop", help="Zarr: z0:z1,y0:y1,x0:x1 at that level (default: all)")
-    p.add_argument("--block", type=_patch_size, help="Zarr: block edge N or Z,Y,X, multiples of 64 (default: 2x the patch)")
+    p.add_argument("--block", type=_patch_size, help="Zarr: block edge N or Z,Y,X, multiples of 64 (default: 256 or 2x the patch)")
     p.add_argument("--probability", action="store_true", help="Zarr: also write the probability (uint8, 255 = 1)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. val.tta=true postprocess.threshold=0.6")
 

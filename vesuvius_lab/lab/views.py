@@ -1,7 +1,9 @@
 """napari layers for a record, its prediction and its sampled patches, through the public layer API.
 
-Volumes are added as the cache's memmaps, so napari reads only the slices it displays. Layers
-have fixed names and are replaced when a new record is shown, so a viewer can be reused.
+Volumes are added as dask arrays over the cache's chunked arrays, so napari decodes only the
+chunks of the slice it displays; a record cropped from an OME-Zarr multiscale store also gets the
+store's coarser levels (a multiscale layer). Layers have fixed names and are replaced when a new
+record is shown, so a viewer can be reused.
 """
 
 from __future__ import annotations
@@ -53,22 +55,55 @@ def _follow_ndisplay(viewer: napari.Viewer) -> None:
     _sync_2d_only(viewer)
 
 
+def lazy(array) -> "dask.array.Array":  # noqa: F821
+    """A dask array over a cache array: each task decodes one z-slab of chunks."""
+    import dask.array as da
+
+    chunks = getattr(array, "chunks", None)
+    slab = (chunks[0] if isinstance(chunks, tuple) else 32, 256, 256)
+    return da.from_array(array, chunks=slab, asarray=True, lock=False, fancy=False)
+
+
+def image_levels(volume: CachedVolume) -> list:
+    """The image as napari data: the cache's level, then the crop of each coarser level of its
+    OME-Zarr multiscale store (factor from the level shapes), lazily; one level otherwise."""
+    import dask.array as da
+
+    levels = [lazy(volume.image)]
+    ref = volume.record.image_ref
+    if ref is None:
+        return levels
+    from vesuvius_lab.io import ZarrVolume
+
+    source = ZarrVolume(volume.record.image, ref)
+    for coarse in source.levels[source.level + 1:]:
+        factor = [f / c for f, c in zip(source.full_shape, coarse.shape, strict=True)]
+        box = tuple(slice(int(a // f), max(int(a // f) + 1, int(-(-b // f))))
+                    for (a, b), f in zip(source.crop, factor, strict=True))
+        level = da.from_zarr(coarse)[box]
+        if min(level.shape) < 2:
+            break
+        levels.append(level)
+    return levels
+
+
 def show_record(viewer: napari.Viewer, volume: CachedVolume, prediction: np.ndarray | None = None) -> list:
     """Image, surface (label 1) and ignored regions (label 2) in distinct colours, and a prediction.
 
-    Surface and ignored regions are two labels layers over the same memmap: the ignored border
+    Surface and ignored regions are two labels layers over the same lazy array: the ignored border
     encloses every volume, so in 3D it would hide the surface and is shown in 2D only. An integer
     prediction is a label map (1 = surface); a float one is a probability map.
     """
     for name in ("image", "surface", "ignored", "prediction"):
         _replace(viewer, name)
+    levels, label = image_levels(volume), lazy(volume.label)
     layers = [
         viewer.add_image(
-            volume.image, name="image", colormap="gray", contrast_limits=(0, 255), blending="additive",
-            rendering="attenuated_mip", attenuation=0.3,
+            levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1, name="image", colormap="gray",
+            contrast_limits=(0, 255), blending="additive", rendering="attenuated_mip", attenuation=0.3,
         ),
-        viewer.add_labels(volume.label, name="surface", colormap=label_colormap({1: LABEL_COLORS[1]}), opacity=0.7),
-        viewer.add_labels(volume.label, name="ignored", colormap=label_colormap({IGNORE_LABEL: LABEL_COLORS[IGNORE_LABEL]})),
+        viewer.add_labels(label, name="surface", colormap=label_colormap({1: LABEL_COLORS[1]}), opacity=0.7),
+        viewer.add_labels(label, name="ignored", colormap=label_colormap({IGNORE_LABEL: LABEL_COLORS[IGNORE_LABEL]})),
     ]
     if prediction is not None:
         if np.issubdtype(prediction.dtype, np.integer):
