@@ -34,7 +34,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", type=int, default=320, help="volume edge (default 320)")
     p.add_argument("--jobs", type=int, default=None, help="preparation processes for the parallel run (default: all cores)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each preparation and patch measurement (medians; default 1)")
-    p.add_argument("--patch", type=int, default=128, help="patch edge for patches/s (default 128)")
+    p.add_argument("--patch", type=int, default=128, help="patch edge for patches/s and predict (default 128)")
     p.add_argument("--samples", type=int, default=30, help="timed patches per child (default 30)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-predict", action="store_true", help="skip the predict timing")
@@ -147,19 +147,24 @@ def _spawn(kind: str, args, volumes: int, cache_dir: Path, npy: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _predict_seconds(records, cache_dir: Path, shape: int) -> dict:
-    """Windowed Zarr predict of one volume (the default model, untrained: the time is the same)."""
+def _predict_seconds(records, cache_dir: Path, patch: int) -> dict:
+    """Windowed predict of one volume, read from a Zarr copy of it (the default model, untrained:
+    the time is the same)."""
     import torch
+    import zarr
 
     from vesuvius_lab.config import Config, DataConfig
+    from vesuvius_lab.io import read_volume
     from vesuvius_lab.model import build_model
     from vesuvius_lab.predict import predict_store
 
-    config = Config(data=DataConfig(patch_size=[128, 128, 128]))
+    config = Config(data=DataConfig(patch_size=[patch] * 3))
     model = build_model(config.model).eval()
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        image = read_volume(records[0].image)
+        zarr.create_array(str(Path(tmp) / "in.zarr"), data=image, chunks=(64, 64, 64))
         t0 = time.perf_counter()
-        predict_store(model, config, records[0].image, None, Path(tmp) / "out.zarr", torch.device("cpu"), progress=False)
+        predict_store(model, config, Path(tmp) / "in.zarr", None, Path(tmp) / "out.zarr", torch.device("cpu"), progress=False)
         seconds = time.perf_counter() - t0
     return {"predict_s_per_volume": round(seconds, 2), "model_features": config.model.features, "torch_threads": torch.get_num_threads()}
 
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
             "runs": {"ours": ours, "memmap": base},
         }
         if not args.no_predict:
-            result["predict"] = _predict_seconds(all_records, work, args.shape)
+            result["predict"] = _predict_seconds(all_records, work, args.patch)
         biggest = result["by_volumes"][str(n)]
         gvox = args.shape**3 * n / 1e9
         per_gvox_one = biggest["prepare_s_per_volume_1_job"] * n / gvox
