@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -89,22 +88,14 @@ class ChunkCache:
         return self._bytes
 
 
-_decode_threads_set = False
-
-
-def _set_decode_threads() -> None:
-    """Blosc threads per process: the cores shared among the data workers, never more."""
-    global _decode_threads_set
-    if _decode_threads_set:
-        return
+def _decode_in_this_thread() -> None:
+    """Blosc decodes each chunk in the calling thread, with its own context: a 32 KB chunk is one
+    Blosc block, so decode threads would have nothing to split; the data workers (processes) are
+    the parallelism and never oversubscribe the cores, and Blosc's global thread pool (which a
+    forked worker would inherit half-dead) and its global lock are never used."""
     from numcodecs import blosc
 
-    workers = 1
-    if "torch.utils.data" in sys.modules:
-        info = sys.modules["torch.utils.data"].get_worker_info()
-        workers = info.num_workers if info is not None else 1
-    blosc.set_nthreads(max(1, (os.cpu_count() or 1) // max(1, workers)))
-    _decode_threads_set = True
+    blosc.use_threads = False
 
 
 def _layout(meta: dict) -> dict | None:
@@ -179,7 +170,7 @@ class ChunkedArray:
         return zarr.open_array(str(self.path), mode="r")
 
     def _open(self) -> None:
-        _set_decode_threads()
+        _decode_in_this_thread()
         shard = self.path / "c" / "0" / "0" / "0"
         n = math.prod(self.grid)
         self._pid = os.getpid()

@@ -45,7 +45,12 @@ def bench_records(shape: int, volumes: int):
     """N synthetic volumes, written once under the cache directory and reused (a larger set serves
     a smaller N with its first records)."""
     from vesuvius_lab.bench.data import bench_records as records
+    from vesuvius_lab.cache import default_cache_dir
+    from vesuvius_lab.synth import MARKER
 
+    root = default_cache_dir() / "bench" / f"synth{shape}x{volumes}"
+    if root.is_dir() and not (root / MARKER).is_file():
+        shutil.rmtree(root)  # a synthesis killed part-way (ours: the bench's own folder)
     return records(shape, volumes)
 
 
