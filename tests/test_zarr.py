@@ -236,3 +236,12 @@ def test_napari_shows_a_zarr_record_lazily_with_its_coarser_level(viewer, zarr_r
     shot = tmp_path / "zarr-record.png"
     viewer.screenshot(path=str(shot), canvas_only=True)
     assert_rendered(shot)
+
+
+def test_default_blocks_keep_a_kaggle_volume_whole_and_cut_a_scroll():
+    from vesuvius_lab.predict import default_block
+
+    assert default_block((128, 128, 128), (320, 320, 320)) == (320, 320, 320)  # one block, no halo work
+    assert default_block((64, 64, 64), (320, 1024, 1024)) == (320, 256, 256)
+    assert default_block((160, 160, 160), (14000, 8000, 8000)) == (320, 320, 320)
+    assert len(blocks((320, 1024, 1024), (320, 256, 256), (32, 32, 32))) == 16

@@ -102,10 +102,12 @@ def predict(
 
 
 # --- windowed Zarr prediction --------------------------------------------------------------------
-def default_block(patch: Sequence[int]) -> tuple[int, int, int]:
-    """256 or twice the patch, in whole output chunks: the halo adds little work, and a block with
-    its halo (float32 input, output and window weights) stays near 1 GB at a 128 patch."""
-    return tuple(max(256, math.ceil(2 * p / OUTPUT_CHUNK) * OUTPUT_CHUNK) for p in patch)  # type: ignore[return-value]
+def default_block(patch: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
+    """Per axis: the whole axis up to 384 voxels (or 3 patches), so a Kaggle-sized volume is one
+    block with no halo work; else 256 or twice the patch in whole output chunks. A block with its
+    halo (float32 input, output and window weights) stays near 1.5 GB at a 128 patch."""
+    return tuple(n if n <= max(384, 3 * p) else max(256, math.ceil(2 * p / OUTPUT_CHUNK) * OUTPUT_CHUNK)
+                 for p, n in zip(patch, shape, strict=True))  # type: ignore[return-value]
 
 
 def blocks(shape: Sequence[int], block: Sequence[int], halo: Sequence[int]) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
@@ -179,7 +181,7 @@ def predict_store(
     if volume.dtype != np.uint8:
         raise DataError(f"{volume.where}: dtype {volume.dtype}, expected uint8")
     patch = tuple(int(p) for p in config.data.patch_size)
-    block = tuple(int(b) for b in (block or default_block(patch)))
+    block = tuple(int(b) for b in (block or default_block(patch, volume.shape)))
     if any(b > OUTPUT_CHUNK and b % OUTPUT_CHUNK and b < n for b, n in zip(block, volume.shape, strict=True)):
         raise DataError(f"block {block}: sizes above {OUTPUT_CHUNK} must be multiples of it (the output chunks)")
     halo = tuple(p // 2 for p in patch)

@@ -7,8 +7,8 @@ reused) are prepared into a fresh cache with one process and with ``--jobs`` pro
 single-threaded child processes, one data worker each, alternating ours and the baseline:
 ours reads the compressed chunked cache through its bounded chunk cache; the baseline reads the
 same arrays as the .npy memmaps the cache held before (image, label, skeleton uint8, distance
-float16), through the same sampler and augmentation. ``predict`` times the windowed Zarr path
-(``predict_store``) on one volume with the default model. The Kaggle line scales the per-voxel
+float16), through the same sampler and augmentation. ``predict`` times ``predict_volume`` (what
+``predict`` runs on a Kaggle volume) on one volume with the default model. The Kaggle line scales the per-voxel
 figures to 786 volumes of 320³-ish chunks (``--kaggle-gvoxels``, 26 GB of LZW TIFFs).
 """
 
@@ -152,26 +152,23 @@ def _spawn(kind: str, args, volumes: int, cache_dir: Path, npy: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _predict_seconds(records, cache_dir: Path, patch: int) -> dict:
-    """Windowed predict of one volume, read from a Zarr copy of it (the default model, untrained:
-    the time is the same)."""
+def _predict_seconds(records, patch: int) -> dict:
+    """``predict_volume`` on one volume, as ``predict`` runs a Kaggle volume (the default model,
+    untrained: the time is the same)."""
     import torch
-    import zarr
 
     from vesuvius_lab.config import Config, DataConfig
+    from vesuvius_lab.inference import predict_volume
     from vesuvius_lab.io import read_volume
     from vesuvius_lab.model import build_model
-    from vesuvius_lab.predict import predict_store
 
     config = Config(data=DataConfig(patch_size=[patch] * 3))
     model = build_model(config.model).eval()
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        image = read_volume(records[0].image)
-        zarr.create_array(str(Path(tmp) / "in.zarr"), data=image, chunks=(64, 64, 64))
-        t0 = time.perf_counter()
-        predict_store(model, config, Path(tmp) / "in.zarr", None, Path(tmp) / "out.zarr", torch.device("cpu"), progress=False)
-        seconds = time.perf_counter() - t0
-    return {"predict_s_per_volume": round(seconds, 2), "model_features": config.model.features, "torch_threads": torch.get_num_threads()}
+    image = read_volume(records[0].image)
+    t0 = time.perf_counter()
+    predict_volume(model, image, config, torch.device("cpu"))
+    return {"predict_s_per_volume": round(time.perf_counter() - t0, 2), "model_features": config.model.features,
+            "patch": [patch] * 3, "torch_threads": torch.get_num_threads()}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -225,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
             "runs": {"ours": ours, "memmap": base},
         }
         if not args.no_predict:
-            result["predict"] = _predict_seconds(all_records, work, args.patch)
+            result["predict"] = _predict_seconds(all_records, args.patch)
         biggest = result["by_volumes"][str(n)]
         gvox = args.shape**3 * n / 1e9
         per_gvox_one = biggest["prepare_s_per_volume_1_job"] * n / gvox
