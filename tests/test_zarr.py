@@ -194,7 +194,7 @@ def test_a_zarr_manifest_end_to_end(zarr_root, tiny_root, tmp_path, cli):
     code, _, err = cli("validate", zarr_root / "zarr.yaml", "--patch-size", "16")
     assert code == 0, err
     cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=2, epochs=1, data={"manifest": str(zarr_root / "zarr.yaml")},
-                            training={"checkpoint_every_steps": 2}, val={"max_volumes": 1})
+                            training={"checkpoint_every_steps": 2, "workers": 2}, val={"max_volumes": 1})
     code, lines, err = cli("cache", "build", cfg, "--jobs", "2", "--no-progress")
     assert code == 0 and "prepared" in lines[-1], err
     result = train(load_config(cfg), tmp_path / "run", progress=False)

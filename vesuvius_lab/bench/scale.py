@@ -85,7 +85,7 @@ def write_memmaps(cache_dir: Path, records, out: Path) -> Path:
         vol = cache.load(r)
         t = load_targets(cache, vol, 20000)
         for name, arr in (("image", vol.image), ("label", vol.label), ("skeleton", t.skeleton), ("distance", t.distance)):
-            np.save(folder / f"{name}.npy", np.asarray(arr))
+            np.save(folder / f"{name}.npy", np.asarray(arr).astype(np.float16 if name == "distance" else np.uint8))
         (folder / "done").write_text("")
     return out
 
