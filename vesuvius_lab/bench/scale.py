@@ -58,14 +58,15 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _prepare_once(records, jobs: int, cache_dir: Path) -> float:
+def _prepare_once(records, jobs: int, cache_dir: Path) -> tuple[float, float]:
+    """Wall seconds of a fresh preparation, and the CPU seconds its processes spent per volume."""
     from vesuvius_lab.cache import VolumeCache
     from vesuvius_lab.targets import prepare
 
     shutil.rmtree(cache_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    prepare(VolumeCache(cache_dir), records, 20000, jobs=jobs, progress=False, processes=True)
-    return time.perf_counter() - t0
+    report = prepare(VolumeCache(cache_dir), records, 20000, jobs=jobs, progress=False, processes=True)
+    return time.perf_counter() - t0, statistics.fmean(d["cpu_seconds"] for d in report.done)
 
 
 def write_memmaps(cache_dir: Path, records, out: Path) -> Path:
@@ -184,11 +185,13 @@ def run(args: argparse.Namespace) -> dict:
         bar = tqdm(total=len(sizes) * args.repeats * 2, desc="bench scale: prepare", unit="run")
         for n in sizes:
             records = all_records[:n]
-            one, many = [], []
+            one, many, cpu_one, cpu_many = [], [], [], []
             for _ in range(args.repeats):
-                one.append(_prepare_once(records, 1, work / "one"))
+                wall, cpu = _prepare_once(records, 1, work / "one")
+                one.append(wall), cpu_one.append(cpu)
                 bar.update(1)
-                many.append(_prepare_once(records, jobs, work / "many"))
+                wall, cpu = _prepare_once(records, jobs, work / "many")
+                many.append(wall), cpu_many.append(cpu)
                 bar.update(1)
             tiff = sum(r.image.stat().st_size + r.label.stat().st_size for r in records)
             cache_bytes = _du(work / "many") - sum(f.stat().st_size for f in (work / "many").glob("*.json"))
@@ -196,6 +199,10 @@ def run(args: argparse.Namespace) -> dict:
                 "prepare_s_per_volume_1_job": round(statistics.median(one) / n, 2),
                 f"prepare_s_per_volume_{jobs}_jobs": round(statistics.median(many) / n, 2),
                 "prepare_speedup": round(statistics.median(one) / statistics.median(many), 2),
+                # CPU seconds per volume in its process: equal with 1 and N jobs when the work
+                # parallelises cleanly; a busy machine shows in wall/CPU > 1 (see the load averages)
+                "prepare_cpu_s_per_volume_1_job": round(statistics.median(cpu_one), 2),
+                f"prepare_cpu_s_per_volume_{jobs}_jobs": round(statistics.median(cpu_many), 2),
                 "cache_bytes": cache_bytes,
                 "tiff_bytes": tiff,
                 "cache_over_tiff": round(cache_bytes / tiff, 3),
