@@ -42,13 +42,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_records(shape: int, volumes: int):
-    """N synthetic volumes, written once under the cache directory and reused (a larger set serves
-    a smaller N with its first records)."""
+    """N synthetic volumes, written once under the cache directory and reused; a complete larger
+    set serves a smaller N with its first records."""
     from vesuvius_lab.bench.data import bench_records as records
     from vesuvius_lab.cache import default_cache_dir
+    from vesuvius_lab.layout import discover
     from vesuvius_lab.synth import MARKER
 
-    root = default_cache_dir() / "bench" / f"synth{shape}x{volumes}"
+    bench = default_cache_dir() / "bench"
+    sizes = sorted(int(p.name.split("x")[-1]) for p in bench.glob(f"synth{shape}x*") if (p / MARKER).is_file()) \
+        if bench.is_dir() else []
+    larger = [m for m in sizes if m >= volumes]
+    if larger:
+        return discover(bench / f"synth{shape}x{larger[0]}")[0][:volumes]
+    root = bench / f"synth{shape}x{volumes}"
     if root.is_dir() and not (root / MARKER).is_file():
         shutil.rmtree(root)  # a synthesis killed part-way (ours: the bench's own folder)
     return records(shape, volumes)
@@ -127,7 +134,7 @@ def child(kind: str, patch: int, n: int, warmup: int, shape: int, volumes: int, 
     from vesuvius_lab.bench.data import peak_rss_mb
 
     torch.set_num_threads(1)
-    records = bench_records(shape, volumes)[:volumes]
+    records = bench_records(shape, volumes)
     ds = _dataset(kind, records, patch, Path(cache_dir), Path(npy))
     for g in range(warmup):
         ds[g]
