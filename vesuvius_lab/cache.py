@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numcodecs import blosc  # imported before data workers fork, so none pays for it on its first batch
 
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.io import atomic_dir, atomic_path, atomic_write_text, read_any, remove_stale_temp, source_signature
@@ -93,8 +94,6 @@ def _decode_in_this_thread() -> None:
     Blosc block, so decode threads would have nothing to split; the data workers (processes) are
     the parallelism and never oversubscribe the cores, and Blosc's global thread pool (which a
     forked worker would inherit half-dead) and its global lock are never used."""
-    from numcodecs import blosc
-
     blosc.use_threads = False
 
 
@@ -185,8 +184,6 @@ class ChunkedArray:
         self._index = np.frombuffer(raw, "<u8").reshape(*self.grid, 2)
 
     def _decode(self, idx: tuple[int, int, int]) -> np.ndarray:
-        from numcodecs import blosc
-
         offset, nbytes = (int(v) for v in self._index[idx])
         if offset == np.iinfo(np.uint64).max:
             return np.full(self.chunks, self.fill, self.dtype)
