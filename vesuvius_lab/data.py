@@ -66,7 +66,7 @@ class Data:
 
     def prepare(self, config: Config, jobs: int | None = None, progress: bool = True, say=None) -> PrepareReport:
         """Cache entries of every record and the targets of the training records, in ``jobs``
-        processes (``vesuvius-lab cache build``; training prepares its split the same way)."""
+        processes: what ``vesuvius-lab cache build``, training and ``plan`` run first."""
         return prepare(self.cache, self.train, config.sampler.fg_points, jobs, progress, say, plain=self.val)
 
     def unique_patches(self, patch_size) -> int:
