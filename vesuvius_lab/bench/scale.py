@@ -37,6 +37,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, default=128, help="patch edge for patches/s and predict (default 128)")
     p.add_argument("--samples", type=int, default=30, help="timed patches per child (default 30)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--chunk-cache-mb", type=float, default=256,
+                   help="decoded chunks each worker keeps (default 256, as data.chunk_cache_mb; 0: every read decodes)")
     p.add_argument("--no-predict", action="store_true", help="skip the predict timing")
     p.add_argument("--kaggle-gvoxels", type=float, default=25.0, help="voxels of the Kaggle training set, in G (default 25)")
 
@@ -98,7 +100,7 @@ def write_memmaps(cache_dir: Path, records, out: Path) -> Path:
     return out
 
 
-def _dataset(kind: str, records, patch: int, cache_dir: Path, npy: Path):
+def _dataset(kind: str, records, patch: int, cache_dir: Path, npy: Path, chunk_cache_mb: float = 256):
     import numpy as np
 
     from vesuvius_lab.cache import CachedVolume, VolumeCache
@@ -109,7 +111,7 @@ def _dataset(kind: str, records, patch: int, cache_dir: Path, npy: Path):
 
     config = Config(data=DataConfig(patch_size=[patch] * 3),
                     training=TrainingConfig(train_batch_size=1, train_iterations_per_epoch=10**6, seed=0))
-    ds = patch_dataset(config, records, VolumeCache(cache_dir))
+    ds = patch_dataset(config, records, VolumeCache(cache_dir, chunk_cache_mb))
     if kind == "ours":
         return ds
 
@@ -127,7 +129,8 @@ def _dataset(kind: str, records, patch: int, cache_dir: Path, npy: Path):
     return base
 
 
-def child(kind: str, patch: int, n: int, warmup: int, shape: int, volumes: int, cache_dir: str, npy: str) -> dict:
+def child(kind: str, patch: int, n: int, warmup: int, shape: int, volumes: int, cache_dir: str, npy: str,
+          chunk_cache_mb: float = 256) -> dict:
     """patches/s of one single-threaded worker over the first ``volumes`` records."""
     import torch
 
@@ -135,7 +138,7 @@ def child(kind: str, patch: int, n: int, warmup: int, shape: int, volumes: int, 
 
     torch.set_num_threads(1)
     records = bench_records(shape, volumes)
-    ds = _dataset(kind, records, patch, Path(cache_dir), Path(npy))
+    ds = _dataset(kind, records, patch, Path(cache_dir), Path(npy), chunk_cache_mb)
     for g in range(warmup):
         ds[g]
     times = []
@@ -153,7 +156,7 @@ def child(kind: str, patch: int, n: int, warmup: int, shape: int, volumes: int, 
 def _spawn(kind: str, args, volumes: int, cache_dir: Path, npy: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "vesuvius_lab.bench.scale", kind, str(args.patch), str(args.samples), str(args.warmup),
-           str(args.shape), str(volumes), str(cache_dir), str(npy)]
+           str(args.shape), str(volumes), str(cache_dir), str(npy), str(args.chunk_cache_mb)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench child {kind} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -231,6 +234,7 @@ def run(args: argparse.Namespace) -> dict:
             "ratio": round(med(ours, "patches_per_s") / med(base, "patches_per_s"), 3),
             "ours_peak_rss_mb_per_worker": round(med(ours, "peak_rss_mb"), 1),
             "memmap_peak_rss_mb_per_worker": round(med(base, "peak_rss_mb"), 1),
+            "chunk_cache_mb": args.chunk_cache_mb,
             "chunk_cache_hit_rate": round(med(ours, "chunk_cache_hit_rate"), 3),
             "npy_cache_bytes": npy_bytes,
             "runs": {"ours": ours, "memmap": base},
@@ -260,5 +264,5 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    kind, patch, n, warmup, shape, volumes, cache_dir, npy = sys.argv[1:9]
-    print(json.dumps(child(kind, int(patch), int(n), int(warmup), int(shape), int(volumes), cache_dir, npy)))
+    kind, patch, n, warmup, shape, volumes, cache_dir, npy, mb = sys.argv[1:10]
+    print(json.dumps(child(kind, int(patch), int(n), int(warmup), int(shape), int(volumes), cache_dir, npy, float(mb))))
