@@ -264,5 +264,5 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    kind, patch, n, warmup, shape, volumes, cache_dir, npy, mb = sys.argv[1:10]
-    print(json.dumps(child(kind, int(patch), int(n), int(warmup), int(shape), int(volumes), cache_dir, npy, float(mb))))
+    kind, patch, n, warmup, shape, volumes, cache_dir, npy, *mb = sys.argv[1:10]
+    print(json.dumps(child(kind, int(patch), int(n), int(warmup), int(shape), int(volumes), cache_dir, npy, float(*mb or [256]))))
