@@ -3,7 +3,10 @@ from the chunked cache against the earlier .npy memmaps, predict seconds; extrap
 
 For each N in ``--volumes``, N synthetic volumes (written once under the cache directory and
 reused) are prepared into a fresh cache with one process and with ``--jobs`` processes (the
-``cache build`` code), ``--repeats`` times each (medians). Patches/s at ``--patch`` come from
+``cache build`` code), ``--repeats`` times each (medians); each run starts its processes (imports:
+a few seconds), which weighs on the speedup at small N and is amortised over a real dataset, so
+the 2-vs-1-job ratio is read at the largest N. CPU seconds per volume are reported too: a busy
+machine shows as wall seconds far above them (and the load averages before and after). Patches/s at ``--patch`` come from
 single-threaded child processes, one data worker each, alternating ours and the baseline:
 ours reads the compressed chunked cache through its bounded chunk cache; the baseline reads the
 same arrays as the .npy memmaps the cache held before (image, label, skeleton uint8, distance
