@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from vesuvius_lab.cache import ChunkedArray
 from vesuvius_lab.config import AugmentConfig, SamplerConfig, TrainingConfig
 from vesuvius_lab.errors import ConfigError, DataError
 from vesuvius_lab.io import read_volume
@@ -34,11 +35,11 @@ def test_record_infos_give_split_shape_and_histogram(manifest):
     assert math.isclose(sum(float(r[2].rstrip("%")) for r in rows), 100.0, abs_tol=0.2)
 
 
-def test_open_record_gives_read_only_memmaps(manifest, tmp_path):
+def test_open_record_gives_lazy_cache_arrays(manifest, tmp_path):
     rec = manifest.records[1]
     volume = data.open_record(manifest, rec.id, tmp_path / "cache")
-    assert isinstance(volume.image, np.memmap) and not volume.image.flags.writeable
-    np.testing.assert_array_equal(volume.label, read_volume(manifest.resolve(rec).label))
+    assert isinstance(volume.image, ChunkedArray) and volume.image.shape == (48, 48, 48)
+    np.testing.assert_array_equal(np.asarray(volume.label), read_volume(manifest.resolve(rec).label))
     with pytest.raises(ConfigError, match="not in manifest"):
         data.open_record(manifest, "nope")
 

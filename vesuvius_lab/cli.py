@@ -192,18 +192,81 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                         "or a quoted glob predict as an ensemble that averages their probabilities")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="a checkpoint's EMA of the weights or its trained weights (default: the EMA when it has one)")
-    p.add_argument("--input", type=Path, required=True, help="a volume .tif or a folder of them")
-    p.add_argument("--output", type=Path, required=True, help="folder for {id}.tif masks and submission.zip")
+    p.add_argument("--input", type=Path, required=True, help="a volume .tif, a folder of them, or a Zarr / OME-Zarr store")
+    p.add_argument("--output", type=Path, required=True,
+                   help="folder for {id}.tif masks and submission.zip (Zarr input: for {store name}.zarr)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--part", default="1/1", metavar="I/N",
+                   help="do the I-th of N parts (array jobs: SLURM_ARRAY_TASK_ID+1/N); Zarr: every N-th block, TIFF: every N-th file")
+    p.add_argument("--array", default="", help="Zarr: the array or multiscale group inside the store (default: its root)")
+    p.add_argument("--level", type=int, help="Zarr: OME-Zarr resolution level (default 0)")
+    p.add_argument("--crop", help="Zarr: z0:z1,y0:y1,x0:x1 at that level (default: all)")
+    p.add_argument("--block", type=_patch_size, help="Zarr: block edge N or Z,Y,X, multiples of 64 (default: 256 or 2x the patch)")
+    p.add_argument("--probability", action="store_true", help="Zarr: also write the probability (uint8, 255 = 1)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. val.tta=true postprocess.threshold=0.6")
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vesuvius_lab.predict import predict
+    from vesuvius_lab.io import ZarrRef, is_zarr_path, parse_crop
+    from vesuvius_lab.predict import parse_part, predict
 
-    written = predict(args.checkpoint, args.input, args.output, args.overrides, args.device, weights=args.weights)
-    print(f"wrote {len(written)} masks and {args.output / 'submission.zip'}")
+    part = parse_part(args.part)
+    zarr_input = is_zarr_path(args.input)
+    if not zarr_input and (args.array or args.level is not None or args.crop or args.block or args.probability):
+        raise VLabError(f"{args.input}: --array, --level, --crop, --block and --probability apply to Zarr input only")
+    ref = ZarrRef(args.array, args.level, parse_crop(args.crop, "--crop")) if zarr_input else None
+    written = predict(args.checkpoint, args.input, args.output, args.overrides, args.device, part=part, ref=ref,
+                      block=args.block, probability=args.probability, weights=args.weights)
+    if zarr_input:
+        print(f"part {part[0]}/{part[1]}: wrote {written[0]}")
+    elif part[1] > 1:
+        print(f"part {part[0]}/{part[1]}: wrote {len(written)} masks to {args.output}")
+    else:
+        print(f"wrote {len(written)} masks and {args.output / 'submission.zip'}")
     return 0
+
+
+# --- cache -----------------------------------------------------------------------------------
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="{build}")
+    b = sub.add_parser("build", help="prepare every record (decoded volume, skeleton, distance) in parallel; resumable")
+    b.add_argument("source", type=Path, metavar="MANIFEST_OR_CONFIG", help="a manifest YAML or a run config YAML")
+    b.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
+    b.add_argument("--cache-dir", type=Path, help="cache folder (default: the config's data.cache_dir, $VLAB_CACHE_DIR or ~/.cache/vesuvius_lab)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (with a config)")
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vesuvius_lab.config import Config, load_config
+    from vesuvius_lab.data import open_data
+
+    if args.jobs is not None and args.jobs < 1:
+        raise VLabError(f"--jobs {args.jobs}: need at least 1")
+    try:
+        doc = yaml.safe_load(args.source.read_text(encoding="utf-8")) if args.source.is_file() else None
+    except yaml.YAMLError:
+        doc = None
+    if isinstance(doc, dict) and "format" in doc and "records" in doc:  # a manifest
+        config, data = Config(), open_data(Config(), manifest=args.source, cache_dir=args.cache_dir or _default_cache())
+    else:
+        config = load_config(args.source, args.overrides)
+        data = open_data(config, cache_dir=args.cache_dir)
+    report = data.prepare(config, jobs=args.jobs, progress=not args.no_progress, say=None if not args.no_progress else print)
+    if report.todo:
+        print(f"{data.cache.root}: prepared {len(report.done)} volumes in {report.seconds:.1f} s with {report.jobs} jobs "
+              f"({report.total - report.todo} were ready)")
+    else:
+        print(f"{data.cache.root}: all {report.total} volumes ready")
+    return 0
+
+
+def _default_cache() -> Path:
+    from vesuvius_lab.cache import default_cache_dir
+
+    return default_cache_dir()
 
 
 # --- bench -----------------------------------------------------------------------------------
@@ -343,6 +406,7 @@ COMMANDS: list[Command] = [
     ("train", "train the topology-aware 3D U-Net (also under torchrun)", _train_args, _train),
     ("plan", "measure this machine and plan batch size and steps per epoch", _plan_args, _plan),
     ("predict", "predict masks with a checkpoint; writes submission.zip", _predict_args, _predict),
+    ("cache", "prepare a dataset's cache with all cores ahead of training", _cache_args, _cache),
     ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
     ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),
     ("runs", "every run side by side: state, steps, wall time, best score, differing config keys", _runs_args, _runs),

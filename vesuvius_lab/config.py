@@ -35,6 +35,7 @@ class DataConfig:
     root: str | None = None  # overrides the manifest's data root
     cache_dir: str | None = None  # default: $VLAB_CACHE_DIR or ~/.cache/vesuvius_lab
     patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
+    chunk_cache_mb: int = 256  # decoded cache chunks each data worker keeps (a 320^3 volume's four arrays: 125 MB)
 
 
 @dataclass
@@ -266,6 +267,7 @@ TERMS_WITH_HEADS = ("bce", "dice", "cldice", "skeleton_recall", "surface")
 # paths (checked by type). tests/test_config.py walks every key of every section against this table.
 RULES: dict[str, Rule] = {
     "data.patch_size": COUNT,
+    "data.chunk_cache_mb": NON_NEGATIVE,
     "sampler.fg_fraction": SHARE, "sampler.max_redraws": NON_NEGATIVE, "sampler.fg_points": COUNT,
     "augment.where": Rule(choices=("worker", "device")),
     **{f"augment.p_{k}": SHARE for k in ("rotation", "scale", "elastic", "flip", "gamma", "contrast", "noise", "blur")},

@@ -18,6 +18,7 @@ from vesuvius_lab.manifest import Manifest, ensure_demo_data, load_manifest
 from vesuvius_lab.preflight import preflight
 from vesuvius_lab.sampling import EpochLayout, PatchDataset, unique_patches
 from vesuvius_lab.synth import MARKER
+from vesuvius_lab.targets import PrepareReport, prepare
 
 
 def epoch_layout(config: Config, n_volumes: int, world_size: int = 1) -> EpochLayout:
@@ -63,6 +64,11 @@ class Data:
             raise DataError(f"{self.manifest_path}: no training records after the scroll split")
         return patch_dataset(config, self.train, self.cache, world_size)
 
+    def prepare(self, config: Config, jobs: int | None = None, progress: bool = True, say=None) -> PrepareReport:
+        """Cache entries of every record and the targets of the training records, in ``jobs``
+        processes: what ``vesuvius-lab cache build``, training and ``plan`` run first."""
+        return prepare(self.cache, self.train, config.sampler.fg_points, jobs, progress, say, plain=self.val)
+
     def unique_patches(self, patch_size) -> int:
         """Distinct patch positions of the training split, from the manifest's shapes (0 if unknown)."""
         ids = {r.id for r in self.train}
@@ -95,7 +101,8 @@ def open_data(
     path = Path(manifest).resolve() if manifest is not None else config.path(config.data.manifest, "data.manifest")
     root = config.path(config.data.root, "data.root")
     loaded = load_manifest(path, root=root)
-    cache = VolumeCache(Path(cache_dir).resolve() if cache_dir is not None else config.path(config.data.cache_dir, "data.cache_dir"))
+    cache = VolumeCache(Path(cache_dir).resolve() if cache_dir is not None else config.path(config.data.cache_dir, "data.cache_dir"),
+                        chunk_cache_mb=config.data.chunk_cache_mb)
     if check:
         problems = preflight(path, patch_size=config.data.patch_size, progress=False, manifest=loaded, cache=cache)
         if problems:

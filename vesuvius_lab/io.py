@@ -171,3 +171,213 @@ def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, what: s
     if candidate != root_path and root_path not in candidate.parents:
         raise DataError(f"{relative}: {what} escapes the data root {root_path}")
     return candidate
+
+
+# --- Zarr / OME-Zarr volumes -------------------------------------------------------------------
+Crop = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def parse_crop(text: str | None, what: str = "crop") -> Crop | None:
+    """``"z0:z1,y0:y1,x0:x1"`` (voxels at the record's level) as ((z0, z1), (y0, y1), (x0, x1))."""
+    if text is None or str(text).strip() == "":
+        return None
+    parts = str(text).replace(" ", "").split(",")
+    try:
+        bounds = tuple((int(a), int(b)) for a, b in (p.split(":") for p in parts))
+    except ValueError:
+        raise DataError(f"{what}: {text!r} is not z0:z1,y0:y1,x0:x1") from None
+    if len(bounds) != 3 or any(a < 0 or b <= a for a, b in bounds):
+        raise DataError(f"{what}: {text!r} is not z0:z1,y0:y1,x0:x1 with 0 <= start < stop")
+    return bounds  # type: ignore[return-value]
+
+
+def format_crop(crop: Crop | None) -> str | None:
+    return None if crop is None else ",".join(f"{a}:{b}" for a, b in crop)
+
+
+@dataclass(frozen=True)
+class ZarrRef:
+    """Where a volume lives inside a Zarr store: the array (or OME-Zarr multiscale group) path,
+    the resolution level of a multiscale group, and an optional crop at that level."""
+
+    array: str = ""  # path inside the store; "" is the store's root node
+    level: int | None = None  # dataset index of an OME-Zarr multiscale group (default 0)
+    crop: Crop | None = None
+
+    def describe(self, store: Path) -> str:
+        out = str(store) + (f"/{self.array}" if self.array else "")
+        if self.level is not None:
+            out += f" level {self.level}"
+        return out + (f" [{format_crop(self.crop)}]" if self.crop else "")
+
+
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    """A Zarr store is a folder (``.zarr`` or holding zarr.json / .zgroup / .zarray)."""
+    path = Path(path)
+    if path.suffix.lower() in (".zarr", ".ome.zarr"):
+        return True
+    return path.is_dir() and any((path / n).is_file() for n in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def multiscale_paths(attrs: dict) -> list[str] | None:
+    """Dataset paths of an OME-Zarr multiscale group (0.4: ``multiscales``, 0.5: ``ome.multiscales``)."""
+    ms = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    if not ms or not isinstance(ms, list) or not isinstance(ms[0], dict):
+        return None
+    return [str(d["path"]) for d in ms[0].get("datasets", []) if isinstance(d, dict) and "path" in d] or None
+
+
+class ZarrVolume:
+    """A 3D volume inside a (local) Zarr v2/v3 or OME-Zarr store, opened lazily: only metadata is
+    read until a region is asked for. ``shape`` is the crop's; ``read(box)`` decodes only the
+    chunks under the box."""
+
+    def __init__(self, store: str | os.PathLike, ref: ZarrRef = ZarrRef()):
+        import zarr
+
+        self.store, self.ref = Path(store), ref
+        where = ref.describe(self.store)
+        if not self.store.exists():
+            raise DataError(f"{self.store}: Zarr store not found")
+        try:
+            node = zarr.open(str(self.store), mode="r", path=ref.array or None) if ref.array else zarr.open(str(self.store), mode="r")
+        except Exception as exc:  # zarr raises several kinds for a missing or broken node
+            raise DataError(f"{where}: cannot open as Zarr ({type(exc).__name__}: {exc})") from None
+        self.levels: list = []
+        if isinstance(node, zarr.Group):
+            paths = multiscale_paths(dict(node.attrs))
+            if paths is None:
+                names = ", ".join(sorted(k for k, _ in node.arrays())) or "none"
+                raise DataError(f"{where}: a Zarr group without OME-Zarr multiscales; name an array (arrays: {names})")
+            try:
+                self.levels = [node[p] for p in paths]
+            except KeyError as exc:
+                raise DataError(f"{where}: multiscale dataset {exc} is missing") from None
+            level = ref.level or 0
+            if not 0 <= level < len(self.levels):
+                raise DataError(f"{where}: no such level (the multiscale group has levels 0-{len(self.levels) - 1})")
+            self.array = self.levels[level]
+            self.level = level
+        else:
+            if ref.level not in (None, 0):
+                raise DataError(f"{where}: level {ref.level} given, but the node is a single array, not a multiscale group")
+            self.array, self.level, self.levels = node, 0, [node]
+        full = tuple(int(s) for s in self.array.shape)
+        if len(full) != 3:
+            raise DataError(f"{where}: expected a 3D array, found shape {full}")
+        crop = ref.crop or tuple((0, s) for s in full)
+        if any(b > s for (_, b), s in zip(crop, full, strict=True)):
+            raise DataError(f"{where}: crop {format_crop(crop)} exceeds the array shape {full}")
+        self.crop: Crop = crop  # type: ignore[assignment]
+        self.full_shape = full
+        self.shape = tuple(b - a for a, b in crop)
+        self.dtype = np.dtype(str(self.array.dtype))
+        self.where = where
+
+    def read(self, box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        """The crop (or a box inside it, in crop coordinates), decoded; DataError on a corrupt chunk."""
+        box = box or tuple(slice(0, s) for s in self.shape)
+        sel = tuple(slice(c0 + (b.start or 0), c0 + (s if b.stop is None else b.stop))
+                    for (c0, _), b, s in zip(self.crop, box, self.shape, strict=True))
+        try:
+            return np.asarray(self.array[sel])
+        except Exception as exc:  # codecs raise many kinds on corrupt data
+            raise DataError(f"{self.where}: unreadable chunk data ({type(exc).__name__}: {exc})") from None
+
+    def storage_grid(self) -> tuple[int, ...]:
+        """Shape of one stored object (chunk, or shard when sharded): the unit a file holds."""
+        meta = self.array.metadata
+        grid = getattr(meta, "chunk_grid", None)
+        return tuple(int(c) for c in (grid.chunk_shape if grid is not None else meta.chunks))
+
+    def chunk_keys(self) -> list[tuple[tuple[int, ...], str]]:
+        """(grid index, store key) of every stored object under the crop."""
+        import itertools
+
+        grid = self.storage_grid()
+        ranges = [range(a // g, (b - 1) // g + 1) for (a, b), g in zip(self.crop, grid, strict=True)]
+        return [(idx, self.array.metadata.encode_chunk_key(idx)) for idx in itertools.product(*ranges)]
+
+    def signature(self) -> list:
+        """Size and mtime of the array's metadata and of every chunk file under the crop: a
+        rewritten chunk changes it, as a rewritten TIFF changes its own."""
+        base = self.store / self.array.path
+        out = [list(self.crop), self.level]
+        for name in ("zarr.json", ".zarray"):
+            if (base / name).is_file():
+                st = (base / name).stat()
+                out.append([name, st.st_size, st.st_mtime_ns])
+        for _, key in self.chunk_keys():
+            try:
+                st = (base / key).stat()
+                out.append([st.st_size, st.st_mtime_ns])
+            except OSError:
+                out.append(None)  # absent chunk: the fill value
+        return out
+
+
+def volume_info(path: str | os.PathLike, ref: ZarrRef | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a TIFF or a Zarr volume from metadata only."""
+    if ref is not None or is_zarr_path(path):
+        vol = ZarrVolume(path, ref or ZarrRef())
+        return vol.shape, vol.dtype
+    info = tiff_info(path)
+    return info.shape, info.dtype
+
+
+def read_any(path: str | os.PathLike, ref: ZarrRef | None = None) -> np.ndarray:
+    """Decode a whole volume: a TIFF, or a Zarr array's crop."""
+    if ref is not None or is_zarr_path(path):
+        return ZarrVolume(path, ref or ZarrRef()).read()
+    return read_volume(path)
+
+
+def source_signature(path: Path, ref: ZarrRef | None = None):
+    """What changes when a volume's source changes: a file's size and mtime, or a Zarr crop's chunks."""
+    if ref is not None or is_zarr_path(path):
+        return ZarrVolume(path, ref or ZarrRef()).signature()
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+# --- Zarr writes -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` (a folder) by renames.
+
+    A kill leaves the old folder or the new one in place, plus at most a temp folder that
+    ``remove_stale_temp`` deletes; never a half-written folder under the final name.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old{os.getpid()}{TEMP_SUFFIX}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temp(folder: str | os.PathLike) -> None:
+    """Delete temp files and folders that a killed atomic write left in ``folder``."""
+    import shutil
+
+    for p in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

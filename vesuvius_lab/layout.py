@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vesuvius_lab.errors import DataError
-from vesuvius_lab.io import read_volume
+from vesuvius_lab.io import ZarrRef, read_any
 
 TRAIN_CSV = "train.csv"
 IMAGE_DIR = "train_images"
@@ -44,8 +44,10 @@ class Record:
 
     id: str
     scroll_id: str
-    image: Path
+    image: Path  # a TIFF, or a Zarr store (then ``image_ref`` says where inside it)
     label: Path
+    image_ref: ZarrRef | None = None
+    label_ref: ZarrRef | None = None
 
 
 @dataclass(frozen=True)
@@ -160,9 +162,9 @@ def check_pair(
 def inspect_record(record: Record) -> RecordStats:
     """Decode a record and check it; raises DataError with every problem found."""
     problems, arrays = [], []
-    for path in (record.image, record.label):
+    for path, ref in ((record.image, record.image_ref), (record.label, record.label_ref)):
         try:
-            arrays.append(read_volume(path))
+            arrays.append(read_any(path, ref))
         except DataError as exc:
             problems.extend(exc.lines)
     if problems:

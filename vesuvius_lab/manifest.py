@@ -3,7 +3,13 @@
 A manifest records each volume's shape, dtype, label histogram and a content checksum, so that
 loading it later notices records that changed or vanished. The data root is relative to the
 manifest's folder (or absolute, or ``${ENV}``); record paths are relative to the data root and may
-not escape it. The file layout and the label values are the Kaggle task's own (``layout``), not
+not escape it. A record's image or label is a TIFF path, or a mapping into a Zarr / OME-Zarr store::
+
+    image: {store: scroll1.zarr, array: "", level: 0, crop: "0:320,2000:2320,1800:2120"}
+    label: {store: scroll1_labels.zarr, array: surface, crop: "0:320,2000:2320,1800:2120"}  # or a .tif
+
+(``array``: the array or multiscale group inside the store, default its root; ``level``: the
+OME-Zarr resolution level, default 0; ``crop``: z0:z1,y0:y1,x0:x1 at that level, default all). The file layout and the label values are the Kaggle task's own (``layout``), not
 settings: a manifest that asks for others is refused rather than silently ignored.
 """
 
@@ -19,7 +25,7 @@ from tqdm.auto import tqdm
 
 from vesuvius_lab.layout import IGNORE_LABEL, LABEL_NAMES, LAYOUT, Record, RecordStats, discover, inspect_record
 from vesuvius_lab.errors import ConfigError, DataError
-from vesuvius_lab.io import atomic_write_text, resolve_inside
+from vesuvius_lab.io import ZarrRef, atomic_write_text, format_crop, parse_crop, resolve_inside
 
 FORMAT = "vesuvius_lab.manifest/1"
 DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "data_manifests" / "synthetic_demo.yaml"
@@ -33,6 +39,35 @@ class ManifestRecord:
     label: str
     stats: RecordStats | None = None
     sizes: tuple[int, int] | None = None  # file sizes in bytes (image, label)
+    image_ref: ZarrRef | None = None  # set when ``image`` is a Zarr store
+    label_ref: ZarrRef | None = None
+
+
+def _side(value, what: str) -> tuple[str, ZarrRef | None]:
+    """A record's image or label as written in YAML: a path, or {store, array, level, crop}."""
+    if isinstance(value, str):
+        return value, None
+    if not isinstance(value, dict) or not isinstance(value.get("store"), str):
+        raise ValueError(f"{what} must be a path or a mapping with a 'store' path")
+    unknown = set(value) - {"store", "array", "level", "crop"}
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {sorted(unknown)} (allowed: store, array, level, crop)")
+    level = value.get("level")
+    if level is not None and (not isinstance(level, int) or level < 0):
+        raise ValueError(f"{what}.level must be an integer >= 0")
+    crop = parse_crop(value.get("crop"), f"{what}.crop")
+    return value["store"], ZarrRef(str(value.get("array") or ""), level, crop)
+
+
+def _side_dict(path: str, ref: ZarrRef | None):
+    if ref is None:
+        return path
+    out = {"store": path, "array": ref.array}
+    if ref.level is not None:
+        out["level"] = ref.level
+    if ref.crop is not None:
+        out["crop"] = format_crop(ref.crop)
+    return out
 
 
 @dataclass
@@ -54,6 +89,8 @@ class Manifest:
             rec.scroll_id,
             resolve_inside(self.root, rec.image, f"image path of record {rec.id}"),
             resolve_inside(self.root, rec.label, f"label path of record {rec.id}"),
+            rec.image_ref,
+            rec.label_ref,
         )
 
     def entry(self, record_id: str) -> ManifestRecord:
@@ -101,9 +138,13 @@ class Manifest:
         found, problems = [], []
         for rec in self.records:
             resolved = self.resolve(rec)
-            missing = [p for p in (resolved.image, resolved.label) if not p.is_file()]
+            missing = [p for p, ref in ((resolved.image, rec.image_ref), (resolved.label, rec.label_ref))
+                       if not (p.is_dir() if ref is not None else p.is_file())]
             if missing:
                 problems.extend(f"{p}: record {rec.id} vanished (file missing)" for p in missing)
+                continue
+            if rec.image_ref is not None or rec.label_ref is not None:
+                found.append(resolved)  # a store's change shows in its chunks: the cache and preflight compare them
                 continue
             sizes = (resolved.image.stat().st_size, resolved.label.stat().st_size)
             if rec.sizes is not None and sizes != rec.sizes:
@@ -127,7 +168,8 @@ class Manifest:
             out["synth"] = self.synth
         out["records"] = []
         for rec in self.records:
-            item = {"id": rec.id, "scroll_id": rec.scroll_id, "image": rec.image, "label": rec.label}
+            item = {"id": rec.id, "scroll_id": rec.scroll_id, "image": _side_dict(rec.image, rec.image_ref),
+                    "label": _side_dict(rec.label, rec.label_ref)}
             if rec.stats is not None:
                 item.update(
                     shape=list(rec.stats.shape),
@@ -207,11 +249,13 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
                     checksum=str(item["checksum"]),
                 )
             sizes = tuple(int(b) for b in item["bytes"]) if "bytes" in item else None
+            image, image_ref = _side(item["image"], "image")
+            label, label_ref = _side(item["label"], "label")
             records.append(
-                ManifestRecord(
-                    str(item["id"]), str(item["scroll_id"]), str(item["image"]), str(item["label"]), stats, sizes
-                )
+                ManifestRecord(str(item["id"]), str(item["scroll_id"]), image, label, stats, sizes, image_ref, label_ref)
             )
+        except DataError as exc:
+            problems.append(f"{path}: record #{i}: {exc.lines[0]}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             problems.append(f"{path}: record #{i} is malformed ({type(exc).__name__}: {exc})")
     if problems:

@@ -194,7 +194,7 @@ def measure(
     ddp.barrier()
     data = open_data(config)
     if ddp.master:
-        data.patch_dataset(config).prepare(progress=progress)  # cache + targets, as training does first
+        data.prepare(config, progress=progress)  # cache (+ training targets) of every record, as training does first
     ddp.barrier()
     capacity = memory_cap_mb or memory_capacity_mb(device)
     candidates = batch_sizes or [2**i for i in range(8)]

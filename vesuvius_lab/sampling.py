@@ -26,7 +26,7 @@ from vesuvius_lab.augment import read_box, sample_intensity, sample_spatial, sou
 from vesuvius_lab.cache import VolumeCache
 from vesuvius_lab.config import AugmentConfig, SamplerConfig
 from vesuvius_lab.layout import IGNORE_LABEL, Record
-from vesuvius_lab.targets import DISTANCE_CLIP, VolumeTargets, load_targets
+from vesuvius_lab.targets import DISTANCE_CLIP, PrepareReport, VolumeTargets, load_targets, prepare
 
 PAD = {"image": 0, "label": IGNORE_LABEL, "skeleton": 0, "distance": DISTANCE_CLIP}
 
@@ -126,7 +126,8 @@ class StreamBatchSampler(Sampler[list[int]]):
 class PatchDataset(Dataset):
     """Map-style dataset: global sample index -> augmented patch with its targets.
 
-    Holds only paths and settings; each worker opens the cached memmaps on first use.
+    Holds only paths and settings; each worker opens the cached chunked arrays on first use and
+    decodes only the chunks under each patch box (through its own bounded chunk cache).
     With ``device_augment`` it returns the source box and the transform parameters instead,
     and the training device resamples the whole batch (``augment.apply_batch``).
     """
@@ -156,7 +157,7 @@ class PatchDataset(Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_volumes"] = {}  # memmaps are reopened in each worker, never pickled
+        state["_volumes"] = {}  # arrays are reopened in each worker, never pickled
         return state
 
     def __len__(self) -> int:
@@ -168,12 +169,10 @@ class PatchDataset(Dataset):
             self._volumes[i] = load_targets(self.cache, vol, self.sampler.fg_points)
         return self._volumes[i]
 
-    def prepare(self, progress: bool = True) -> None:
-        """Build the cache and targets for every volume before workers start."""
-        from tqdm.auto import tqdm
-
-        for i in tqdm(range(len(self.records)), desc="targets", unit="vol", disable=not progress):
-            self.volume(i)
+    def prepare(self, progress: bool = True, jobs: int | None = None, say=None) -> PrepareReport:
+        """Build the cache and targets for every volume before workers start (``jobs`` processes,
+        default all cores; ``say`` gets the line that says how long it will take)."""
+        return prepare(self.cache, self.records, self.sampler.fg_points, jobs=jobs, progress=progress, say=say)
 
     def _centre(self, rng: np.random.Generator, targets: VolumeTargets, fg: bool) -> np.ndarray:
         """Patch centre in voxel coordinates; the patch stays inside the volume where it fits."""

@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "metric": "vesuvius_lab.bench.metric",
     "live": "vesuvius_lab.bench.live",
     "repair": "vesuvius_lab.bench.repair",
+    "scale": "vesuvius_lab.bench.scale",
 }
 
 

@@ -76,7 +76,7 @@ def histogram_rows(manifest: Manifest, info: RecordInfo) -> list[tuple[str, str,
 
 
 def open_record(manifest: Manifest, record_id: str, cache_dir: str | Path | None = None) -> CachedVolume:
-    """A record's image and label as read-only memmaps (decoded into the cache on first use)."""
+    """A record's image and label as lazy read-only cache arrays (decoded into the cache on first use)."""
     return VolumeCache(cache_dir).load(manifest.record(record_id))
 
 

@@ -68,8 +68,9 @@ class OrthoSlices:
         self.point = tuple(int(p) for p in point)
         for axis, ax in enumerate(self.axes):
             rows, cols = (a for a in range(3) if a != axis)
-            self._images[axis].set_data(np.take(self.image, self.point[axis], axis=axis))
-            self._overlays[axis].set_data(label_rgba(np.take(self.label, self.point[axis], axis=axis)))
+            plane = (slice(None),) * axis + (self.point[axis],)  # basic slicing: a cache array decodes one plane
+            self._images[axis].set_data(np.asarray(self.image[plane]))
+            self._overlays[axis].set_data(label_rgba(np.asarray(self.label[plane])))
             hline, vline = self._lines[axis]
             hline.set_ydata([self.point[rows]] * 2)
             vline.set_xdata([self.point[cols]] * 2)

@@ -1,9 +1,11 @@
 """napari layers for a record, its prediction and its sampled patches, through the public layer API.
 
-Volumes are added as the cache's memmaps, so napari reads only the slices it displays. Layers
-have fixed names and get the new record's data in place when another record is shown, so a viewer
-is reused with its camera, its layer settings and its 2D/3D mode. Every function that changes a
-viewer runs on the Qt thread (``qt.on_qt_thread``), whichever thread a widget callback calls it from.
+Volumes are added as dask arrays over the cache's chunked arrays, so napari decodes only the
+chunks of the slice it displays; a record cropped from an OME-Zarr multiscale store also gets the
+store's coarser levels (a multiscale layer). Layers have fixed names and get the new record's data
+in place when another record is shown, so a viewer is reused with its camera, its layer settings
+and its 2D/3D mode. Every function that changes a viewer runs on the Qt thread
+(``qt.on_qt_thread``), whichever thread a widget callback calls it from.
 """
 
 from __future__ import annotations
@@ -59,36 +61,70 @@ def _follow_ndisplay(viewer: napari.Viewer) -> None:
     _sync_2d_only(viewer)
 
 
-def _set_data(viewer: napari.Viewer, name: str, data: np.ndarray, kind: type, add) -> napari.layers.Layer:
+def _set_data(viewer: napari.Viewer, name: str, data, kind: type, add, multiscale: bool = False) -> napari.layers.Layer:
     """The layer ``name`` showing ``data``: the existing one gets the data in place (layers are not
     removed and re-added, so the camera, the layer settings and the layer list's rows stay), a
-    missing one, or one of another kind, is added with ``add(data)``."""
+    missing one, or one of another kind or scale structure, is added with ``add(data)``."""
     if name in viewer.layers:
         layer = viewer.layers[name]
-        if type(layer) is kind:
+        if type(layer) is kind and getattr(layer, "multiscale", False) == multiscale:
             layer.data = data
             return layer
         viewer.layers.remove(layer)
     return add(data)
 
 
+def lazy(array) -> "dask.array.Array":  # noqa: F821
+    """A dask array over a cache array: each task decodes one z-slab of chunks."""
+    import dask.array as da
+
+    chunks = getattr(array, "chunks", None)
+    slab = (chunks[0] if isinstance(chunks, tuple) else 32, 256, 256)
+    return da.from_array(array, chunks=slab, asarray=True, lock=False, fancy=False)
+
+
+def image_levels(volume: CachedVolume) -> list:
+    """The image as napari data: the cache's level, then the crop of each coarser level of its
+    OME-Zarr multiscale store (factor from the level shapes), lazily; one level otherwise."""
+    import dask.array as da
+
+    levels = [lazy(volume.image)]
+    ref = volume.record.image_ref
+    if ref is None:
+        return levels
+    from vesuvius_lab.io import ZarrVolume
+
+    source = ZarrVolume(volume.record.image, ref)
+    for coarse in source.levels[source.level + 1:]:
+        factor = [f / c for f, c in zip(source.full_shape, coarse.shape, strict=True)]
+        box = tuple(slice(int(a // f), max(int(a // f) + 1, int(-(-b // f))))
+                    for (a, b), f in zip(source.crop, factor, strict=True))
+        level = da.from_zarr(coarse)[box]
+        if min(level.shape) < 2:
+            break
+        levels.append(level)
+    return levels
+
+
 @on_qt_thread
 def show_record(viewer: napari.Viewer, volume: CachedVolume, prediction: np.ndarray | None = None) -> list:
     """Image, surface (label 1) and ignored regions (label 2) in distinct colours, and a prediction.
 
-    Surface and ignored regions are two labels layers over the same memmap: the ignored border
+    Surface and ignored regions are two labels layers over the same lazy array: the ignored border
     encloses every volume, so in 3D it would hide the surface and is shown in 2D only. An integer
     prediction is a label map (1 = surface); a float one is a probability map. Showing another
     record keeps the view (2D/3D, camera angles); it is refitted only if the shape changed.
     """
     before = viewer.layers["image"].data.shape if "image" in viewer.layers else None
+    levels, label = image_levels(volume), lazy(volume.label)
+    multiscale = len(levels) > 1
     layers = [
-        _set_data(viewer, "image", volume.image, napari.layers.Image, lambda d: viewer.add_image(
-            d, name="image", colormap="gray", contrast_limits=(0, 255), blending="additive",
-            rendering="attenuated_mip", attenuation=0.3)),
-        _set_data(viewer, "surface", volume.label, napari.layers.Labels, lambda d: viewer.add_labels(
+        _set_data(viewer, "image", levels if multiscale else levels[0], napari.layers.Image, lambda d: viewer.add_image(
+            d, multiscale=multiscale, name="image", colormap="gray", contrast_limits=(0, 255), blending="additive",
+            rendering="attenuated_mip", attenuation=0.3), multiscale),
+        _set_data(viewer, "surface", label, napari.layers.Labels, lambda d: viewer.add_labels(
             d, name="surface", colormap=label_colormap({1: LABEL_COLORS[1]}), opacity=0.7)),
-        _set_data(viewer, "ignored", volume.label, napari.layers.Labels, lambda d: viewer.add_labels(
+        _set_data(viewer, "ignored", label, napari.layers.Labels, lambda d: viewer.add_labels(
             d, name="ignored", colormap=label_colormap({IGNORE_LABEL: LABEL_COLORS[IGNORE_LABEL]}))),
     ]
     if prediction is None:

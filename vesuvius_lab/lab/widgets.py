@@ -29,7 +29,7 @@ def html_table(rows: Sequence[Sequence[str]], header: Sequence[str] = ()) -> str
 class RecordPicker:
     """A dropdown over the manifest's records with the chosen record's split and label histogram.
 
-    Callbacks registered with ``on_change`` receive the newly opened volume (cached memmaps).
+    Callbacks registered with ``on_change`` receive the newly opened volume (lazy cache arrays).
     """
 
     def __init__(self, manifest: Manifest, record_id: str | None = None, cache_dir: str | Path | None = None):

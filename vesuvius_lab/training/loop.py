@@ -98,7 +98,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     data = open_data(config, check=True)
     dataset = data.patch_dataset(config, world_size=ddp.world)
     if ddp.master:
-        dataset.prepare(progress=progress)  # cache + targets once, before workers start
+        data.prepare(config, progress=progress, say=log.info)  # cache (+ targets) of every record once, all cores
     ddp.barrier()
     layout = dataset.layout
     steps_per_epoch, total_steps = layout.steps, config.training.max_epochs * layout.steps
