@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -117,15 +118,19 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, help="run directory (default: $VLAB_RUNS_DIR or ./runs, then /<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--budget", metavar="DURATION",
+                   help="wall time the whole run may take, e.g. 6h, 90m, 1h30m (training.time_budget_hours)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
 def _train(args: argparse.Namespace) -> int:
     from vesuvius_lab.config import load_config
     from vesuvius_lab.training import train
+    from vesuvius_lab.training.budget import parse_duration
     from vesuvius_lab.training.run_dir import default_run_dir
 
-    config = load_config(args.config, args.overrides)
+    budget = [f"training.time_budget_hours={parse_duration(args.budget)!r}"] if args.budget else []
+    config = load_config(args.config, [*args.overrides, *budget])
     run_dir = args.run_dir or default_run_dir(args.config)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
@@ -292,3 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"internal error: {type(exc).__name__}: {exc} (set VLAB_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        if argv is None:  # a process of its own, about to exit: torch and MONAI leave millions of objects
+            gc.freeze()  # that the exit's last collection would walk for seconds (a budget run's end time)

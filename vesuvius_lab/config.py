@@ -130,6 +130,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = 100
     val_every_epochs: int = 1
     seed: int = 0
+    time_budget_hours: float | None = None  # wall time of the whole command; the trainer re-plans to end inside it
 
 
 @dataclass
@@ -264,6 +265,7 @@ RULES: dict[str, Rule] = {
     "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),
     "training.checkpoint_every_steps": NON_NEGATIVE, "training.worker_timeout_s": NON_NEGATIVE, "training.val_every_epochs": NON_NEGATIVE,
     "training.seed": NON_NEGATIVE,
+    "training.time_budget_hours": POSITIVE,
 }
 
 
