@@ -142,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="run config YAML to plan (e.g. configs/demo.yaml)")
     p.add_argument("--target-epoch-minutes", type=float, default=60.0, help="wanted epoch duration (default 60)")
-    p.add_argument("--budget-hours", type=float, help="total training budget; sets the number of epochs")
+    p.add_argument("--budget-hours", type=float,
+                   help="wall time of the whole run (default: training.time_budget_hours); sets the epochs and the last one's length")
     p.add_argument("--coverage-target", type=float,
                    help="share of the unique patch positions an epoch should see (default: warn below 0.5)")
     p.add_argument("--batch-sizes", help="comma-separated candidates (default: 1, 2, 4, ... until no gain or OOM)")
@@ -161,7 +162,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from vesuvius_lab.config import load_config
     from vesuvius_lab.io import atomic_write_text
-    from vesuvius_lab.planner import apply_plan, measure, recommend
+    from vesuvius_lab.planner import apply_plan, forecast_lines, measure, recommend
     from vesuvius_lab.training.run_dir import RunDir, default_run_dir
 
     config = load_config(args.config, args.overrides)
@@ -170,7 +171,8 @@ def _plan(args: argparse.Namespace) -> int:
                 progress=not args.json, max_seconds=args.max_seconds)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every rank measures; rank 0 reports
         return 0
-    plan = recommend(m, config, args.target_epoch_minutes, args.budget_hours, coverage_target=args.coverage_target)
+    budget_hours = args.budget_hours or config.training.time_budget_hours
+    plan = recommend(m, config, args.target_epoch_minutes, budget_hours, coverage_target=args.coverage_target)
     plan_file = args.plan_file or RunDir(default_run_dir(args.config)).plan
     atomic_write_text(plan_file, json.dumps(plan.to_dict(), indent=1))
     if args.apply:
@@ -179,6 +181,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict()))
         return 0
     for line in plan.explanation:
+        print(line)
+    for line in forecast_lines(plan):
         print(line)
     print(plan.lr_note)
     for w in plan.warnings:

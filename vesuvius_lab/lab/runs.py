@@ -28,9 +28,11 @@ from matplotlib.figure import Figure
 
 from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
+from vesuvius_lab.lab.forecast import ForecastPanel
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
-from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir
+from vesuvius_lab.training.budget import PLAN
+from vesuvius_lab.training.run_dir import EPOCH, TRAIN, VAL, RunDir
 
 
 
@@ -121,11 +123,17 @@ class History:
     data_wait_share: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in VAL_PARTS})
+    times: list[float | None] = field(default_factory=list)  # wall time of each step (lab.forecast)
+    plans: list[dict] = field(default_factory=list)  # the plan records: forecasts and re-plans
+    epochs: list[dict] = field(default_factory=list)
 
     def add(self, records: Sequence[dict]) -> None:
         for r in records:
+            if r.get("kind") in (PLAN, EPOCH):
+                (self.plans if r["kind"] == PLAN else self.epochs).append(r)
             if r.get("kind") == TRAIN:
                 self.steps.append(r["step"])
+                self.times.append(r.get("time"))
                 self.loss.append(_num(r.get("loss")))
                 for t in TERMS:
                     self.terms[t].append(_num(r.get(t)))
@@ -348,6 +356,7 @@ class RunMonitor:
         self.status = w.HTML()
         self.message = w.HTML()
         self.plot = w.Image(format="png")
+        self.forecast = ForecastPanel()  # the plan's forecast against the run's progress (lab.forecast)
         self.start_button.on_click(lambda _b: self.start(resume=False))
         self.stop_button.on_click(lambda _b: self.stop())
         self.resume_button.on_click(lambda _b: self.start(resume=True))
@@ -355,7 +364,7 @@ class RunMonitor:
         self.widget = w.VBox([
             w.HBox([self.config, self.devices]), w.HBox([self.run_name, self.overrides]),
             w.HBox([self.start_button, self.stop_button, self.resume_button]),
-            w.HBox([self.progress, self.status]), self.message, self.plot,
+            w.HBox([self.progress, self.status]), self.message, self.plot, self.forecast.widget,
         ])
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -449,6 +458,7 @@ class RunMonitor:
             if len(self.history.steps) + len(self.history.val_steps) != self._drawn:
                 self._drawn = len(self.history.steps) + len(self.history.val_steps)
                 self.plot.value = figure_png(history_figure(self.history, f"{self.run_name.value}: {state}"))
+            self.forecast.show(self.history, time.time() if alive else None)
             return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
 
     def watch(self, interval: float | None = None) -> None:

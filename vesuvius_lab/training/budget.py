@@ -27,9 +27,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import psutil
+import torch
 
 from vesuvius_lab.config import Config
 from vesuvius_lab.errors import ConfigError
+from vesuvius_lab.model import as_input
 from vesuvius_lab.training.engine import decay_progress, lr_at
 
 PLAN = "plan"  # the kind of the plan records in metrics.jsonl
@@ -176,6 +178,39 @@ def format_span(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _windows(shape: tuple[int, ...], patch: list[int], overlap: float) -> int:
+    """Sliding windows over a volume, as MONAI's sliding_window_inference lays them out."""
+    count = 1
+    for size, p in zip(shape, patch, strict=True):
+        step = max(1, int(p * (1 - overlap)))
+        count *= math.ceil(max(size - p, 0) / step) + 1
+    return count
+
+
+@torch.no_grad()
+def probe_validation_s(model: torch.nn.Module, shapes: list[tuple[int, ...]], config: Config,
+                       device: torch.device) -> float:
+    """A first guess of one validation pass, before one is timed: the windows it will predict (the
+    volumes' shapes, the patch, the overlap, the mirrors) times one timed forward of a batch of
+    windows, with a quarter more for blending, post-processing and scoring. Zeros in, eval mode, no
+    RNG drawn and no state changed: the run trains exactly as it would without it."""
+    v, patch = config.val, config.data.patch_size
+    windows = sum(_windows(tuple(shape), patch, v.overlap) for shape in shapes)
+    mirrors = 8 if v.tta else 1
+    x = torch.zeros((v.batch, 1, *patch), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        times = []
+        while len(times) < 2 or (len(times) < 4 and times[-1] < 2.0):  # the first call pays one-off allocations
+            t0 = time.perf_counter()
+            model(as_input(x))
+            times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return 1.25 * math.ceil(windows / v.batch) * mirrors * min(times[1:])
+
+
 class RunBudget:
     """The plan the loop follows: its total, its LR anchor, its costs; re-planned against the clock.
 
@@ -197,6 +232,7 @@ class RunBudget:
         self.fresh = True  # the first step after a (re)start holds the workers' start-up
         self.must_plan = False  # the first measurements are in: the first measured plan is due
         self.resumed: str | None = None  # why the next re-plan happens, after a resume
+        self.val_guess = 0.0  # a validation pass before one is timed (``probe_validation_s``)
 
     # -- setup --
     @classmethod
@@ -223,6 +259,16 @@ class RunBudget:
         down = start - float(saved.get("saved_at", start))
         b.resumed = f"resumed after {format_span(max(down, 0.0))} of downtime and {format_span(now - start)} of start-up"
         return b
+
+    def guess_validation(self, model: torch.nn.Module, data, config: Config, device: torch.device, ddp) -> None:
+        """Before the first validation is timed, a budget run plans with a probe of it (rank 0 probes)."""
+        if not (self.active and self.cadence.val_every and self.costs is None):
+            return
+        guess = 0.0
+        if ddp.master:
+            shapes = [data.cache.load(r).image.shape for r in data.val[: config.val.max_volumes]]
+            guess = probe_validation_s(model, shapes, config, device)
+        (self.val_guess,) = ddp.broadcast([guess])
 
     @property
     def active(self) -> bool:
@@ -296,7 +342,7 @@ class RunBudget:
             self.step_at_val = self._step_time()
         if self.costs is None and len(self.recent) >= MIN_SAMPLES:  # first measurement; validation not yet
             tau = self._step_time()
-            val_guess = 0.25 * tau * self.cadence.steps_per_epoch if self.cadence.val_every else 0.0
+            val_guess = self.val_guess if self.cadence.val_every else 0.0
             self.costs = Costs(tau, val_guess, self.checkpoint_seen)
             self.step_at_val = None
             self.must_plan = True
@@ -321,6 +367,11 @@ class RunBudget:
             return None
         first = self.must_plan or self.resumed
         self.must_plan, self.resumed = False, None
+        if validated and remaining_s(step, step + 1, step, self.costs, self.cadence) > self.aim - now:
+            # not even one more step and a final validation fit: the validation just done is the final one
+            self.total, self.last_start = step, min(self.last_start, step)
+            self.replans += 1
+            return self._record(step, now, reason + "; no time for one more step and a final validation: the run ends here")
         changed = self._replan(step, now)
         return self._record(step, now, reason) if changed or first else None
 

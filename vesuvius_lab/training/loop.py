@@ -116,6 +116,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     # --- the time budget (training.time_budget_hours): the plan the loop follows, re-planned as it runs ---
     (started,) = ddp.broadcast([command_start()])
     budget = RunBudget.begin(config, steps_per_epoch, bool(data.val), state.step, (ckpt or {}).get("plan"), started)
+    budget.guess_validation(engine.raw_model, data, config, device, ddp)
     write_checkpoint = budget.timed(functools.partial(checkpoint, run, engine, config, state, ddp, budget, steps_per_epoch))
 
     stop = {"signal": None}
@@ -177,6 +178,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                     "samples_per_s": layout.global_batch / step_s,
                     "memory_mb": memory_mb(device), "global_batch": layout.global_batch,
                     "nonfinite_total": state.nonfinite_total,
+                    "time": time.time(),  # wall clock: the forecast panel's actual progress
                 })
                 run.status(state="running", step=state.step, epoch=epoch, total_steps=total_steps,
                            steps_per_epoch=steps_per_epoch)
