@@ -33,6 +33,9 @@ def test_a_plan_keeps_whole_epochs_and_gives_the_last_one_the_time_left():
     total, last = fit_plan(150, 150, 330.0, costs, cadence)
     assert last == 150 and remaining_s(150, total, last, costs, cadence) <= 330.0
     assert remaining_s(150, total + 1, last, costs, cadence) > 330.0  # not one step more fits
+    # mid-way through a stretched last epoch (it began at 0), a new epoch end can only come later
+    total, last = fit_plan(180, 0, 600.0, Costs(0.5, 5.0, 0.1), cadence)
+    assert (last == 0 or (last % 150 == 0 and last > 180)) and total - last >= 75
     # cheap validation: whole epochs, then a last one of at least half an epoch
     total, last = fit_plan(0, 0, 600.0, Costs(0.5, 5.0, 0.1), cadence)
     assert last % 150 == 0 and 75 <= total - last and remaining_s(0, total, last, Costs(0.5, 5.0, 0.1), cadence) <= 600
@@ -48,9 +51,10 @@ def test_the_lr_goes_on_without_a_jump_and_ends_at_its_final_value_after_re_plan
         while step < replan_at:
             lrs.append(budget.lr(step))
             step += 1
-        before = budget.lr(step)
-        budget.total, budget.anchor = new_total, (step, _progress(budget, step))
-        assert budget.lr(step) == pytest.approx(before)  # no jump at a re-plan
+        before = budget.lr(step - 1)  # the LR of the last step run
+        budget.total, budget.anchor = new_total, (step - 1, _progress(budget, step - 1))
+        assert budget.lr(step - 1) == pytest.approx(before)  # the new decay goes on from it: no jump
+        assert budget.lr(step) < before
     while step < budget.total:
         lrs.append(budget.lr(step))
         step += 1
@@ -67,17 +71,17 @@ def _progress(budget, step):
 def test_a_resume_continues_the_plan_and_a_spent_budget_is_one_line():
     config = load_config(None, ["training.time_budget_hours=0.5"])
     now = time.time()
-    first = RunBudget.begin(config, 100, True, 0, None, start=now - 600)
+    first = RunBudget.begin(config, 100, True, None, start=now - 600)
     first.costs, first.total, first.last_start, first.anchor = Costs(1.0, 20.0, 0.5), 900, 800, (50, 0.1)
     saved = first.state_dict(400)
-    again = RunBudget.begin(config, 100, True, 400, saved, start=now)
+    again = RunBudget.begin(config, 100, True, saved, start=now)
     assert again.deadline == pytest.approx(first.deadline)  # downtime is spent: the deadline stays
     assert (again.total, again.last_start, again.anchor) == (900, 800, (50, 0.1))
     assert [again.lr(s) for s in range(400, 900)] == [first.lr(s) for s in range(400, 900)]
     assert again.resumed.startswith("resumed after")
     late = load_config(None, ["training.time_budget_hours=0.1"])  # 6 min, started 10 min ago
     with pytest.raises(ConfigError, match="training.time_budget_hours: the budget of this run ended at"):
-        RunBudget.begin(late, 100, True, 400, saved, start=now)
+        RunBudget.begin(late, 100, True, saved, start=now)
 
 
 def test_budget_durations_and_their_errors(cli, tmp_path):
@@ -105,7 +109,7 @@ def _assert_lr_follows_the_plan_records(lines, optim, configured_total):
             anchor = (now[-1]["anchor_step"], now[-1]["anchor_progress"]) if now[-1]["anchor_step"] is not None else None
         assert r["lr"] == pytest.approx(lr_at(index, total, optim, anchor), rel=1e-9), r["step"]
     for before, after in zip(plans, plans[1:]):
-        s = after["step"]
+        s = after["step"] - 1  # the last step run before the re-plan: the new decay starts from its LR
         old = (before["anchor_step"], before["anchor_progress"]) if before["anchor_step"] is not None else None
         new = (after["anchor_step"], after["anchor_progress"]) if after["anchor_step"] is not None else None
         assert lr_at(s, after["total_steps"], optim, new) == pytest.approx(lr_at(s, before["total_steps"], optim, old))

@@ -150,8 +150,8 @@ def fit_plan(step: int, epoch_start: int, available_s: float, costs: Costs, cade
     must be the last). ``epoch_start`` is where the epoch of the next step began."""
     e = cadence.steps_per_epoch
     least = max(1, e // 2)
-    last = epoch_start
-    best = (_fit_total(step, last, available_s, costs, cadence, val_scale), last)
+    best = (_fit_total(step, epoch_start, available_s, costs, cadence, val_scale), epoch_start)
+    last = max(step, epoch_start) // e * e  # epoch ends still to come: multiples of e after this step
     while True:  # one more whole epoch before the last, while the last keeps half an epoch or more
         last += e
         total = _fit_total(step, last, available_s, costs, cadence, val_scale)
@@ -192,7 +192,7 @@ def probe_validation_s(model: torch.nn.Module, shapes: list[tuple[int, ...]], co
                        device: torch.device) -> float:
     """A first guess of one validation pass, before one is timed: the windows it will predict (the
     volumes' shapes, the patch, the overlap, the mirrors) times one timed forward of a batch of
-    windows, with a quarter more for blending, post-processing and scoring. Zeros in, eval mode, no
+    windows, with a tenth more for blending, post-processing and scoring. Zeros in, eval mode, no
     RNG drawn and no state changed: the run trains exactly as it would without it."""
     v, patch = config.val, config.data.patch_size
     windows = sum(_windows(tuple(shape), patch, v.overlap) for shape in shapes)
@@ -208,7 +208,7 @@ def probe_validation_s(model: torch.nn.Module, shapes: list[tuple[int, ...]], co
             times.append(time.perf_counter() - t0)
     finally:
         model.train(was_training)
-    return 1.25 * math.ceil(windows / v.batch) * mirrors * min(times[1:])
+    return 1.1 * math.ceil(windows / v.batch) * mirrors * min(times[1:])
 
 
 class RunBudget:
@@ -232,12 +232,12 @@ class RunBudget:
         self.fresh = True  # the first step after a (re)start holds the workers' start-up
         self.must_plan = False  # the first measurements are in: the first measured plan is due
         self.resumed: str | None = None  # why the next re-plan happens, after a resume
-        self.val_guess = 0.0  # a validation pass before one is timed (``probe_validation_s``)
+        self.probe: Callable[[], float] | None = None  # a validation pass before one is timed (``guess_validation``)
 
     # -- setup --
     @classmethod
-    def begin(cls, config: Config, steps_per_epoch: int, has_val: bool, step: int, saved: dict | None,
-              start: float, now: float | None = None) -> RunBudget:
+    def begin(cls, config: Config, steps_per_epoch: int, has_val: bool, saved: dict | None, start: float,
+              now: float | None = None) -> RunBudget:
         """The plan of a fresh run (costs still unknown), or the plan a checkpoint continues."""
         t = config.training
         budget_s = t.time_budget_hours * 3600 if t.time_budget_hours else None
@@ -261,14 +261,17 @@ class RunBudget:
         return b
 
     def guess_validation(self, model: torch.nn.Module, data, config: Config, device: torch.device, ddp) -> None:
-        """Before the first validation is timed, a budget run plans with a probe of it (rank 0 probes)."""
+        """Before the first validation is timed, a budget run plans with a probe of it, taken with
+        the first measured steps (the same load on the machine) by rank 0 and shared."""
         if not (self.active and self.cadence.val_every and self.costs is None):
             return
-        guess = 0.0
-        if ddp.master:
-            shapes = [data.cache.load(r).image.shape for r in data.val[: config.val.max_volumes]]
-            guess = probe_validation_s(model, shapes, config, device)
-        (self.val_guess,) = ddp.broadcast([guess])
+        shapes = [data.cache.load(r).image.shape for r in data.val[: config.val.max_volumes]] if ddp.master else []
+
+        def probe() -> float:
+            (guess,) = ddp.broadcast([probe_validation_s(model, shapes, config, device) if ddp.master else 0.0])
+            return guess
+
+        self.probe = probe
 
     @property
     def active(self) -> bool:
@@ -342,9 +345,10 @@ class RunBudget:
             self.step_at_val = self._step_time()
         if self.costs is None and len(self.recent) >= MIN_SAMPLES:  # first measurement; validation not yet
             tau = self._step_time()
-            val_guess = self.val_guess if self.cadence.val_every else 0.0
+            val_guess = self.probe() if self.probe and self.cadence.val_every else 0.0
+            self.mark = time.time()  # the probe is no step's cost
             self.costs = Costs(tau, val_guess, self.checkpoint_seen)
-            self.step_at_val = None
+            self.step_at_val = tau if val_guess else None  # the guess scales with the load, as a timed one
             self.must_plan = True
         if self.costs is None:
             return None
@@ -359,7 +363,7 @@ class RunBudget:
         forecast = now + remaining_s(step, self.total, self.last_start, self.costs, self.cadence, self._val_scale())
         drift = forecast - self.aim
         if self.must_plan:
-            reason = "first measurements" + ("" if self.step_at_val else " (validation not timed yet: a guess)")
+            reason = "first measurements" + (" (validation not timed yet: probed)" if self.probe else "")
         elif abs(drift) > tolerance_s(self.budget_s, self.aim - now, epoch_end) and (
                 self.resumed or len(self.recent) >= MIN_SAMPLES):
             reason = self.resumed or self._why(drift)
@@ -421,9 +425,9 @@ class RunBudget:
         total, last = fit_plan(step, epoch_start, self.aim - now, self.costs, self.cadence, self._val_scale())
         if (total, last) == (self.total, self.last_start):
             return False
-        w = self.optim.warmup_steps
-        at = max(step, w)
-        done = decay_progress(at, self.total, self.optim, self.anchor) if step >= w else 0.0
+        # the decay goes on from the LR of the last step run (index step - 1), over the steps left
+        at = max(step - 1, self.optim.warmup_steps)
+        done = decay_progress(at, self.total, self.optim, self.anchor) if step - 1 >= self.optim.warmup_steps else 0.0
         self.anchor, self.total, self.last_start = (at, done), total, last
         self.replans += 1
         return True

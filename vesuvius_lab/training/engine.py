@@ -28,8 +28,8 @@ def decay_progress(step: int, total: int, cfg: OptimConfig, anchor: tuple[int, f
     """How far the decay has gone at ``step`` (0 at the end of warm-up, 1 at ``total``).
 
     ``anchor`` (step, progress) re-plans the decay when the total changes mid-run (a time budget):
-    from that step on, the remaining progress is spread over the steps left, so the LR goes on from
-    where it was, without a jump, and the last step (``total - 1``) runs at the final LR."""
+    from the last step run, the remaining progress is spread over the steps left, so the LR goes on
+    from where it was, without a jump, and the last step (``total - 1``) runs at the final LR."""
     if anchor is None:
         return min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     at, done = anchor

@@ -115,8 +115,11 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
 
     # --- the time budget (training.time_budget_hours): the plan the loop follows, re-planned as it runs ---
     (started,) = ddp.broadcast([command_start()])
-    budget = RunBudget.begin(config, steps_per_epoch, bool(data.val), state.step, (ckpt or {}).get("plan"), started)
+    budget = RunBudget.begin(config, steps_per_epoch, bool(data.val), (ckpt or {}).get("plan"), started)
     budget.guess_validation(engine.raw_model, data, config, device, ddp)
+    if budget.active and ddp.master:
+        log.info("time budget %.4g h: the run ends by %s; epochs follow the clock", config.training.time_budget_hours,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)))
     write_checkpoint = budget.timed(functools.partial(checkpoint, run, engine, config, state, ddp, budget, steps_per_epoch))
 
     stop = {"signal": None}
