@@ -26,12 +26,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import psutil
 import torch
 
 from vesuvius_lab.config import Config
 from vesuvius_lab.errors import ConfigError
-from vesuvius_lab.model import as_input
 from vesuvius_lab.training.engine import decay_progress, lr_at
 
 PLAN = "plan"  # the kind of the plan records in metrics.jsonl
@@ -187,28 +187,27 @@ def _windows(shape: tuple[int, ...], patch: list[int], overlap: float) -> int:
     return count
 
 
-@torch.no_grad()
-def probe_validation_s(model: torch.nn.Module, shapes: list[tuple[int, ...]], config: Config,
+def probe_validation_s(model: torch.nn.Module, volume, shapes: list[tuple[int, ...]], config: Config,
                        device: torch.device) -> float:
-    """A first guess of one validation pass, before one is timed: the windows it will predict (the
-    volumes' shapes, the patch, the overlap, the mirrors) times one timed forward of a batch of
-    windows, with a tenth more for blending, post-processing and scoring. Zeros in, eval mode, no
-    RNG drawn and no state changed: the run trains exactly as it would without it."""
-    v, patch = config.val, config.data.patch_size
-    windows = sum(_windows(tuple(shape), patch, v.overlap) for shape in shapes)
-    mirrors = 8 if v.tta else 1
-    x = torch.zeros((v.batch, 1, *patch), device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        times = []
-        while len(times) < 2 or (len(times) < 4 and times[-1] < 2.0):  # the first call pays one-off allocations
-            t0 = time.perf_counter()
-            model(as_input(x))
-            times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-    return 1.1 * math.ceil(windows / v.batch) * mirrors * min(times[1:])
+    """A guess of one validation pass before one is timed: validation's own code (sliding-window
+    inference, post-processing, the leaderboard score, with their threads) on a corner of the first
+    validation volume, one and a half patches wide, scaled by the windows and voxels of the whole
+    validation set. It runs under the load of the moment, as the validation will; no RNG is drawn
+    and no state is changed, so the run trains exactly as it would without it."""
+    from vesuvius_lab.inference import predict_volume
+    from vesuvius_lab.leaderboard import volume_score
+
+    patch, overlap = config.data.patch_size, config.val.overlap
+    corner = tuple(slice(0, min(n, math.ceil(1.5 * p))) for n, p in zip(volume.image.shape, patch, strict=True))
+    image, label = np.asarray(volume.image[corner]), np.asarray(volume.label[corner])
+    t0 = time.perf_counter()
+    mask = predict_volume(model, image, config, device).mask
+    t1 = time.perf_counter()
+    volume_score(mask, label)
+    t2 = time.perf_counter()
+    windows = sum(_windows(tuple(shape), patch, overlap) for shape in shapes) / _windows(image.shape, patch, overlap)
+    voxels = sum(math.prod(shape) for shape in shapes) / image.size
+    return (t1 - t0) * windows + (t2 - t1) * voxels
 
 
 class RunBudget:
@@ -233,6 +232,9 @@ class RunBudget:
         self.must_plan = False  # the first measurements are in: the first measured plan is due
         self.resumed: str | None = None  # why the next re-plan happens, after a resume
         self.probe: Callable[[], float] | None = None  # a validation pass before one is timed (``guess_validation``)
+        self.ddp = None
+        self.val_timed = False  # a validation of this run has been timed
+        self.reprobed = False  # the probe was taken again just before the final validation
 
     # -- setup --
     @classmethod
@@ -265,13 +267,14 @@ class RunBudget:
         the first measured steps (the same load on the machine) by rank 0 and shared."""
         if not (self.active and self.cadence.val_every and self.costs is None):
             return
-        shapes = [data.cache.load(r).image.shape for r in data.val[: config.val.max_volumes]] if ddp.master else []
+        volumes = [data.cache.load(r) for r in data.val[: config.val.max_volumes]] if ddp.master else []
 
         def probe() -> float:
-            (guess,) = ddp.broadcast([probe_validation_s(model, shapes, config, device) if ddp.master else 0.0])
+            guess = probe_validation_s(model, volumes[0], [v.image.shape for v in volumes], config, device) if ddp.master else 0.0
+            (guess,) = ddp.broadcast([guess])
             return guess
 
-        self.probe = probe
+        self.probe, self.ddp = probe, ddp
 
     @property
     def active(self) -> bool:
@@ -337,6 +340,7 @@ class RunBudget:
             self.recent.append(seen)
         if validated:
             val_s = max(rest - step_s, 0.0)
+            self.val_timed = True
             if self.costs is None:
                 self.costs = Costs(step_s=seen, val_s=val_s, checkpoint_s=self.checkpoint_seen)
                 self.must_plan = True
@@ -360,6 +364,7 @@ class RunBudget:
         if not self.active:  # forecast only: at the first measurements and at each epoch end
             first, self.must_plan = self.must_plan, False
             return self._record(step, now, "forecast") if epoch_end or first else None
+        self._reprobe(step)
         forecast = now + remaining_s(step, self.total, self.last_start, self.costs, self.cadence, self._val_scale())
         drift = forecast - self.aim
         if self.must_plan:
@@ -386,6 +391,19 @@ class RunBudget:
         return self.total
 
     # -- inside --
+    def _reprobe(self, step: int) -> None:
+        """A validation never timed in this run is probed again when the final one is near (its steps
+        left take less than it): the load may have changed since the first probe, and a validation
+        slows down with it more than a step does (its threads, its metric)."""
+        if not self.probe or self.val_timed or self.reprobed:
+            return
+        near = (self.total - step) * self.costs.step_s <= max(30.0, self.costs.val_s * self._val_scale())
+        (near,) = self.ddp.broadcast([near])  # rank 0 decides: every rank joins the probe's broadcast
+        if near:
+            self.reprobed = True
+            self.costs.val_s, self.step_at_val = self.probe(), self.costs.step_s
+            self.mark = time.time()  # the probe is no step's cost
+
     def _step_time(self) -> float:
         """Mean of the recent steps: the rest of the run is a sum of steps, hiccups of the machine included."""
         return statistics.fmean(self.recent)
@@ -461,6 +479,7 @@ class RunBudget:
         if not self.active:
             return ""
         now = time.time()
+        early = self.deadline - now
         return (f"; budget {format_span(self.budget_s)}: ended after {format_span(now - self.start)} "
-                f"({format_span(self.deadline - now)} before the deadline {format_clock(self.deadline)}), "
+                f"({format_span(early)} {'before' if early >= 0 else 'after'} the deadline {format_clock(self.deadline)}), "
                 f"{self.replans} re-plans, LR {self.lr(step - 1):.3g} at the last step")
