@@ -405,8 +405,17 @@ class RunBudget:
             self.mark = time.time()  # the probe is no step's cost
 
     def _step_time(self) -> float:
-        """Mean of the recent steps: the rest of the run is a sum of steps, hiccups of the machine included."""
-        return statistics.fmean(self.recent)
+        """Mean of the recent steps (the rest of the run is a sum of steps, hiccups of the machine
+        included): the last 30, or fewer (at least 5) when they span more than 5 % of the budget, so
+        a machine that slows down mid-run shows within a short time."""
+        horizon = 0.05 * (self.budget_s or 1200.0)
+        newest, spent = [], 0.0
+        for t in reversed(self.recent):
+            if len(newest) >= MIN_SAMPLES and spent >= horizon:
+                break
+            newest.append(t)
+            spent += t
+        return statistics.fmean(newest)
 
     def _spread(self) -> float:
         if len(self.recent) < 4:
