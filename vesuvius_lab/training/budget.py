@@ -43,7 +43,7 @@ MIN_SAMPLES = 5  # steps measured before the first measured plan
 def margin_s(budget_s: float) -> float:
     """How far before the deadline the run aims to end: room for the spread of the last steps, the
     last validation and the exit, which on a shared machine run long more often than short."""
-    return min(0.03 * budget_s, 600.0)
+    return min(0.04 * budget_s, 600.0)
 
 
 def tolerance_s(budget_s: float, remaining_s: float, epoch_end: bool) -> float:
