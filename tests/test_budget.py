@@ -160,7 +160,7 @@ def test_a_stopped_budget_run_resumes_its_plan_and_still_ends_by_the_deadline(ti
     cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=20, epochs=1, training={"checkpoint_every_steps": 5})
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "vesuvius_lab", "train", "--config", str(cfg), "--run-dir", str(run),
-           "--no-progress", "--budget", "100s"]
+           "--no-progress", "--budget", "150s"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = None
     while first.poll() is None:  # stop it once it has planned from measurements and checkpointed after that
