@@ -26,10 +26,13 @@ def test_measure_recommend_apply(tiny_root, tmp_path):
     assert "Coverage 100000000000%" in form.recommendation.value  # the preset that reaches the target
     form.target.value = 1.0  # a new target recommends again from the same measurements
     assert form.plan is not plan and form.plan.target_epoch_s == pytest.approx(60)
+    form.budget.value = 0.05  # a budget: the forecast is the trainer's, and Apply sets the trainer's key
+    assert "Budget 3:00 (training.time_budget_hours=0.05)" in form.recommendation.value
     form.apply_button.click()
     training = yaml.safe_load((tmp_path / "planned.yaml").read_text())["training"]
     assert training["train_iterations_per_epoch"] == form.plan.train_iterations_per_epoch
-    assert training["train_batch_size"] == form.plan.train_batch_size and training["workers"] == 0
+    assert training["train_batch_size"] == form.plan.train_batch_size and training["workers"] == form.plan.workers >= 1
+    assert training["time_budget_hours"] == 0.05
 
 
 def test_the_form_before_measuring_and_its_words(tiny_root, tmp_path):

@@ -81,6 +81,9 @@ def test_start_stop_resume_and_reattach_through_the_buttons(tiny_root, tmp_path)
         assert monitor.progress.value == monitor.progress.max == 60
         assert monitor.history.steps[-1] == 60 and len(monitor.history.val_steps) == 1
         assert set(monitor.history.steps) == set(range(1, 61))
+        # the forecast panel: a run without a budget forecasts at its first measurements and epoch end
+        assert monitor.history.plans and {p["reason"] for p in monitor.history.plans} == {"forecast"}
+        assert monitor.forecast.plot.value[:4] == b"\x89PNG" and len(monitor.history.epochs) == 1
 
         again = runs.RunMonitor(config, tmp_path / "runs", run_name="tiny")  # the notebook reopened
         shown = again.refresh()

@@ -1,13 +1,19 @@
 """The planner: recommendation logic on hand-made measurements, the CLI, and an honest forecast."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from vesuvius_lab.config import load_config
 from vesuvius_lab.manifest import build_manifest
-from vesuvius_lab.planner import BatchTiming, Measurements, apply_plan, measure, recommend
+from vesuvius_lab.planner import (
+    BatchTiming, Measurements, WorkerTiming, apply_plan, forecast_lines, measure, recommend, recommend_workers,
+)
+from vesuvius_lab.training.budget import format_span, margin_s
 from vesuvius_lab.training import train
 
 
@@ -38,12 +44,23 @@ def test_best_throughput_within_memory_headroom_and_steps_for_the_target():
     assert any("Batch size 2" in line for line in plan.explanation)
 
 
-def test_budget_sets_the_epochs_and_the_schedule_note():
+def test_budget_sets_the_epochs_the_last_epoch_and_the_schedule_note():
     m = measurements([timing(2, 2.0)])
+    m.startup_s = 40.0
     plan = recommend(m, load_config(None), target_epoch_minutes=30, budget_hours=10)
-    assert plan.max_epochs == int(10 * 3600 // plan.forecast_epoch_s)
-    assert plan.forecast_run_s <= 10 * 3600 + plan.forecast_epoch_s
-    assert "step-based" in plan.lr_note and str(plan.max_epochs * plan.train_iterations_per_epoch) in plan.lr_note
+    steps = plan.train_iterations_per_epoch
+    # whole epochs, then a last one that takes the time left (at least half an epoch): the run ends
+    # by the aim (a margin before the deadline for the spread of its end) and one more step would not
+    aim = 10 * 3600 - margin_s(10 * 3600)
+    assert plan.total_steps == (plan.max_epochs - 1) * steps + plan.last_epoch_steps
+    assert steps // 2 <= plan.last_epoch_steps < 2 * steps + 60 / 2.0
+    assert plan.forecast_run_s <= aim < plan.forecast_run_s + 2.0 + 1.0
+    assert plan.max_epochs in (int(10 * 3600 // plan.forecast_epoch_s), int(10 * 3600 // plan.forecast_epoch_s) - 1)
+    assert "step-based" in plan.lr_note and str(plan.total_steps) in plan.lr_note
+    lines = forecast_lines(plan, now=0.0)
+    assert lines[0].startswith(f"Forecast end: {format_span(plan.forecast_run_s)} after the start")
+    assert f"{plan.total_steps} steps" in lines[0] and "start-up 0:40" in lines[0]
+    assert lines[1].startswith("Budget 10:00:00 (training.time_budget_hours=10)")
 
 
 def test_each_pitfall_gives_a_warning():
@@ -70,6 +87,23 @@ def test_coverage_target_sets_the_warning_and_adds_a_preset_that_reaches_it():
     assert reach.coverage == pytest.approx(3.0)
     total = wanted.max_epochs * wanted.train_iterations_per_epoch
     assert reach.max_epochs == max(1, round(total / 4500))
+
+
+def test_workers_the_smallest_count_that_keeps_data_wait_under_5_percent_or_how_far_the_cpu_is():
+    m = measurements([timing(2, 1.0, wait=0.05)])
+    m.cores = 4
+    m.worker_timings = [WorkerTiming(1, 0.9, 1.8, 1.0, 0.8 / 1.8), WorkerTiming(2, 0.5, 1.0, 1.0, 0.0)]
+    config = load_config(None, ["optim.accumulate=2"])
+    workers, note = recommend_workers(m, config)
+    assert workers == 2 and note.startswith("Workers: 2 keep the model fed") and "(2 micro-batches) in 1.000 s" in note
+    plan = recommend(m, config, 60)
+    assert plan.workers == 2 and note in plan.explanation
+    m.worker_timings = [WorkerTiming(1, 3.0, 3.0, 1.0, 2.0 / 3.0), WorkerTiming(2, 2.0, 2.0, 1.0, 0.5)]
+    workers, note = recommend_workers(m, load_config(None))
+    assert workers == 2 and note.startswith("The CPU cannot keep up: even 2 workers deliver a step's data in 2.000 s")
+    assert "50% of each step would wait for data" in note and "2.0x its speed" in note
+    assert "augment.where: device would help" in note
+    assert recommend_workers(measurements([timing(2, 1.0)]), config) == (None, "")  # not measured: no advice
 
 
 def test_slow_validation_is_spread_over_epochs():
@@ -105,6 +139,10 @@ def test_plan_cli_json_apply_and_plan_file(cli, plan_config, tmp_path, monkeypat
     assert all(t["step_s"] > 0 and t["peak_memory_mb"] > 0 for t in result["measurements"]["timings"])
     applied = load_config(out)
     assert applied.training.train_batch_size == result["train_batch_size"]
+    sized = result["measurements"]["worker_timings"]  # the loader alone at 1, 2, ... workers
+    assert sized and [t["workers"] for t in sized] == list(range(1, len(sized) + 1))
+    assert all(t["batch_s"] > 0 and 0 <= t["wait_share"] < 1 for t in sized)
+    assert applied.training.workers == result["workers"] and result["workers"] in [t["workers"] for t in sized]
     assert applied.training.train_iterations_per_epoch == result["train_iterations_per_epoch"]
     saved = json.loads((tmp_path / "runs" / "tiny" / "plan.json").read_text())
     assert saved["forecast_epoch_s"] == result["forecast_epoch_s"]
@@ -145,3 +183,28 @@ def test_memory_cap_ends_the_sweep_and_nothing_fits_is_a_clear_error(plan_config
     assert [t.batch_size for t in m.timings] == [1]  # over the cap at the first size: no larger sizes tried
     with pytest.raises(RuntimeError, match="no batch size fits in memory"):
         recommend(m, config, 1.0)
+
+
+@pytest.mark.slow
+def test_plan_under_torchrun_gives_the_global_batch_and_steps_the_trainer_runs(plan_config, tmp_path):
+    """Two CPU ranks (gloo) measure side by side; the applied plan is what torchrun then trains."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vesuvius_lab"]
+    out = tmp_path / "planned.yaml"
+    done = subprocess.run([*head, "plan", "--config", str(plan_config), "--batch-sizes", "1,2", "--steps", "2",
+                           "--warmup", "1", "--target-epoch-minutes", "0.3", "--json", "--apply", str(out),
+                           "--plan-file", str(tmp_path / "plan.json")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads(done.stdout.strip().splitlines()[-1])
+    m = plan["measurements"]
+    assert m["world_size"] == 2 and plan["global_batch"] == 2 * plan["train_batch_size"]
+    assert [t["workers"] for t in m["worker_timings"]][:1] == [1]  # each rank's share of the cores: 1 of 2
+    run = tmp_path / "run"
+    done = subprocess.run([*head, "train", "--config", str(out), "--run-dir", str(run), "--no-progress",
+                           "training.max_epochs=1"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in lines if r["kind"] == "train"]
+    assert len(trained) == plan["train_iterations_per_epoch"]
+    assert {r["global_batch"] for r in trained} == {plan["global_batch"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -117,15 +118,19 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, help="run directory (default: $VLAB_RUNS_DIR or ./runs, then /<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--budget", metavar="DURATION",
+                   help="wall time the whole run may take, e.g. 6h, 90m, 1h30m (training.time_budget_hours)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
 def _train(args: argparse.Namespace) -> int:
     from vesuvius_lab.config import load_config
     from vesuvius_lab.training import train
+    from vesuvius_lab.training.budget import parse_duration
     from vesuvius_lab.training.run_dir import default_run_dir
 
-    config = load_config(args.config, args.overrides)
+    budget = [f"training.time_budget_hours={parse_duration(args.budget)!r}"] if args.budget else []
+    config = load_config(args.config, [*args.overrides, *budget])
     run_dir = args.run_dir or default_run_dir(args.config)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
@@ -137,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="run config YAML to plan (e.g. configs/demo.yaml)")
     p.add_argument("--target-epoch-minutes", type=float, default=60.0, help="wanted epoch duration (default 60)")
-    p.add_argument("--budget-hours", type=float, help="total training budget; sets the number of epochs")
+    p.add_argument("--budget-hours", type=float,
+                   help="wall time of the whole run (default: training.time_budget_hours); sets the epochs and the last one's length")
     p.add_argument("--coverage-target", type=float,
                    help="share of the unique patch positions an epoch should see (default: warn below 0.5)")
     p.add_argument("--batch-sizes", help="comma-separated candidates (default: 1, 2, 4, ... until no gain or OOM)")
@@ -156,7 +162,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from vesuvius_lab.config import load_config
     from vesuvius_lab.io import atomic_write_text
-    from vesuvius_lab.planner import apply_plan, measure, recommend
+    from vesuvius_lab.planner import apply_plan, forecast_lines, measure, recommend
     from vesuvius_lab.training.run_dir import RunDir, default_run_dir
 
     config = load_config(args.config, args.overrides)
@@ -165,7 +171,8 @@ def _plan(args: argparse.Namespace) -> int:
                 progress=not args.json, max_seconds=args.max_seconds)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every rank measures; rank 0 reports
         return 0
-    plan = recommend(m, config, args.target_epoch_minutes, args.budget_hours, coverage_target=args.coverage_target)
+    budget_hours = args.budget_hours or config.training.time_budget_hours
+    plan = recommend(m, config, args.target_epoch_minutes, budget_hours, coverage_target=args.coverage_target)
     plan_file = args.plan_file or RunDir(default_run_dir(args.config)).plan
     atomic_write_text(plan_file, json.dumps(plan.to_dict(), indent=1))
     if args.apply:
@@ -174,6 +181,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict()))
         return 0
     for line in plan.explanation:
+        print(line)
+    for line in forecast_lines(plan):
         print(line)
     print(plan.lr_note)
     for w in plan.warnings:
@@ -441,3 +450,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"internal error: {type(exc).__name__}: {exc} (set VLAB_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        if argv is None:  # a process of its own, about to exit: torch and MONAI leave millions of objects
+            gc.freeze()  # that the exit's last collection would walk for seconds (a budget run's end time)

@@ -157,6 +157,7 @@ class TrainingConfig:
     keep_last: int = 1  # most recent checkpoints kept (last.pt is the newest; more are kept as step_N.pt)
     keep_best: int = 1  # best-scoring checkpoints kept (best.pt is the best; more are kept as best_step_N_score_S.pt)
     tensorboard: bool = True  # also write metrics.jsonl's records as TensorBoard events in the run folder
+    time_budget_hours: float | None = None  # wall time of the whole command; the trainer re-plans to end inside it
 
 
 @dataclass
@@ -305,6 +306,7 @@ RULES: dict[str, Rule] = {
     "training.keep_last": COUNT, "training.keep_best": COUNT,
     "val.live_volume": NON_NEGATIVE,  # an index; a record id (a string) is checked against the data at validation
     "val.live_keep": NON_NEGATIVE,
+    "training.time_budget_hours": POSITIVE,
 }
 
 

@@ -11,11 +11,14 @@ time, the seed's three presets, and a warning for each pitfall.
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -28,11 +31,13 @@ from vesuvius_lab.device import default_device, memory_capacity_mb, memory_mb
 from vesuvius_lab.evaluate import score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import build_loader
+from vesuvius_lab.training.budget import Cadence, Costs, command_start, fit_plan, format_span, margin_s, remaining_s
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.engine import build_engine, forward_backward, optimizer_update
 from vesuvius_lab.training.run_dir import save_checkpoint
 
 COVERAGE_MIN, EPOCH_MAX_H, DATA_BOUND = 0.5, 12.0, 0.20
+WAIT_SHARE = 0.05  # the data wait a worker count must keep under, as a share of the step
 
 
 @dataclass
@@ -53,6 +58,21 @@ class BatchTiming:
 
 
 @dataclass
+class WorkerTiming:
+    """The data loader alone (no model) with this many workers per rank, in its steady state."""
+
+    workers: int
+    batch_s: float  # seconds between micro-batches delivered (the slowest rank)
+    step_data_s: float  # one optimizer step's micro-batches on one rank: optim.accumulate x batch_s
+    compute_s: float  # the measured compute of a step, what the loader must keep up with
+    wait_share: float  # the data wait this count leaves, as a share of the step
+
+    @property
+    def keeps_up(self) -> bool:
+        return self.wait_share < WAIT_SHARE
+
+
+@dataclass
 class Measurements:
     device: str
     timings: list[BatchTiming]
@@ -65,6 +85,9 @@ class Measurements:
     workers: int
     seconds: float = 0.0  # how long measuring took
     world_size: int = 1  # ranks that were measured side by side (torchrun)
+    worker_timings: list[WorkerTiming] = field(default_factory=list)  # 1, 2, ... workers per rank
+    cores: int = 0  # CPU cores this process may use
+    startup_s: float = 0.0  # a training command's start: its imports and the data preparation
 
 
 @dataclass
@@ -95,6 +118,13 @@ class Plan:
     presets: list[Preset]
     measurements: Measurements
     lr_note: str = ""
+    workers: int | None = None  # the measured recommendation (training.workers); None: not measured
+    workers_note: str = ""
+    budget_hours: float | None = None  # training.time_budget_hours: the run is planned to end inside it
+    total_steps: int = 0
+    last_epoch_steps: int = 0  # a budget's last epoch takes the time left: longer or shorter
+    forecast_last_epoch_s: float = 0.0
+    forecast_band_s: float = 0.0  # the spread of the run's end (step-time spread, validation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +197,81 @@ def time_batch_size(config: Config, data: Data, batch_size: int, device: torch.d
     return timing
 
 
+def startup_seconds(data_s: float) -> float:
+    """What a training command spends before its first step: its imports and the data preparation
+    (``data_s``). A fresh ``plan`` process has just paid both; a long-lived one (a notebook's
+    kernel) times the imports in a fresh interpreter."""
+    age = time.time() - command_start()
+    if age < data_s + 120:
+        return age
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import vesuvius_lab.training.loop"], check=False, capture_output=True)
+    return time.perf_counter() - t0 + data_s
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def time_workers(config: Config, data: Data, batch_size: int, compute_s: float, ddp: Distributed | None = None,
+                 batches: int = 8, max_seconds: float = 30.0) -> list[WorkerTiming]:
+    """Time the data loader alone with 1, 2, ... workers per rank (up to the cores each rank has),
+    every rank at once as in training, against the measured compute time of a step; stops at the
+    first count whose data wait stays under 5 % of the step (the smallest that keeps up)."""
+    ddp = ddp or Distributed()
+    most = max(1, usable_cores() // ddp.world)
+    accumulate = config.optim.accumulate
+    out: list[WorkerTiming] = []
+    started = time.perf_counter()
+    for workers in range(1, most + 1):
+        count = max(batches, 2 * workers + 2)
+        cfg = replace(config, training=replace(config.training, train_batch_size=batch_size, workers=workers,
+                                               persistent_workers=False))
+        dataset = data.patch_dataset(cfg, world_size=ddp.world)
+        loader = iter(build_loader(dataset, cfg, rank=ddp.rank, num_steps=(count + 1 + workers) // accumulate + 1))
+        for _ in range(workers):  # start-up: every worker delivers its first batch (paid once per run)
+            next(loader)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            next(loader)
+        mine = (time.perf_counter() - t0) / count
+        del loader
+        batch_s = max(ddp.gather(mine))  # every rank's loader feeds the same synchronized step
+        step_data_s = accumulate * batch_s
+        wait = max(0.0, step_data_s - compute_s)
+        out.append(WorkerTiming(workers, batch_s, step_data_s, compute_s, wait / (compute_s + wait)))
+        (stop,) = ddp.broadcast([out[-1].keeps_up or time.perf_counter() - started > max_seconds])
+        if stop:
+            break
+    return out
+
+
+def recommend_workers(m: Measurements, config: Config) -> tuple[int | None, str]:
+    """The smallest worker count that keeps data wait under 5 % of the step, in words; or how far
+    the CPU is from keeping up."""
+    timings = m.worker_timings
+    if not timings:
+        return None, ""
+    per = f"per rank ({m.world_size} ranks on {m.cores} cores) " if m.world_size > 1 else ""
+    acc = f"{config.optim.accumulate} micro-batches" if config.optim.accumulate > 1 else "its micro-batch"
+    tried = ", ".join(f"{t.workers}: {t.batch_s:.3f} s/batch ({t.wait_share:.0%} wait)" for t in timings)
+    good = next((t for t in timings if t.keeps_up), None)
+    if good is not None:
+        return good.workers, (
+            f"Workers: {good.workers} {per}keep{'s' if good.workers == 1 else ''} the model fed: the loader alone "
+            f"delivers a step's data ({acc}) in {good.step_data_s:.3f} s against {good.compute_s:.3f} s of compute, "
+            f"a data wait of {good.wait_share:.0%} (< {WAIT_SHARE:.0%}); measured {tried}.")
+    best = min(timings, key=lambda t: t.step_data_s)
+    speedup = best.step_data_s / max(best.compute_s, 1e-9)
+    return best.workers, (
+        f"The CPU cannot keep up: even {best.workers} workers {per}deliver a step's data in {best.step_data_s:.3f} s "
+        f"against {best.compute_s:.3f} s of compute, so {best.wait_share:.0%} of each step would wait for data "
+        f"(the loader would need {speedup:.1f}x its speed); measured {tried}. "
+        + ("augment.where: device would help: the workers then only crop, and the device augments the batch."
+           if config.augment.where != "device" else "Augmentation is already on the device: fewer or smaller "
+           "patches per step, or a machine with more cores, would help."))
+
+
 def measure(
     config: Config,
     batch_sizes: list[int] | None = None,
@@ -176,12 +281,15 @@ def measure(
     progress: bool = True,
     max_seconds: float = 90.0,
     on_progress: Callable[[int, int, str], None] | None = None,
+    size_workers: bool = True,
 ) -> Measurements:
     """Time each candidate batch size (1, 2, 4, ... until out of memory, the memory cap, a doubling
     that gains under 5 % samples/s, or a next size that would not fit in ``max_seconds``), re-time
-    the best one, then time a validation pass and a checkpoint. The sweep keeps to ``max_seconds``
-    even when one step outlasts it: a step is timed once after the first, the re-time is skipped,
-    and validation is forecast from the volumes timed by then. Listed ``batch_sizes`` are timed in full.
+    the best one, time the data loader alone at 1, 2, ... workers against its compute
+    (``size_workers``), then time a validation pass and a checkpoint. The sweep keeps to
+    ``max_seconds`` even when one step outlasts it: a step is timed once after the first, the re-time
+    is skipped, and validation is forecast from the volumes timed by then. Listed ``batch_sizes`` are
+    timed in full.
 
     Under torchrun every rank times its own share of each step side by side, as training runs it.
     ``on_progress(done, total, message)`` is called as each part finishes (a widget's progress bar);
@@ -196,6 +304,7 @@ def measure(
     if ddp.master:
         data.prepare(config, progress=progress)  # cache (+ training targets) of every record, as training does first
     ddp.barrier()
+    startup_s = startup_seconds(time.perf_counter() - started)
     capacity = memory_cap_mb or memory_capacity_mb(device)
     candidates = batch_sizes or [2**i for i in range(8)]
     timings: list[BatchTiming] = []
@@ -231,7 +340,12 @@ def measure(
                                     deadline=deadline)
         if not confirmed.out_of_memory:
             timings[timings.index(best)] = confirmed
-    report(total - 1, total, "confirmed the best batch size; timing validation and a checkpoint")
+    worker_timings: list[WorkerTiming] = []
+    if usable and size_workers:
+        best = max((t for t in timings if not t.out_of_memory and t.peak_memory_mb <= capacity),
+                   key=lambda t: t.samples_per_s)
+        worker_timings = time_workers(config, data, best.batch_size, best.compute_s, ddp)
+    report(total - 1, total, "confirmed the best batch size and sized the workers; timing validation and a checkpoint")
     val_s = checkpoint_s = 0.0
     if ddp.master:  # as in training: rank 0 validates and writes checkpoints while the others wait
         engine = build_engine(config, data.patch_dataset(config), device)
@@ -250,6 +364,7 @@ def measure(
         device=str(device), timings=timings, val_s=val_s, checkpoint_s=checkpoint_s, memory_capacity_mb=capacity,
         train_records=len(data.train), val_records=len(data.val), unique_patches=data.unique_patches(config.data.patch_size),
         workers=config.training.workers, seconds=time.perf_counter() - started, world_size=ddp.world,
+        worker_timings=worker_timings, cores=usable_cores(), startup_s=startup_s,
     )
 
 
@@ -295,10 +410,6 @@ def recommend(
         while steps > 1 and _epoch_seconds(steps, best, m, config, val_every) > target_s:
             steps -= 1
     epoch_s = _epoch_seconds(steps, best, m, config, val_every)
-    if budget_hours:
-        epochs = max(1, int(budget_hours * 3600 // epoch_s))
-    else:
-        epochs = config.training.max_epochs
     # Validation should not eat more than a quarter of the training time.
     if val_every and m.val_s > 0.25 * max(epoch_s - m.val_s, 1e-9):
         val_every = max(val_every, math.ceil(m.val_s / (0.25 * (epoch_s - m.val_s))))
@@ -307,7 +418,23 @@ def recommend(
     samples = layout.samples_per_epoch
     coverage = samples / m.unique_patches if m.unique_patches else math.nan
     first_epoch_s = epoch_s + best.first_batch_s
-    run_s = first_epoch_s + (epochs - 1) * epoch_s
+    # the whole command as the trainer plans it (training/budget.py): start-up, whole epochs, and with a
+    # budget a last epoch that takes the time left before the aim
+    costs = Costs(best.step_s, m.val_s, m.checkpoint_s, best.step_spread_s)
+    cadence = Cadence(steps, val_every if m.val_records else 0, config.training.checkpoint_every_steps,
+                      final_val=bool(budget_hours))
+    lead = m.startup_s + best.first_batch_s
+    if budget_hours:
+        budget_s = budget_hours * 3600
+        total, last = fit_plan(0, 0, budget_s - margin_s(budget_s) - lead, costs, cadence)
+        epochs = last // steps + 1
+    else:
+        epochs = config.training.max_epochs
+        total, last = epochs * steps, (epochs - 1) * steps
+    run_s = lead + remaining_s(0, total, last, costs, cadence)
+    vals = (last // (steps * val_every) + 1) if cadence.val_every else 0
+    band = total * best.step_spread_s / 2 + 0.1 * m.val_s * vals
+    last_epoch_s = _epoch_seconds(total - last, best, m, config, val_every)
 
     explanation = [
         f"Batch size {best.batch_size}: {best.samples_per_s:.2f} samples/s, the best of "
@@ -323,6 +450,9 @@ def recommend(
         f"Forecast: {epoch_s / 60:.1f} min per epoch ({first_epoch_s / 60:.1f} min for the first, with worker start-up),"
         f" {epochs} epochs = {run_s / 3600:.2f} h" + (f" within the {budget_hours:g} h budget." if budget_hours else "."),
     ]
+    if budget_hours and total - last != steps:
+        explanation.append(f"With the {budget_hours:g} h budget the last epoch takes the time left: {total - last} steps "
+                           f"instead of {steps}; the trainer re-plans it at each epoch end as it measures.")
     configured = epoch_layout(config, max(m.train_records, 1), m.world_size)
     if configured.steps != steps:
         explanation.append(f"As configured now an epoch is {configured.steps} steps" + (
@@ -337,8 +467,14 @@ def recommend(
     if epoch_s > EPOCH_MAX_H * 3600:
         warnings.append(f"Too many steps: an epoch lasts {epoch_s / 3600:.1f} h (> {EPOCH_MAX_H:g} h); "
                         "progress is hard to watch and validation is rare. Shorten the target epoch.")
+    workers, workers_note = recommend_workers(m, config)
+    if workers_note:
+        explanation.append(workers_note)
     share = best.data_wait_s / best.step_s if best.step_s else 0.0
-    if share > DATA_BOUND:
+    if share > DATA_BOUND and workers is not None and workers != m.workers:
+        warnings.append(f"Data-bound: {share:.0%} of each step waits for data (> 20 %) with {m.workers} workers; "
+                        f"set training.workers to {workers} (measured above).")
+    elif share > DATA_BOUND:
         need = min(psutil.cpu_count() or 1, max(m.workers + 1, math.ceil(max(m.workers, 1) * best.step_s / max(best.compute_s, 1e-9))))
         warnings.append(f"Data-bound: {share:.0%} of each step waits for data (> 20 %); about {need} workers "
                         f"(training.workers, now {m.workers}) would keep the model fed, or set augment.where: device on a GPU.")
@@ -347,9 +483,10 @@ def recommend(
                            "per epoch): shorter epochs would validate more often for the same total steps.")
     if steps < 20:
         warnings.append(f"Only {steps} steps per epoch: per-epoch numbers will be noisy; consider a longer epoch.")
-    total_steps = steps * epochs
+    total_steps = total
     lr_note = (f"The LR schedule is step-based: {config.optim.schedule} decay over {total_steps} steps "
-               f"({epochs} epochs x {steps}); changing steps per epoch changes only how often you validate, "
+               f"({epochs} epochs x {steps}" + (f", the last {total - last}" if total - last != steps else "")
+               + "); changing steps per epoch changes only how often you validate, "
                "not the shape of the curve for the same total steps.")
     if config.optim.warmup_steps > 0.1 * total_steps:
         warnings.append(f"Warm-up ({config.optim.warmup_steps} steps) is over 10 % of the run ({total_steps} steps); "
@@ -383,13 +520,41 @@ def recommend(
         val_every_epochs=val_every, samples_per_epoch=samples, coverage=coverage,
         forecast_epoch_s=epoch_s, forecast_first_epoch_s=first_epoch_s, forecast_run_s=run_s,
         target_epoch_s=target_s, explanation=explanation, warnings=warnings, presets=presets,
-        measurements=m, lr_note=lr_note,
+        measurements=m, lr_note=lr_note, workers=workers, workers_note=workers_note,
+        budget_hours=budget_hours, total_steps=total, last_epoch_steps=total - last,
+        forecast_last_epoch_s=last_epoch_s, forecast_band_s=band,
     )
+
+
+def forecast_lines(plan: Plan, now: float | None = None) -> list[str]:
+    """The forecast of the whole command, as the trainer plans it and notebook 04 draws it: the end
+    (with its band) after the start, and against the budget."""
+    now = time.time() if now is None else now
+    end = now + plan.forecast_run_s
+    epochs = (f"{plan.max_epochs - 1} epochs of {plan.train_iterations_per_epoch} steps and a last one of "
+              f"{plan.last_epoch_steps}" if plan.last_epoch_steps != plan.train_iterations_per_epoch
+              else f"{plan.max_epochs} epochs of {plan.train_iterations_per_epoch} steps")
+    lines = [f"Forecast end: {format_span(plan.forecast_run_s)} after the start (± {format_span(plan.forecast_band_s)}), "
+             f"{time.strftime('%H:%M', time.localtime(end))} if started now: start-up "
+             f"{format_span(plan.measurements.startup_s)}, {epochs} ({plan.total_steps} steps), "
+             f"{format_span(plan.forecast_epoch_s)} per epoch"
+             + (f", {format_span(plan.forecast_last_epoch_s)} the last" if plan.last_epoch_steps != plan.train_iterations_per_epoch else "")
+             + ", the final validation and checkpoint included."]
+    if plan.budget_hours:
+        budget_s = plan.budget_hours * 3600
+        lines.append(f"Budget {format_span(budget_s)} (training.time_budget_hours={plan.budget_hours:g}): the forecast ends "
+                     f"{format_span(budget_s - plan.forecast_run_s)} before the deadline; the trainer measures as it "
+                     "runs and re-plans the remaining epochs so that the run ends inside it.")
+    return lines
 
 
 def apply_plan(config_path: str | Path, plan: Plan, out: str | Path) -> None:
     """Write the config to ``out`` with the plan's training keys set; the other keys stay as the
     user wrote them, relative paths rebased so that they reach the same files from ``out``."""
-    rewrite_config(config_path, out, {"training": {
-        "train_batch_size": plan.train_batch_size, "train_iterations_per_epoch": plan.train_iterations_per_epoch,
-        "max_epochs": plan.max_epochs, "val_every_epochs": plan.val_every_epochs, "patches_per_volume": None}})
+    keys = {"train_batch_size": plan.train_batch_size, "train_iterations_per_epoch": plan.train_iterations_per_epoch,
+            "max_epochs": plan.max_epochs, "val_every_epochs": plan.val_every_epochs, "patches_per_volume": None}
+    if plan.workers is not None:
+        keys["workers"] = plan.workers
+    if plan.budget_hours:
+        keys["time_budget_hours"] = plan.budget_hours
+    rewrite_config(config_path, out, {"training": keys})

@@ -20,9 +20,12 @@
 # (SIGTERM: it checkpoints, then exits) and resume it, while the plot below follows
 # `metrics.jsonl`: the total loss and every loss term (smoothed by the slider's EMA), the learning
 # rate, samples/s, the share of each step spent waiting for data, and the validation score with its
-# parts. The progress bar and ETA come from `status.json`. The kernel stays free while the run
-# trains; reopening this notebook (or restarting its kernel) reattaches to the run it showed last,
-# running or finished.
+# parts. The progress bar and ETA come from `status.json`. Under the plot, the forecast against the
+# actual progress: the plan's end time with its band, each re-plan marked (a run with
+# `training.time_budget_hours` re-plans as it measures, to end inside its budget), and a warning for
+# an epoch that ran more than 10 % off its forecast. The kernel stays free while the run trains;
+# reopening this notebook (or restarting its kernel) reattaches to the run it showed last, running
+# or finished.
 
 # %% tags=["parameters"]
 config_path = "../configs/demo.yaml"  # the run config

@@ -85,7 +85,9 @@ class PlanForm:
         self.plan_path = RunDir(Path(runs_dir) / self.config_path.stem).plan if runs_dir else None
         self.target = w.FloatText(value=target_epoch_minutes or 0.0, description="epoch (min)",
                                   tooltip="0: the config's own epoch, as measured")
-        self.budget = w.FloatText(value=budget_hours or 0.0, description="budget (h)", tooltip="0: no budget")
+        self.budget = w.FloatText(value=budget_hours or 0.0, description="budget (h)",
+                                  tooltip="0: no budget; else the wall time the whole run may take: Apply sets "
+                                          "training.time_budget_hours and the trainer re-plans to end inside it")
         self.coverage = w.FloatText(value=coverage_target, description="coverage")
         self.measure_button = w.Button(description="Measure", button_style="info")
         self.apply_button = w.Button(description="Apply", button_style="success", disabled=True)
@@ -166,7 +168,7 @@ class PlanForm:
         p = self.plan
         head = (f"<b>batch {p.train_batch_size} × {p.train_iterations_per_epoch} steps/epoch × {p.max_epochs} epochs</b>"
                 f", coverage {p.coverage:.0%}, epoch ≈ {p.forecast_epoch_s / 60:.1f} min, run ≈ {p.forecast_run_s / 3600:.2f} h")
-        items = "".join(f"<li>{html.escape(x)}</li>" for x in p.explanation)
+        items = "".join(f"<li>{html.escape(x)}</li>" for x in [*p.explanation, *planner.forecast_lines(p)])
         warn = "".join(f"<li style='color:#b00'>{html.escape(x)}</li>" for x in p.warnings)
         presets = html_table([[s.name, s.train_iterations_per_epoch, s.max_epochs, f"{s.forecast_epoch_s / 60:.1f}",
                                f"{s.coverage:.0%}", s.reason] for s in p.presets],

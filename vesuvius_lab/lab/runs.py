@@ -28,9 +28,11 @@ from matplotlib.figure import Figure
 
 from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
+from vesuvius_lab.lab.forecast import ForecastPanel
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
-from vesuvius_lab.training.run_dir import TRAIN, VAL, RunDir, pid_alive, same_process  # noqa: F401 (pid_alive)
+from vesuvius_lab.training.budget import PLAN
+from vesuvius_lab.training.run_dir import EPOCH, TRAIN, VAL, RunDir, pid_alive, same_process  # noqa: F401 (pid_alive)
 
 
 
@@ -106,11 +108,17 @@ class History:
     val_steps: list[int] = field(default_factory=list)
     val: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in VAL_PARTS})
     weights: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TERMS})  # per-term schedules
+    times: list[float | None] = field(default_factory=list)  # wall time of each step (lab.forecast)
+    plans: list[dict] = field(default_factory=list)  # the plan records: forecasts and re-plans
+    epochs: list[dict] = field(default_factory=list)
 
     def add(self, records: Sequence[dict]) -> None:
         for r in records:
+            if r.get("kind") in (PLAN, EPOCH):
+                (self.plans if r["kind"] == PLAN else self.epochs).append(r)
             if r.get("kind") == TRAIN:
                 self.steps.append(r["step"])
+                self.times.append(r.get("time"))
                 self.loss.append(_num(r.get("loss")))
                 for t in TERMS:
                     self.terms[t].append(_num(r.get(t)))
@@ -390,6 +398,7 @@ class RunMonitor:
         self.smoothing = w.FloatSlider(value=0.6, min=0.0, max=0.99, step=0.01, description="smoothing",
                                        tooltip="EMA weight of the loss curves (0: raw)", readout_format=".2f")
         self.smoothing.observe(lambda _c: self.redraw(), names="value")
+        self.forecast = ForecastPanel()  # the plan's forecast against the run's progress (lab.forecast)
         self.start_button.on_click(lambda _b: self.start(resume=False))
         self.stop_button.on_click(lambda _b: self.stop())
         self.resume_button.on_click(lambda _b: self.start(resume=True))
@@ -397,7 +406,7 @@ class RunMonitor:
         self.widget = w.VBox([
             w.HBox([self.config, self.devices]), w.HBox([self.run_name, self.overrides]),
             w.HBox([self.start_button, self.stop_button, self.resume_button]),
-            w.HBox([self.progress, self.status]), self.message, self.smoothing, self.plot,
+            w.HBox([self.progress, self.status]), self.message, self.smoothing, self.plot, self.forecast.widget,
         ])
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -497,6 +506,7 @@ class RunMonitor:
                 self.redraw()
             for follow in self.followers:
                 follow(self.run_dir)
+            self.forecast.show(self.history, time.time() if alive else None)
             return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
 
     def redraw(self) -> None:

@@ -32,9 +32,10 @@ from vesuvius_lab.loader import Batches, build_loader
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.topology import nnunet_topology
 from vesuvius_lab.training import live
+from vesuvius_lab.training.budget import RunBudget, command_start
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.ema import resume_ema
-from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, lr_at, optimizer_update
+from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, optimizer_update
 from vesuvius_lab.training.events import event_log
 from vesuvius_lab.training.run_dir import (
     EPOCH, TRAIN, VAL, RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
@@ -118,7 +119,15 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     if resume and ddp.master:
         run.truncate_after(state.step)  # lines a killed run wrote after its last checkpoint
     state.saved = state.step if resume else None
-    write_checkpoint = functools.partial(checkpoint, run, engine, config, state, ddp, total_steps, steps_per_epoch)
+
+    # --- the time budget (training.time_budget_hours): the plan the loop follows, re-planned as it runs ---
+    (started,) = ddp.broadcast([command_start()])
+    budget = RunBudget.begin(config, steps_per_epoch, bool(data.val), (ckpt or {}).get("plan"), started)
+    budget.guess_validation(engine.raw_model, data, config, device, ddp)
+    if budget.active and ddp.master:
+        log.info("time budget %.4g h: the run ends by %s; epochs follow the clock", config.training.time_budget_hours,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)))
+    write_checkpoint = budget.timed(functools.partial(checkpoint, run, engine, config, state, ddp, budget, steps_per_epoch))
 
     stop = {"signal": None}
 
@@ -127,7 +136,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     batches = Batches(build_loader(dataset, config, start_step=state.step, rank=ddp.rank,
-                                   num_steps=total_steps - state.step), config.training.worker_timeout_s)
+                                   num_steps=None if budget.active else total_steps - state.step),
+                      config.training.worker_timeout_s)
     if ddp.master:
         log.info("train: %d records, val: %d, %d steps/epoch x %d epochs, global batch %d",
                  len(data.train), len(data.val), steps_per_epoch, config.training.max_epochs, layout.global_batch)
@@ -139,9 +149,9 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     # --- the loop ---
     try:
         while state.step < total_steps:
-            epoch = state.step // steps_per_epoch
+            epoch = budget.epoch_of(state.step)
             t_step = time.perf_counter()
-            lr = lr_at(state.step, total_steps, config.optim)
+            lr = budget.lr(state.step)
             engine.set_lr(lr)
 
             # the step: forward, loss and backward over `accumulate` micro-batches, then the update
@@ -178,6 +188,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                     "samples_per_s": layout.global_batch / step_s,
                     "memory_mb": memory_mb(device), "global_batch": layout.global_batch,
                     "nonfinite_total": state.nonfinite_total,
+                    "time": time.time(),  # wall clock: the forecast panel's actual progress
                 })
                 run.status(state="running", step=state.step, epoch=epoch, total_steps=total_steps,
                            steps_per_epoch=steps_per_epoch)
@@ -195,15 +206,22 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                     break
 
             # checkpoint; at the epoch's end also validation and the epoch line
-            epoch_end = state.step % steps_per_epoch == 0
+            epoch_end = budget.epoch_end(state.step)  # every steps_per_epoch; a budget run's last epoch is longer or shorter
+            final = budget.active and state.step == total_steps
             if epoch_end:
-                improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress)
+                improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress, final)
                 write_checkpoint(best_too=improved)
                 if ddp.master:
                     run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
                 epoch_start = time.perf_counter()
             elif config.training.checkpoint_every_steps and state.step % config.training.checkpoint_every_steps == 0:
                 write_checkpoint()  # skipped steps left the weights as they were: still finite
+            # the time budget: measure this step; re-plan the rest of the run when its forecast drifts
+            replanned = budget.after_step(state.step, step_s, epoch_end, final)
+            if replanned and ddp.master:
+                run.append(replanned)
+                log.info("plan at step %d: %d steps (%s)", state.step, replanned["total_steps"], replanned["reason"])
+            total_steps = bar.total = budget.sync(ddp)
             if stop["signal"] is not None:
                 if not epoch_end:
                     write_checkpoint()
@@ -211,6 +229,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 break
         else:
             outcome, message = "finished", f"finished {total_steps} steps; best validation score {state.best:.4f}"
+            message += budget.closing_note(state.step)
     except RuntimeError as exc:  # a worker's death reported between fetches: this step may be half applied
         cause = worker_failure(exc, batches)
         if cause is None:
@@ -232,7 +251,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
 
 
-def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp: Distributed, total_steps: int,
+def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp: Distributed, budget: RunBudget,
                steps_per_epoch: int, best_too: bool = False) -> None:
     """last.pt (and best.pt) as of this step. Every rank joins the gather of RNG states and weight
     digests; replicas that differ are refused, since no checkpoint of them could be trusted."""
@@ -247,7 +266,8 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp
     payload = {
         "model": engine.raw_model.state_dict(),
         "optimizer": engine.optimizer.state_dict(),
-        "scheduler": {"schedule": config.optim.schedule, "step": state.step, "total_steps": total_steps},
+        "scheduler": {"schedule": config.optim.schedule, "step": state.step, "total_steps": budget.total},
+        "plan": budget.state_dict(state.step),  # the time budget's plan: a resumed run continues it
         "scaler": engine.scaler.state_dict(),
         "step": state.step,
         "epoch": state.step // max(steps_per_epoch, 1),
@@ -336,11 +356,12 @@ def _record_failure(run: RunDir, exc: BaseException) -> None:
 
 
 def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, epoch: int, ddp: Distributed,
-                 run: RunDir, progress: bool) -> bool:
-    """Validate when this epoch is due (rank 0 scores, every rank learns the outcome); True when
-    the score improved on the best so far, which makes this checkpoint the best one too."""
+                 run: RunDir, progress: bool, final: bool = False) -> bool:
+    """Validate when this epoch is due, or ``final`` (the last epoch of a budget run); rank 0 scores,
+    every rank learns the outcome. True when the score improved on the best so far, which makes this
+    checkpoint the best one too."""
     every = config.training.val_every_epochs
-    if not (every and (epoch + 1) % every == 0 and data.val):
+    if not (every and ((epoch + 1) % every == 0 or final) and data.val):
         return False
     improved = False
     if ddp.master:
