@@ -16,7 +16,6 @@ record is complete (atomically) or absent, so a killed preparation resumes where
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing
 import os
 import time
