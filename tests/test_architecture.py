@@ -165,7 +165,8 @@ def _definitions(pattern: str) -> set[str]:
      {"training/run_dir.py"}),
     ("data setup from a config", r"config\.data\.(manifest|cache_dir|root)\b", {"data.py"}),
     ("the train/val split into records", r"split_records\(\)", {"data.py"}),
-    ("predict-and-post-process", r"(?<!def )\bpostprocess\(prob", {"inference.py"}),
+    # tune.py post-processes probabilities that inference.py predicted, under many candidate settings
+    ("predict-and-post-process", r"(?<!def )\bpostprocess\(prob", {"inference.py", "tune.py"}),
     ("sliding-window inference", r"predict_probabilities\(model", {"inference.py"}),
 ])
 def test_one_definition_each(what, pattern, home):

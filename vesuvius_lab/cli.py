@@ -351,6 +351,7 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"{runs_dir}: no runs yet (vesuvius-lab train, or notebook 04, writes them)")
     else:
         format_runs(summaries)
+    return 0
 
 
 # --- tune-postprocess ------------------------------------------------------------------------
