@@ -598,14 +598,13 @@ def split_bridges(mask: np.ndarray, prob: np.ndarray | None, threshold: float = 
 # --- closing every remaining tunnel where the probability closes it ---------------------------------
 def close_tunnels(mask: np.ndarray, prob: np.ndarray | None, window: int = 32, max_fill: int = 400,
                   radii: tuple[int, ...] = (1, 2, 3, 5, 8), rounds: int = 3) -> np.ndarray:
-    """Close each tunnel left in the mask (see ``_close_in_window``), window by window (windows of
-    ``window`` and of twice that, so wider holes are found too), adding at most ``max_fill`` voxels
-    per tunnel."""
+    """Close each tunnel left in the mask (see ``_close_in_window``), window by window, adding at
+    most ``max_fill`` voxels per tunnel."""
     out = np.array(mask, dtype=bool, copy=True)
-    p = np.where(out, 1.0, 0.0) if prob is None else np.nan_to_num(np.asarray(prob, dtype=np.float64), nan=0.0)
-    for sl in [*tunnel_windows(out, window), *tunnel_windows(out, 2 * window)]:
+    for sl in tunnel_windows(out, window):
+        p = out[sl].astype(np.float64) if prob is None else np.nan_to_num(np.asarray(prob[sl], dtype=np.float64), nan=0.0)
         for _ in range(rounds):
-            if not _close_in_window(out[sl], p[sl], radii, max_fill):
+            if not _close_in_window(out[sl], p, radii, max_fill):
                 break
     return out
 
@@ -614,7 +613,7 @@ def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], 
     """Close the tunnels of one window in place; True if one went and some remain. Each H1 class
     of the mask, located by cubical persistence of the probability (mask at the bottom of the
     filtration, the rest at -p), dies where the probability closes its hole: there the hole is
-    filled with the voxels, 6-connected to that death voxel within a small box, whose probability
+    filled with the voxels, 6- (else 26-)connected to that death voxel within a small box, whose probability
     reaches the death level (at most ``max_fill`` voxels); or the loop is cut where it was born,
     when it is thin there: whichever changes fewer voxels. A change is kept only when the window's exact Betti numbers say a tunnel went and no component
     or cavity came or went."""
@@ -624,7 +623,10 @@ def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], 
     before = betti(sub)
     if before[1] == 0:
         return False
-    f = np.where(sub, -1.0, -np.minimum(prob, 1.0 - 1e-6))
+    # beyond the reach of a fill the probability does not matter: one value there keeps the
+    # persistence computation small
+    near = ndimage.binary_dilation(sub, structure=np.ones((3, 3, 3), bool), iterations=4)
+    f = np.where(sub, -1.0, np.where(near, -np.minimum(prob, 1.0 - 1e-6), 0.0))
     ph = cripser.computePH(f, maxdim=1)
     pairs = ph[(ph[:, 0] == 1) & (ph[:, 1] <= -1.0) & (ph[:, 2] > -1.0)]
     pairs = pairs[np.argsort(pairs[:, 2])]
@@ -644,10 +646,11 @@ def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], 
             at = tuple(death - lo)
             if not cand[at]:
                 continue
-            labels = cc3d.connected_components(cand.astype(np.uint8), connectivity=6)
-            add = np.zeros(sub.shape, bool)
-            add[box] = labels == labels[at]
-            tries.append(("add", add))
+            for connectivity in (6, 26):  # along the sheet first; across a diagonal gap if it must
+                labels = cc3d.connected_components(cand.astype(np.uint8), connectivity=connectivity)
+                add = np.zeros(sub.shape, bool)
+                add[box] = labels == labels[at]
+                tries.append(("add", add))
         for r in (0, 1, 2):  # a thin loop: cut at its birth, the cheapest first
             lo, hi = np.maximum(birth - r, 0), np.minimum(birth + r + 1, shape)
             cut = np.zeros(sub.shape, bool)
