@@ -244,6 +244,20 @@ def tunnel_windows(mask: np.ndarray, window: int) -> list[tuple[slice, ...]]:
     return found
 
 
+def octant_windows(mask: np.ndarray, window: int) -> list[tuple[slice, ...]]:
+    """``tunnel_windows`` within each of the metric's octants, which count their tunnels,
+    components and cavities apart: a change checked in a window that never straddles an octant's
+    face cannot add a feature to the octant it lies in."""
+    from vesuvius_lab.leaderboard import octant_slices
+
+    found = []
+    for part in octant_slices(mask.shape):
+        off = [s.start for s in part]
+        found += [tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, off, strict=True))
+                  for sl in tunnel_windows(mask[part], window)]
+    return found
+
+
 # --- per-sheet hole filling on a height map ------------------------------------------------------
 FLATNESS = 0.3  # a piece is a sheet when its normal variance is below this share of the next one
 MULTILAYER = 0.25  # ... and at most this share of its height-map cells hold two separate layers
@@ -423,7 +437,7 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
 
     out = np.array(mask, dtype=bool, copy=True)
     cube = np.ones((3, 3, 3), bool)
-    for sl in tunnel_windows(out, window):
+    for sl in octant_windows(out, window):
         sub = out[sl]  # a view: fills land in ``out``
         labels, n = cc3d.connected_components(np.ascontiguousarray(sub, dtype=np.uint8), connectivity=6, return_N=True)
         labels = labels.astype(np.int32)
@@ -601,7 +615,7 @@ def close_tunnels(mask: np.ndarray, prob: np.ndarray | None, window: int = 32, m
     """Close each tunnel left in the mask (see ``_close_in_window``), window by window, adding at
     most ``max_fill`` voxels per tunnel."""
     out = np.array(mask, dtype=bool, copy=True)
-    for sl in tunnel_windows(out, window):
+    for sl in octant_windows(out, window):
         p = out[sl].astype(np.float64) if prob is None else np.nan_to_num(np.asarray(prob[sl], dtype=np.float64), nan=0.0)
         for _ in range(rounds):
             if not _close_in_window(out[sl], p, radii, max_fill):
