@@ -244,18 +244,38 @@ def tunnel_windows(mask: np.ndarray, window: int) -> list[tuple[slice, ...]]:
     return found
 
 
-def octant_windows(mask: np.ndarray, window: int) -> list[tuple[slice, ...]]:
-    """``tunnel_windows`` within each of the metric's octants, which count their tunnels,
-    components and cavities apart: a change checked in a window that never straddles an octant's
-    face cannot add a feature to the octant it lies in."""
+def repair_windows(mask: np.ndarray, window: int) -> list[tuple[tuple[slice, ...], list[tuple[slice, ...]]]]:
+    """Windows to repair, each with the pieces of it in the metric's octants (which count their
+    tunnels, components and cavities apart): first ``tunnel_windows`` within each octant, then those
+    of the whole volume that straddle an octant's face, for holes that lie across one. A change is
+    checked in its window and, when the window straddles a face, in each octant's piece of it."""
     from vesuvius_lab.leaderboard import octant_slices
 
+    octants = octant_slices(mask.shape)
     found = []
-    for part in octant_slices(mask.shape):
+    for part in octants:
         off = [s.start for s in part]
-        found += [tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, off, strict=True))
+        found += [(tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, off, strict=True)), [])
                   for sl in tunnel_windows(mask[part], window)]
+    for sl in tunnel_windows(mask, window):
+        pieces = []
+        for part in octants:
+            lo = [max(a.start, b.start) for a, b in zip(sl, part, strict=True)]
+            hi = [min(a.stop, b.stop) for a, b in zip(sl, part, strict=True)]
+            if all(h > l for l, h in zip(lo, hi, strict=True)):
+                pieces.append(tuple(slice(l - a.start, h - a.start) for l, h, a in zip(lo, hi, sl, strict=True)))
+        if len(pieces) > 1:
+            found.append((sl, pieces))
     return found
+
+
+def _octants_keep(before: np.ndarray, after: np.ndarray, pieces: list[tuple[slice, ...]]) -> bool:
+    """No octant piece of a window gains a component, tunnel or cavity from the change."""
+    for piece in pieces:
+        b, a = betti(before[piece]), betti(after[piece])
+        if a[0] > b[0] or a[1] > b[1] or a[2] > b[2]:
+            return False
+    return True
 
 
 # --- per-sheet hole filling on a height map ------------------------------------------------------
@@ -437,7 +457,7 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
 
     out = np.array(mask, dtype=bool, copy=True)
     cube = np.ones((3, 3, 3), bool)
-    for sl in octant_windows(out, window):
+    for sl, pieces in repair_windows(out, window):
         sub = out[sl]  # a view: fills land in ``out``
         labels, n = cc3d.connected_components(np.ascontiguousarray(sub, dtype=np.uint8), connectivity=6, return_N=True)
         labels = labels.astype(np.int32)
@@ -470,7 +490,8 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                 parts = [blobs == b for b in range(1, n_blobs + 1)] if n_blobs > 1 else []
                 for blob in [*parts, add]:  # the whole fill last: blobs that only together close a hole
                     after = betti(piece | blob)
-                    if after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]:
+                    if (after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]
+                            and _octants_keep(sub, sub | blob, pieces)):
                         piece |= blob
                         sub |= blob
                         before = after
@@ -615,15 +636,16 @@ def close_tunnels(mask: np.ndarray, prob: np.ndarray | None, window: int = 32, m
     """Close each tunnel left in the mask (see ``_close_in_window``), window by window, adding at
     most ``max_fill`` voxels per tunnel."""
     out = np.array(mask, dtype=bool, copy=True)
-    for sl in octant_windows(out, window):
+    for sl, pieces in repair_windows(out, window):
         p = out[sl].astype(np.float64) if prob is None else np.nan_to_num(np.asarray(prob[sl], dtype=np.float64), nan=0.0)
         for _ in range(rounds):
-            if not _close_in_window(out[sl], p, radii, max_fill):
+            if not _close_in_window(out[sl], p, radii, max_fill, pieces):
                 break
     return out
 
 
-def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], max_fill: int) -> bool:
+def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], max_fill: int,
+                     pieces: list[tuple[slice, ...]]) -> bool:
     """Close the tunnels of one window in place; True if one went and some remain. Each H1 class
     of the mask, located by cubical persistence of the probability (mask at the bottom of the
     filtration, the rest at -p), dies where the probability closes its hole: there the hole is
@@ -678,7 +700,8 @@ def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], 
                 continue
             trial = sub | change if kind == "add" else sub & ~change
             after = betti(trial)
-            if after[1] < before[1] and after[0] == before[0] and after[2] == before[2]:
+            if (after[1] < before[1] and after[0] == before[0] and after[2] == before[2]
+                    and _octants_keep(sub, trial, pieces)):
                 sub[...] = trial
                 before = after
                 changed = True
