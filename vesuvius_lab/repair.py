@@ -244,11 +244,13 @@ def tunnel_windows(mask: np.ndarray, window: int) -> list[tuple[slice, ...]]:
     return found
 
 
-def repair_windows(mask: np.ndarray, window: int) -> list[tuple[tuple[slice, ...], list[tuple[slice, ...]]]]:
+def repair_windows(mask: np.ndarray, window: int,
+                   across: bool = True) -> list[tuple[tuple[slice, ...], list[tuple[slice, ...]]]]:
     """Windows to repair, each with the pieces of it in the metric's octants (which count their
-    tunnels, components and cavities apart): first ``tunnel_windows`` within each octant, then those
-    of the whole volume that straddle an octant's face, for holes that lie across one. A change is
-    checked in its window and, when the window straddles a face, in each octant's piece of it."""
+    tunnels, components and cavities apart): first ``tunnel_windows`` within each octant, then, with
+    ``across``, those of the whole volume that straddle an octant's face, for holes that lie across
+    one. A change is checked in its window and, when the window straddles a face, in each octant's
+    piece of it."""
     from vesuvius_lab.leaderboard import octant_slices
 
     octants = octant_slices(mask.shape)
@@ -257,7 +259,7 @@ def repair_windows(mask: np.ndarray, window: int) -> list[tuple[tuple[slice, ...
         off = [s.start for s in part]
         found += [(tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, off, strict=True)), [])
                   for sl in tunnel_windows(mask[part], window)]
-    for sl in tunnel_windows(mask, window):
+    for sl in tunnel_windows(mask, window) if across else []:
         pieces = []
         for part in octants:
             lo = [max(a.start, b.start) for a, b in zip(sl, part, strict=True)]
@@ -457,7 +459,7 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
 
     out = np.array(mask, dtype=bool, copy=True)
     cube = np.ones((3, 3, 3), bool)
-    for sl, pieces in repair_windows(out, window):
+    for sl, pieces in repair_windows(out, window, across=False):  # a fill across a face risked cavities
         sub = out[sl]  # a view: fills land in ``out``
         labels, n = cc3d.connected_components(np.ascontiguousarray(sub, dtype=np.uint8), connectivity=6, return_N=True)
         labels = labels.astype(np.int32)
