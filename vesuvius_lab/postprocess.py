@@ -21,7 +21,7 @@ from vesuvius_lab.errors import ConfigError
 
 METHODS = ("threshold", "hysteresis")
 # the steps after binarisation, in the order a config lists them (postprocess.repair)
-REPAIR_STEPS = ("remove_small_components", "fill_cavities", "plug_pinholes", "fill_sheet_holes", "split_bridges")
+REPAIR_STEPS = ("remove_small_components", "fill_cavities", "plug_pinholes", "fill_sheet_holes", "close_tunnels", "split_bridges")
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,18 @@ def _fill_sheet_holes(mask: np.ndarray, prob: np.ndarray, cfg: PostprocessConfig
     return fill_sheet_holes(mask, cfg.hole_window, cfg.max_hole_area)
 
 
+def _close_tunnels(mask: np.ndarray, prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    from vesuvius_lab.repair import close_tunnels
+
+    return close_tunnels(mask, prob, cfg.hole_window, cfg.max_hole_area)
+
+
 # step name -> (mask, probability, config) -> mask
 STEPS: dict[str, Callable[[np.ndarray, np.ndarray, PostprocessConfig], np.ndarray]] = {
     "remove_small_components": lambda mask, prob, cfg: remove_small_components(mask, cfg.min_component_size),
     "fill_cavities": lambda mask, prob, cfg: fill_cavities(mask),
     "plug_pinholes": _plug_pinholes,
     "fill_sheet_holes": _fill_sheet_holes,
+    "close_tunnels": _close_tunnels,
     "split_bridges": _split_bridges,
 }

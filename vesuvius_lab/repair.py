@@ -244,6 +244,42 @@ def tunnel_windows(mask: np.ndarray, window: int) -> list[tuple[slice, ...]]:
     return found
 
 
+def repair_windows(mask: np.ndarray, window: int,
+                   across: bool = True) -> list[tuple[tuple[slice, ...], list[tuple[slice, ...]]]]:
+    """Windows to repair, each with the pieces of it in the metric's octants (which count their
+    tunnels, components and cavities apart): first ``tunnel_windows`` within each octant, then, with
+    ``across``, those of the whole volume that straddle an octant's face, for holes that lie across
+    one. A change is checked in its window and, when the window straddles a face, in each octant's
+    piece of it."""
+    from vesuvius_lab.leaderboard import octant_slices
+
+    octants = octant_slices(mask.shape)
+    found = []
+    for part in octants:
+        off = [s.start for s in part]
+        found += [(tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, off, strict=True)), [])
+                  for sl in tunnel_windows(mask[part], window)]
+    for sl in tunnel_windows(mask, window) if across else []:
+        pieces = []
+        for part in octants:
+            lo = [max(a.start, b.start) for a, b in zip(sl, part, strict=True)]
+            hi = [min(a.stop, b.stop) for a, b in zip(sl, part, strict=True)]
+            if all(h > l for l, h in zip(lo, hi, strict=True)):
+                pieces.append(tuple(slice(l - a.start, h - a.start) for l, h, a in zip(lo, hi, sl, strict=True)))
+        if len(pieces) > 1:
+            found.append((sl, pieces))
+    return found
+
+
+def _octants_keep(before: np.ndarray, after: np.ndarray, pieces: list[tuple[slice, ...]]) -> bool:
+    """No octant piece of a window gains a component, tunnel or cavity from the change."""
+    for piece in pieces:
+        b, a = betti(before[piece]), betti(after[piece])
+        if a[0] > b[0] or a[1] > b[1] or a[2] > b[2]:
+            return False
+    return True
+
+
 # --- per-sheet hole filling on a height map ------------------------------------------------------
 FLATNESS = 0.3  # a piece is a sheet when its normal variance is below this share of the next one
 MULTILAYER = 0.25  # ... and at most this share of its height-map cells hold two separate layers
@@ -362,6 +398,46 @@ def euler_characteristic(m):
     return chi
 
 
+@nb.njit(**_JIT)
+def label_euler(labels, n):
+    """Euler characteristic of each label's V-construction complex (index = label, 0 unused), in
+    one pass: a cell whose voxels are all foreground lies in one 6-connected component."""
+    Z, Y, X = labels.shape
+    chi = np.zeros(n + 1, np.int64)
+    for z in range(Z):
+        for y in range(Y):
+            for x in range(X):
+                lab = labels[z, y, x]
+                if lab == 0:
+                    continue
+                c = 1
+                a = z + 1 < Z and labels[z + 1, y, x] != 0
+                b = y + 1 < Y and labels[z, y + 1, x] != 0
+                d = x + 1 < X and labels[z, y, x + 1] != 0
+                c -= a + b + d
+                ab = a and b and labels[z + 1, y + 1, x] != 0
+                ad = a and d and labels[z + 1, y, x + 1] != 0
+                bd = b and d and labels[z, y + 1, x + 1] != 0
+                c += ab + ad + bd
+                if ab and ad and bd and labels[z + 1, y + 1, x + 1] != 0:
+                    c -= 1
+                chi[lab] += c
+    return chi
+
+
+def piece_tunnels(labels: np.ndarray, n: int) -> np.ndarray | None:
+    """beta1 of each 6-connected piece of a labelled window (index = label), from its Euler
+    characteristic (beta1 = 1 + beta2 - chi); None when the window encloses a cavity, whose piece
+    this cheap count cannot tell."""
+    import cc3d
+
+    bg, n_bg = cc3d.connected_components(np.pad((labels == 0).astype(np.uint8), 1, constant_values=1),
+                                         connectivity=26, return_N=True)
+    if n_bg > 1:
+        return None
+    return 1 - label_euler(labels, n)
+
+
 def betti(mask: np.ndarray) -> tuple[int, int, int]:
     """Exact (beta0, beta1, beta2) of the V-construction complex of a small mask, cheaply: beta0
     the 6-components, beta2 the 26-components of the background that do not reach the border,
@@ -383,12 +459,15 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
 
     out = np.array(mask, dtype=bool, copy=True)
     cube = np.ones((3, 3, 3), bool)
-    for sl in tunnel_windows(out, window):
+    for sl, pieces in repair_windows(out, window, across=False):  # a fill across a face risked cavities
         sub = out[sl]  # a view: fills land in ``out``
         labels, n = cc3d.connected_components(np.ascontiguousarray(sub, dtype=np.uint8), connectivity=6, return_N=True)
         labels = labels.astype(np.int32)
         near_hi = near_lo = None
+        tunnels = piece_tunnels(labels, n)
         for c in range(1, n + 1):
+            if tunnels is not None and tunnels[c] <= 0:
+                continue
             piece = labels == c
             before = betti(piece)
             if before[1] == 0:
@@ -413,7 +492,8 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                 parts = [blobs == b for b in range(1, n_blobs + 1)] if n_blobs > 1 else []
                 for blob in [*parts, add]:  # the whole fill last: blobs that only together close a hole
                     after = betti(piece | blob)
-                    if after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]:
+                    if (after[1] < before[1] and after[0] <= before[0] and after[2] <= before[2]
+                            and _octants_keep(sub, sub | blob, pieces)):
                         piece |= blob
                         sub |= blob
                         before = after
@@ -550,3 +630,84 @@ def split_bridges(mask: np.ndarray, prob: np.ndarray | None, threshold: float = 
     seeds = np.where(keep[seeds], seeds, 0).astype(np.int32)
     lab = _geodesic_partition(m, seeds, _N26_OFFSETS)
     return m & ~_seams(lab, _N26_OFFSETS)
+
+
+# --- closing every remaining tunnel where the probability closes it ---------------------------------
+def close_tunnels(mask: np.ndarray, prob: np.ndarray | None, window: int = 32, max_fill: int = 400,
+                  radii: tuple[int, ...] = (1, 2, 3, 5, 8), rounds: int = 3) -> np.ndarray:
+    """Close each tunnel left in the mask (see ``_close_in_window``), window by window, adding at
+    most ``max_fill`` voxels per tunnel."""
+    out = np.array(mask, dtype=bool, copy=True)
+    for sl, pieces in repair_windows(out, window):
+        p = out[sl].astype(np.float64) if prob is None else np.nan_to_num(np.asarray(prob[sl], dtype=np.float64), nan=0.0)
+        for _ in range(rounds):
+            if not _close_in_window(out[sl], p, radii, max_fill, pieces):
+                break
+    return out
+
+
+def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], max_fill: int,
+                     pieces: list[tuple[slice, ...]]) -> bool:
+    """Close the tunnels of one window in place; True if one went and some remain. Each H1 class
+    of the mask, located by cubical persistence of the probability (mask at the bottom of the
+    filtration, the rest at -p), dies where the probability closes its hole: there the hole is
+    filled with the voxels, 6- (else 26-)connected to that death voxel within a small box, whose probability
+    reaches the death level (at most ``max_fill`` voxels); or the loop is cut where it was born,
+    when it is thin there: whichever changes fewer voxels. A change is kept only when the window's exact Betti numbers say a tunnel went and no component
+    or cavity came or went."""
+    import cc3d
+    import cripser
+
+    before = betti(sub)
+    if before[1] == 0:
+        return False
+    # beyond the reach of a fill the probability does not matter: one value there keeps the
+    # persistence computation small
+    near = ndimage.binary_dilation(sub, structure=np.ones((3, 3, 3), bool), iterations=4)
+    f = np.where(sub, -1.0, np.where(near, -np.minimum(prob, 1.0 - 1e-6), 0.0))
+    ph = cripser.computePH(f, maxdim=1)
+    pairs = ph[(ph[:, 0] == 1) & (ph[:, 1] <= -1.0) & (ph[:, 2] > -1.0)]
+    pairs = pairs[np.argsort(pairs[:, 2])]
+    shape = np.array(sub.shape)
+    interior = np.zeros(sub.shape, bool)
+    interior[1:-1, 1:-1, 1:-1] = True  # never next to voxels outside the window: no merges unseen
+    changed = False
+    for row in pairs:
+        level = -row[2]
+        death = row[6:9].astype(np.int64)
+        birth = row[3:6].astype(np.int64)
+        tries = []
+        for r in radii:
+            lo, hi = np.maximum(death - r, 0), np.minimum(death + r + 1, shape)
+            box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+            cand = (prob[box] >= level) & ~sub[box] & interior[box]
+            at = tuple(death - lo)
+            if not cand[at]:
+                continue
+            for connectivity in (6, 26):  # along the sheet first; across a diagonal gap if it must
+                labels = cc3d.connected_components(cand.astype(np.uint8), connectivity=connectivity)
+                add = np.zeros(sub.shape, bool)
+                add[box] = labels == labels[at]
+                tries.append(("add", add))
+        for r in (0, 1, 2):  # a thin loop: cut at its birth, the cheapest first
+            lo, hi = np.maximum(birth - r, 0), np.minimum(birth + r + 1, shape)
+            cut = np.zeros(sub.shape, bool)
+            cut[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = True
+            cut &= sub & interior
+            if cut.any():
+                tries.append(("cut", cut))
+        tries.sort(key=lambda t: int(t[1].sum()))  # the fewest voxels changed first: a thin loop is cut
+        for kind, change in tries:
+            if kind == "add" and change.sum() > max_fill:
+                continue
+            trial = sub | change if kind == "add" else sub & ~change
+            after = betti(trial)
+            if (after[1] < before[1] and after[0] == before[0] and after[2] == before[2]
+                    and _octants_keep(sub, trial, pieces)):
+                sub[...] = trial
+                before = after
+                changed = True
+                break
+        if before[1] == 0:
+            return False
+    return changed

@@ -30,16 +30,17 @@ from vesuvius_lab.errors import ConfigError, DataError, VLabError
 from vesuvius_lab.postprocess import PostprocessConfig, postprocess
 
 PARTS = ("score", "topo", "surface_dice", "voi_score")
-FULL_REPAIR = ["plug_pinholes", "fill_sheet_holes", "plug_pinholes"]
+FULL_REPAIR = ["plug_pinholes", "fill_sheet_holes", "plug_pinholes", "close_tunnels"]
 # the grid searched when none is given: threshold, then the repair steps and their main knob
 DEFAULT_GRID: dict[str, list] = {
-    "threshold": [0.4, 0.5, 0.6],
-    "repair": [[], ["plug_pinholes"], FULL_REPAIR, [*FULL_REPAIR, "split_bridges", "remove_small_components"]],
-    "hole_window": [24, 32, 48],
+    "threshold": [0.45, 0.5, 0.55, 0.6],
+    "repair": [[], ["plug_pinholes"], FULL_REPAIR[:3], FULL_REPAIR, [*FULL_REPAIR, "split_bridges", "remove_small_components"]],
+    "hole_window": [24, 32],
 }
 # the keys that matter only when their step runs (settings differing only in them are the same)
 STEP_KEYS = {
     "fill_sheet_holes": ("hole_window", "max_hole_area"),
+    "close_tunnels": ("hole_window", "max_hole_area"),
     "split_bridges": ("split_threshold", "split_depth", "split_min_core"),
     "remove_small_components": ("min_component_size",),
 }

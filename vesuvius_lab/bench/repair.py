@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-DEFAULT_REPAIR = ["plug_pinholes", "fill_sheet_holes", "plug_pinholes", "split_bridges", "remove_small_components"]
+DEFAULT_REPAIR = ["plug_pinholes", "fill_sheet_holes", "plug_pinholes", "close_tunnels", "split_bridges",
+                  "remove_small_components"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
