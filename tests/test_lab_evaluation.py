@@ -36,10 +36,10 @@ def _holed_sheet_result():
     from vesuvius_lab.evaluate import VolumeResult
 
     label = np.zeros((24, 40, 40), np.uint8)
-    label[10:13] = 1  # a sheet three voxels thick
+    label[6:9] = 1  # a sheet three voxels thick, below the metric's octant face at z = 12
     label[:, :, :2] = 2
     prob = np.where(label == 1, 0.9, 0.05).astype(np.float32)
-    prob[10:13, 8:12, 8:12] = 0.1  # a hole through it, inside one of the metric's octants
+    prob[6:9, 8:12, 8:12] = 0.1  # a hole through it, inside one of the metric's octants
     image = np.where(label == 1, 200, 30).astype(np.uint8)
     mask = (prob > 0.5).astype(np.uint8)
     return VolumeResult("v1", image, label, prob, mask, {})
@@ -68,8 +68,8 @@ def test_repair_view_colours_added_voxels_green(viewer, artifacts):
     evaluation.show_repair(viewer, result, comparison)
     assert [layer.name for layer in viewer.layers] == ["v1 image", "ground truth", "prediction (before repair)",
                                                         "repair (added green, removed magenta)"]
-    assert viewer.layers[-1].data[11, 10, 10] == evaluation.ADDED and viewer.layers[-1].data[11, 30, 30] == 0
-    viewer.dims.set_point(0, 11)
+    assert viewer.layers[-1].data[7, 10, 10] == evaluation.ADDED and viewer.layers[-1].data[7, 30, 30] == 0
+    viewer.dims.set_point(0, 7)
     viewer.reset_view()
     shot = artifacts / "evaluate-repair.png"
     viewer.screenshot(path=str(shot), canvas_only=True)

@@ -33,7 +33,7 @@ def prob_folders(tmp_path):
         label[18:21] = 1
         label[:, :, -2:] = 2
         prob = np.where(label == 1, 0.8, 0.1) + rng.uniform(-0.05, 0.05, label.shape)
-        prob[6 + k : 9 + k, 12:16, 12:16] = 0.2  # a hole through the first sheet
+        prob[6 + k : 9 + k, 10:14, 10:14] = 0.2  # a hole through the first sheet, inside one of the metric's octants
         prob[12:14, 4:6, 24:26] = 0.45  # debris between the sheets, above some thresholds
         np.save(prob_dir / f"{rid}.npy", prob.astype(np.float32))
         write_volume(label_dir / f"{rid}.tif", label)

@@ -87,6 +87,8 @@ class Batches:
             return next(self._it)
         finally:
             timer.cancel()
+            if self.hung:  # the deadline fired: its kill and reaping finish before the error goes on
+                timer.join()
 
     def _expire(self) -> None:
         self.hung = True
