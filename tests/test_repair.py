@@ -55,6 +55,22 @@ def test_holes_wider_than_the_limits_stay():
     assert betti_numbers(fill_sheet_holes(holed, window=32, max_hole_area=400))[1] == 0
 
 
+def test_a_wide_hole_in_a_bent_sheet_is_filled_and_joined_to_the_sheet():
+    """A hole 16 voxels across in a bent sheet: the fill, a slab in the sheet's mean frame, meets the
+    sheet around the rim at edges and corners only (each gap a new tunnel) unless it is sealed."""
+    label = tilted_sheet(shape=(96, 96, 96), centre=24, tilt=(0.3, -0.2), bend=0.01)
+    holed = punch(label, (22, 22), 8)  # inside the first octant (48 voxels)
+    assert betti_numbers(holed) == (1, 1, 0)
+    out = fill_sheet_holes(holed, window=48, max_hole_area=3000)
+    assert betti_numbers(out) == (1, 0, 0)
+    added = out & ~holed
+    assert not (holed & ~out).any()
+    assert (added & label).sum() >= 0.95 * added.sum()  # the fill lies in the sheet
+    assert (added & label).sum() >= 0.6 * (label & ~holed).sum()  # and covers most of the hole
+    before, after = (volume_score(m.astype(np.uint8), label.astype(np.uint8)) for m in (holed, out))
+    assert after.topo == 1.0 and after.score > before.score + 0.1
+
+
 def test_a_hole_the_probability_nearly_closes_is_closed_where_it_closes():
     """The sheet's hole still has probability 0.4 (under the 0.5 threshold), the background around
     the sheet 0.45 off it by two voxels: the fill takes the hole's voxels, not the brighter halo."""

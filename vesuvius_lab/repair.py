@@ -485,7 +485,7 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                 add = fill()
                 if add is None:
                     continue
-                add |= _pockets(piece | add) & ~forbidden  # a fill may close off a pocket: it is filled too
+                add = _seal(piece, add, forbidden)
                 # each separate blob of the fill is kept only if it removes a tunnel by itself, so a
                 # closing does not thicken the sheet where it has no hole
                 blobs, n_blobs = cc3d.connected_components(add.astype(np.uint8), connectivity=26, return_N=True)
@@ -524,6 +524,19 @@ def _in_box(fill, piece: np.ndarray, forbidden: np.ndarray, box: tuple[slice, ..
     out = np.zeros(piece.shape, bool)
     out[box] = add
     return out
+
+
+def _seal(piece: np.ndarray, add: np.ndarray, forbidden: np.ndarray) -> np.ndarray:
+    """A fill joined to its sheet: where a curved sheet leaves the fill's slab, the two meet at
+    edges and corners only, a ring of one-voxel gaps each of them a new tunnel. A closing along the
+    faces (one voxel) and the pinhole plug seal them, within two voxels of the fill; the pockets the
+    fill closes off are filled too. Never sets a ``forbidden`` voxel."""
+    near = ndimage.binary_dilation(add, structure=np.ones((3, 3, 3), bool), iterations=2) & ~piece & ~forbidden
+    grown = np.pad(piece | add, 1, mode="edge")
+    closed = ndimage.binary_closing(grown, structure=ndimage.generate_binary_structure(3, 1))[1:-1, 1:-1, 1:-1]
+    add = add | (closed & near)
+    add |= plug_pinholes(piece | add) & near
+    return add | (_pockets(piece | add) & ~forbidden)
 
 
 def _pockets(mask: np.ndarray) -> np.ndarray:
