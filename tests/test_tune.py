@@ -101,6 +101,7 @@ def test_bad_input_is_one_line(cli, prob_folders, tmp_path):
         (("--prob", prob_dir, "--labels", label_dir, "--grid", "repair=[[close]]"), "postprocess.repair: 'close' is not one of"),
         (("--prob", prob_dir, "--labels", tmp_path / "nowhere"), "label folder not found"),
         (("--prob", prob_dir, "--labels", label_dir, "--apply", tmp_path / "x.yaml"), "--apply needs --config CFG"),
+        (("--prob", prob_dir, "--labels", label_dir, "--tta"), "--tta predicts a run's volumes: give a RUN_DIR"),
     ]
     for args, message in cases:
         code, out, err = cli("tune-postprocess", *args)
@@ -135,6 +136,17 @@ def test_a_tiny_run_is_predicted_once_and_tuned_by_the_metric(tiny_root, tmp_pat
     assert result["best"]["postprocess"]["threshold"] == max(metric, key=metric.get)
     code, out, _ = cli(*args)  # again: the cached probabilities serve
     assert code == 0 and [p.stat().st_mtime_ns for p in cached] == stamps
+    # with mirror TTA: predicted again, scored as evaluate scores them with val.tta=true, and applied
+    out_cfg = tmp_path / "tta.yaml"
+    code, out, err = cli("tune-postprocess", run, "--tta", "--grid", "threshold=[0.45]", "--eta", "0", "--json",
+                         "--apply", out_cfg)
+    assert code == 0 and not err
+    assert [p.stat().st_mtime_ns for p in cached] != stamps
+    assert json.loads((run / "tune" / "probabilities.json").read_text())["val"]["tta"] is True
+    row = next(r for r in json.loads(out[-1])["rows"] if r["setting"].get("threshold") == 0.45)
+    tta = evaluate_checkpoint(run / "checkpoints" / "best.pt", overrides=["val.tta=true", "postprocess.threshold=0.45"])
+    assert row["score"] == pytest.approx(mean_scores(tta)["score"], abs=1e-9)
+    assert load_config(out_cfg).val.tta is True
 
 
 @pytest.mark.slow

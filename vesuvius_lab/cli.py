@@ -370,6 +370,8 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="for the probabilities: cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the table and the best setting as one JSON object")
     p.add_argument("--apply", type=Path, metavar="OUT.yaml", help="write the config with the best setting")
+    p.add_argument("--tta", action="store_true",
+                   help="the run's probabilities with mirror test-time augmentation (val.tta=true; --apply writes it too)")
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -385,19 +387,22 @@ def _tune(args: argparse.Namespace) -> int:
         raise VLabError("--prob needs --labels DIR")
     if args.jobs is not None and args.jobs < 1:
         raise VLabError(f"--jobs {args.jobs}: need at least 1")
+    if args.tta and args.run_dir is None:
+        raise VLabError("--tta predicts a run's volumes: give a RUN_DIR (--prob folders are already predicted)")
     grid = parse_grid(args.grid) if args.grid else None
     source = args.config or (args.run_dir / "config.yaml" if args.run_dir is not None else None)
     if args.apply and (source is None or not source.is_file()):
         raise VLabError(f"--apply needs the config to copy: {source} not found" if source else "--apply needs --config CFG")
     base = load_config(args.config).postprocess if args.config else PostprocessConfig()
     if args.run_dir is not None:
-        volumes, stored = run_probabilities(args.run_dir, args.cache, args.checkpoint, args.device, progress=not args.json)
+        volumes, stored = run_probabilities(args.run_dir, args.cache, args.checkpoint, args.device, progress=not args.json,
+                                            overrides=["val.tta=true"] if args.tta else [])
         base = base if args.config else stored
     else:
         volumes = folder_volumes(args.prob, args.labels)
     result = tune(volumes, base, grid, eta=args.eta, jobs=args.jobs, progress=True)
     if args.apply:
-        rewrite_config(source, args.apply, {"postprocess": result["best"]["setting"]})
+        rewrite_config(source, args.apply, {"postprocess": result["best"]["setting"], **({"val": {"tta": True}} if args.tta else {})})
         result["applied"] = str(args.apply)
     if args.json:
         print(json.dumps(result))

@@ -63,10 +63,11 @@ def _file_signature(path: Path) -> dict:
 
 def run_probabilities(run_dir: str | os.PathLike, cache: str | os.PathLike | None = None,
                       checkpoint: str | os.PathLike | None = None, device: str | None = None,
-                      progress: bool = True) -> tuple[list[Volume], PostprocessConfig]:
+                      progress: bool = True, overrides: Sequence[str] = ()) -> tuple[list[Volume], PostprocessConfig]:
     """The validation volumes of a run with its checkpoint's probabilities, and the checkpoint's
     post-processing. The probabilities are computed once: they are kept in ``cache`` (default
-    RUN_DIR/tune) with a signature of the checkpoint, recomputed only when it or the volumes change."""
+    RUN_DIR/tune) with a signature of the checkpoint and its inference settings (``overrides``
+    change them, e.g. ``val.tta=true``), recomputed only when one of them or the volumes change."""
     import torch
 
     from vesuvius_lab.data import open_data
@@ -80,7 +81,7 @@ def run_probabilities(run_dir: str | os.PathLike, cache: str | os.PathLike | Non
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no checkpoint (train the run first, or pass --checkpoint)")
     folder = Path(cache) if cache else run.root / "tune"
-    model, config = model_from_checkpoint(ckpt)
+    model, config = model_from_checkpoint(ckpt, overrides)
     data = open_data(config)
     records = data.val
     if not records:
