@@ -213,9 +213,10 @@ def test_predict_volume_runs_the_configured_repair():
 def test_bench_repair_json(cli):
     import json
 
-    code, out, err = cli("bench", "repair", "--json", "--size", "48", "--volumes", "1")
+    code, out, err = cli("bench", "repair", "--json", "--size", "48", "--volumes", "1", "--hole-window", "24")
     assert code == 0, err
     result = json.loads(out[-1])
+    assert result["hole_window"] == 24
     assert result["repair_cpu_seconds_per_volume"] > 0 and result["baseline_cpu_seconds_per_volume"] > 0
     assert set(result["steps_cpu_seconds"]) >= {"plug_pinholes", "fill_sheet_holes", "split_bridges"}
     assert result["ratio_to_baseline"] == round(result["repair_cpu_seconds_per_volume"] / result["baseline_cpu_seconds_per_volume"], 2)

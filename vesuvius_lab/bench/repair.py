@@ -36,6 +36,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repair", default=",".join(DEFAULT_REPAIR), help="comma-separated repair steps (default: all)")
     p.add_argument("--min-component-size", type=int, default=50)
+    p.add_argument("--hole-window", type=int, default=32, help="postprocess.hole_window (default 32; demo_repair.yaml: 48)")
 
 
 _CHILD = r"""
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
 
     steps = [s for s in args.repair.split(",") if s]
     base_cfg = {"threshold": 0.5, "min_component_size": args.min_component_size, "close_holes": True}
-    repair_cfg = {**base_cfg, "repair": steps}
+    repair_cfg = {**base_cfg, "repair": steps, "hole_window": args.hole_window}
     from vesuvius_lab.postprocess import PostprocessConfig
 
     PostprocessConfig(**repair_cfg)  # a bad step name is one line before any work
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         "size": args.size,
         "volumes": args.volumes,
         "repair": steps,
+        "hole_window": args.hole_window,
         "cores_used": 1,
         "baseline_cpu_seconds_per_volume": base_cpu,
         "baseline_seconds_per_volume": median(base_rows, "seconds"),
