@@ -14,10 +14,12 @@ ones the competition's top teams wrote by hand, on the metric's own topology (fo
   from PCA, its surface becomes a height map over the sheet plane (the lowest and highest offset
   along the normal per cell, i.e. its position and local thickness), the enclosed empty cells of
   that map are the holes, and they are filled by interpolating the map across them (harmonic, from
-  the rim). Holes the map misses (too small, too oblique, or between two merged sheets) get the
-  sheet's own closing with a ball of radius 1, 2, then 3; pockets a fill closes off are filled with
-  it. A fill is kept only if the exact Betti numbers of the sheet say a tunnel went and nothing
-  split or became a cavity; it never touches another sheet.
+  the rim), then sealed to the sheet (a one-voxel face closing and the pinhole plug around the
+  fill: on a bent sheet the slab meets the rim at edges and corners only). Holes the map misses
+  (too small, too oblique, or between two merged sheets) get the sheet's own closing with a ball
+  of radius 1, 2, then 3; pockets a fill closes off are filled with it. A fill is kept only if
+  the exact Betti numbers of the sheet say a tunnel went and nothing split or became a cavity; it
+  never touches another sheet.
 * ``split_bridges``: cores (the mask where the probability is high and the sheet is thick) seed a
   geodesic partition of each component; where two cores' regions meet, the seam is removed, so the
   sheets they belong to are no longer 26-connected.
@@ -591,8 +593,8 @@ def _closing_fill(piece: np.ndarray, forbidden: np.ndarray, radius: int) -> np.n
     """The voxels a closing with a ball of ``radius`` adds to one sheet, away from other sheets."""
     import edt
 
-    # the ball x^2 + y^2 + z^2 <= r^2 + r; dilation and erosion by squared distances (exactly
-    # ndimage.binary_closing with that ball, at a fraction of its cost)
+    # the ball x^2 + y^2 + z^2 <= r^2 + r; dilation and erosion by squared distances (the same mask
+    # as ndimage.binary_closing with that ball, 1.6x faster on a 56^3 box)
     reach = radius * radius + radius
     padded = np.pad(piece, radius + 1, mode="edge")  # the sheet goes on beyond the window: no border effects
     grown = edt.edtsq(np.ascontiguousarray(~padded, dtype=np.uint8), black_border=False) <= reach
