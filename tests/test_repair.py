@@ -132,6 +132,23 @@ def test_pinhole_plugging_does_not_join_parallel_sheets():
     assert np.array_equal(plug_pinholes(two), two)
 
 
+def test_later_plugging_sweeps_that_read_only_changed_neighbourhoods_match_full_sweeps():
+    from vesuvius_lab import repair
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((40, 40, 40)) < 0.55  # dense noise: plugs in every sweep, and pockets
+    m = np.pad(mask, 1).astype(np.uint8)
+    added, scratch = np.empty(1 << 16, np.int64), np.zeros(m.shape, np.uint8)
+    per_sweep = []
+    for _ in range(3):  # the reference: every sweep reads every voxel
+        n = repair._plug_sweep(m, np.zeros((0, 0, 0), np.uint8), repair._N18, repair._N26, repair._FACES,
+                               repair._ADJ6_IN_N18, repair._ADJ26_IN_N26, added)
+        per_sweep.append(n)
+        repair._fill_pockets(m, added[:n], repair._N26_OFFSETS, 64, scratch)
+    assert per_sweep[1] > 0 and per_sweep[2] > 0  # the later sweeps had work to do
+    assert np.array_equal(plug_pinholes(mask, passes=3), m[1:-1, 1:-1, 1:-1].astype(bool))
+
+
 def test_two_sheets_joined_by_a_one_voxel_bridge_are_split():
     mask = np.zeros((32, 32, 32), bool)
     mask[3:6] = True

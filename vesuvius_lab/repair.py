@@ -108,10 +108,14 @@ def _components(present, positions, adjacency, seeds_only, seeds, label, stack):
 
 
 @nb.njit(**_JIT)
-def _plug_sweep(m, n18, n26, faces, adj6, adj26, added):
+def _plug_sweep(m, dirty, n18, n26, faces, adj6, adj26, added):
     """Fill, in place and in raster order, background voxels with T6(fg) = 1 and T26(bg) >= 2;
-    their flat indices go to ``added``; returns how many."""
+    their flat indices go to ``added``; returns how many. With a ``dirty`` array (else one of
+    size 0), only voxels marked there are looked at, and the neighbours of each fill are marked:
+    the verdict depends on the 3x3x3 neighbourhood alone, so a voxel whose neighbourhood did not
+    change since it was last looked at keeps it."""
     Z, Y, X = m.shape
+    only_dirty = dirty.size > 0
     fg = np.zeros(27, np.bool_)
     bg = np.zeros(27, np.bool_)
     label = np.empty(27, np.int64)
@@ -121,6 +125,8 @@ def _plug_sweep(m, n18, n26, faces, adj6, adj26, added):
         for y in range(1, Y - 1):
             for x in range(1, X - 1):
                 if m[z, y, x]:
+                    continue
+                if only_dirty and not dirty[z, y, x]:
                     continue
                 faces_on = (m[z - 1, y, x] + m[z + 1, y, x] + m[z, y - 1, x] + m[z, y + 1, x]
                             + m[z, y, x - 1] + m[z, y, x + 1])
@@ -145,6 +151,8 @@ def _plug_sweep(m, n18, n26, faces, adj6, adj26, added):
                     continue
                 if _components(fg, n18, adj6, True, faces, label, stack) == 1:
                     m[z, y, x] = 1
+                    if only_dirty:
+                        dirty[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2] = 1
                     if count < added.shape[0]:
                         added[count] = (z * Y + y) * X + x
                     count += 1
@@ -152,23 +160,23 @@ def _plug_sweep(m, n18, n26, faces, adj6, adj26, added):
 
 
 @nb.njit(**_JIT)
-def _fill_pockets(m, starts, offsets, limit):
+def _fill_pockets(m, starts, offsets, limit, dirty):
     """Fill each background region (26-connected) next to a ``starts`` voxel that holds at most
     ``limit`` voxels and does not reach the border: the pockets a plug closed off inside a thick
-    sheet's hole (a plug at each face of the sheet encloses the voxels between them)."""
+    sheet's hole (a plug at each face of the sheet encloses the voxels between them). A region is
+    marked in ``m`` (2) while it is explored, then filled (1) or cleared (0): no scratch volume.
+    The neighbours of the plugs and of the filled voxels are marked ``dirty``."""
     Z, Y, X = m.shape
-    seen = np.zeros(m.shape, np.int64)
     region = np.empty(limit + 1, np.int64)
-    mark = 0
     for s in starts:
         z0, r = divmod(s, Y * X)
         y0, x0 = divmod(r, X)
+        dirty[z0 - 1:z0 + 2, y0 - 1:y0 + 2, x0 - 1:x0 + 2] = 1
         for k in range(offsets.shape[0]):
             z, y, x = z0 + offsets[k, 0], y0 + offsets[k, 1], x0 + offsets[k, 2]
-            if m[z, y, x] or seen[z, y, x]:
+            if m[z, y, x]:
                 continue
-            mark += 1
-            seen[z, y, x] = mark
+            m[z, y, x] = 2
             region[0] = (z * Y + y) * X + x
             n, head, escaped = 1, 0, False
             while head < n and not escaped:
@@ -181,32 +189,37 @@ def _fill_pockets(m, starts, offsets, limit):
                     break
                 for j in range(offsets.shape[0]):
                     a, b, c = zz + offsets[j, 0], yy + offsets[j, 1], xx + offsets[j, 2]
-                    if m[a, b, c] or seen[a, b, c] == mark:
+                    if m[a, b, c]:
                         continue
                     if n >= limit:
                         escaped = True
                         break
-                    seen[a, b, c] = mark
+                    m[a, b, c] = 2
                     region[n] = (a * Y + b) * X + c
                     n += 1
-            if not escaped:
-                for h in range(n):
-                    i = region[h]
-                    zz, rr = divmod(i, Y * X)
-                    yy, xx = divmod(rr, X)
-                    m[zz, yy, xx] = 1
+            for h in range(n):
+                i = region[h]
+                zz, rr = divmod(i, Y * X)
+                yy, xx = divmod(rr, X)
+                m[zz, yy, xx] = 0 if escaped else 1
+                if not escaped:
+                    dirty[max(zz - 1, 0):zz + 2, max(yy - 1, 0):yy + 2, max(xx - 1, 0):xx + 2] = 1
 
 
 def plug_pinholes(mask: np.ndarray, passes: int = 2, pocket: int = 64) -> np.ndarray:
     """Fill holes one voxel wide through sheets (see the module's note): ``passes`` sweeps at
-    most, then the pockets of up to ``pocket`` voxels the plugs enclosed."""
+    most, then the pockets of up to ``pocket`` voxels the plugs enclosed. Only the first sweep
+    looks at every voxel; the next ones look where the last one changed something."""
     m = np.pad(np.asarray(mask, dtype=bool), 1).astype(np.uint8)
     added = np.empty(1 << 20, np.int64)
+    dirty = np.zeros(0, np.uint8).reshape(0, 0, 0)
     for _ in range(passes):
-        n = _plug_sweep(m, _N18, _N26, _FACES, _ADJ6_IN_N18, _ADJ26_IN_N26, added)
+        n = _plug_sweep(m, dirty, _N18, _N26, _FACES, _ADJ6_IN_N18, _ADJ26_IN_N26, added)
         if n == 0:
             break
-        _fill_pockets(m, added[: min(n, added.shape[0])], _N26_OFFSETS, pocket)
+        if dirty.size == 0:
+            dirty = np.zeros(m.shape, np.uint8)
+        _fill_pockets(m, added[: min(n, added.shape[0])], _N26_OFFSETS, pocket, dirty)
     return m[1:-1, 1:-1, 1:-1].astype(bool)
 
 
@@ -361,25 +374,45 @@ def sheet_hole_fill(piece: np.ndarray, forbidden: np.ndarray, max_hole_area: int
     hi_f = _harmonic(np.where(occupied, hi, 0.0), ~occupied)
     centre = (lo_f + hi_f) / 2
     half = np.minimum((hi_f - lo_f) / 2, thickness)  # never thicker than twice the sheet
-    grid = np.indices(piece.shape, dtype=np.float64).reshape(3, -1).T - mu
-    gu, gv, gw = (grid @ frame).T
-    cu, cv = np.floor(gu - u0).astype(np.int64), np.floor(gv - v0).astype(np.int64)
-    inside = (cu >= 0) & (cu < shape[0]) & (cv >= 0) & (cv < shape[1])
-    # the holes and the sheet around them are drawn again as one slab, so the fill joins the sheet
-    # face to face (a fill drawn in the holes alone would meet a thin sheet only at edges and corners)
+    # the hole cells and the sheet around them are drawn again as one slab, so the fill joins the
+    # sheet face to face (a fill drawn in the holes alone would meet a thin sheet only at edges and corners)
     cover = holes | (occupied & ndimage.binary_dilation(holes, structure=np.ones((3, 3), bool), iterations=2))
     # a hole cell gets the interpolated sheet plus half a voxel, a rim cell only what lies between
     # its own voxels, so nothing sticks out of the sheet
     reach = np.maximum(half, 0.5) + np.where(holes, 0.5, 0.0)
-    add = np.zeros(piece.size, bool)
+    box = _slab_box(cover, centre, reach, (u0, v0), mu, frame, piece.shape)  # only voxels there can be drawn
+    origin = np.array([s.start for s in box], dtype=np.float64)
+    grid = np.indices(tuple(s.stop - s.start for s in box), dtype=np.float64).reshape(3, -1).T + (origin - mu)
+    gu, gv, gw = (grid @ frame).T
+    cu, cv = np.floor(gu - u0).astype(np.int64), np.floor(gv - v0).astype(np.int64)
+    inside = (cu >= 0) & (cu < shape[0]) & (cv >= 0) & (cv < shape[1])
+    drawn = np.zeros(gu.size, bool)
     cells = (cu[inside], cv[inside])
-    add[inside] = cover[cells] & (np.abs(gw[inside] - centre[cells]) <= reach[cells])
-    add = add.reshape(piece.shape) & ~piece & ~forbidden
+    drawn[inside] = cover[cells] & (np.abs(gw[inside] - centre[cells]) <= reach[cells])
+    add = np.zeros(piece.shape, bool)
+    add[box] = drawn.reshape(tuple(s.stop - s.start for s in box))
+    add &= ~piece & ~forbidden
     # a voxel with fewer than two face neighbours in the result would be a spike, not sheet
-    grown = np.pad(piece | add, 1)
+    near = _grow(box, 1, piece.shape)
+    grown = np.pad(piece[near] | add[near], 1)
     faces = sum(np.roll(grown, s, axis=a) for a in range(3) for s in (1, -1))[1:-1, 1:-1, 1:-1]
-    add &= faces >= 2
+    add[near] &= faces >= 2
     return add if add.any() else None
+
+
+def _slab_box(cover: np.ndarray, centre: np.ndarray, reach: np.ndarray, origin: tuple[float, float],
+              mu: np.ndarray, frame: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The voxel box (within ``shape``) that holds the slab over the ``cover`` cells of a height
+    map: each cell's prism (its square in the sheet plane, ``centre +- reach`` along the normal)
+    mapped back to voxels, so the slab is drawn there and not over the whole window."""
+    i, j = np.nonzero(cover)
+    lo = np.stack([i + origin[0], j + origin[1], centre[i, j] - reach[i, j]], axis=1)
+    hi = np.stack([i + origin[0] + 1, j + origin[1] + 1, centre[i, j] + reach[i, j]], axis=1)
+    # per axis, the extreme of frame @ (u, v, w) over each prism is at one of its corners
+    low = mu + (np.minimum(lo[:, None, :] * frame, hi[:, None, :] * frame).sum(axis=2)).min(axis=0)
+    high = mu + (np.maximum(lo[:, None, :] * frame, hi[:, None, :] * frame).sum(axis=2)).max(axis=0)
+    return tuple(slice(max(int(np.floor(a)) - 1, 0), min(int(np.ceil(b)) + 2, n))
+                 for a, b, n in zip(low, high, shape, strict=True))
 
 
 @nb.njit(**_JIT)
@@ -689,18 +722,23 @@ def split_bridges(mask: np.ndarray, prob: np.ndarray | None, threshold: float = 
 def close_tunnels(mask: np.ndarray, prob: np.ndarray | None, window: int = 32, max_fill: int = 400,
                   radii: tuple[int, ...] = (1, 2, 3, 5, 8), rounds: int = 3) -> np.ndarray:
     """Close each tunnel left in the mask (see ``_close_in_window``), window by window, adding at
-    most ``max_fill`` voxels per tunnel."""
+    most ``max_fill`` voxels per tunnel. A tunnel no change could close is remembered by a plug that
+    kills it (never written to the mask): the overlapping windows that hold it, and only tunnels
+    so remembered, skip the persistence computation (most of the step's time)."""
     out = np.array(mask, dtype=bool, copy=True)
+    refused = np.zeros(out.shape, bool)
     for sl, pieces in repair_windows(out, window):
         p = out[sl].astype(np.float64) if prob is None else np.nan_to_num(np.asarray(prob[sl], dtype=np.float64), nan=0.0)
         for _ in range(rounds):
-            if not _close_in_window(out[sl], p, radii, max_fill, pieces):
+            if betti(out[sl] | refused[sl])[1] == 0:
+                break  # no tunnel here, or only ones already found closed to every change
+            if not _close_in_window(out[sl], p, radii, max_fill, pieces, refused[sl]):
                 break
     return out
 
 
 def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], max_fill: int,
-                     pieces: list[tuple[slice, ...]]) -> bool:
+                     pieces: list[tuple[slice, ...]], refused: np.ndarray) -> bool:
     """Close the tunnels of one window in place; True if one went and some remain. Each H1 class
     of the mask, located by cubical persistence of the probability (mask at the bottom of the
     filtration, the rest at -p), dies where the probability closes its hole: there the hole is
@@ -725,6 +763,7 @@ def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], 
     interior = np.zeros(sub.shape, bool)
     interior[1:-1, 1:-1, 1:-1] = True  # never next to voxels outside the window: no merges unseen
     changed = False
+    sheets = None
     for row in pairs:
         level = -row[2]
         death = row[6:9].astype(np.int64)
@@ -764,6 +803,19 @@ def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], 
                 before = after
                 changed = True
                 break
+        else:  # refused: remember the smallest cube around the death voxel that kills the tunnel,
+            # away from the other sheets (a plug that joins two of them makes a tunnel of its own)
+            if sheets is None:
+                sheets = cc3d.connected_components(sub.astype(np.uint8), connectivity=6)
+            others = ndimage.binary_dilation(sub & (sheets != sheets[tuple(birth)]),
+                                             structure=np.ones((3, 3, 3), bool))
+            for r in (2, 4, 8):
+                plug = np.zeros(sub.shape, bool)
+                plug[tuple(slice(max(a - r, 0), a + r + 1) for a in death)] = True
+                plug &= ~others
+                if betti(sub | plug)[1] < before[1]:
+                    refused |= plug
+                    break
         if before[1] == 0:
             return False
     return changed
