@@ -149,6 +149,21 @@ def test_later_plugging_sweeps_that_read_only_changed_neighbourhoods_match_full_
     assert np.array_equal(plug_pinholes(mask, passes=3), m[1:-1, 1:-1, 1:-1].astype(bool))
 
 
+def test_a_cavity_a_window_closed_off_is_filled_and_an_old_one_kept():
+    from vesuvius_lab.repair import _no_new_cavities
+
+    box = np.zeros((20, 20, 20), bool)
+    box[4:16, 4:16, 4:16] = True
+    box[6:14, 6:14, 6:14] = False  # a hollow box ...
+    opened = box.copy()
+    opened[10, 10, 14:16] = False  # ... with a way out, until a fill closes it
+    closed = box.copy()
+    out = _no_new_cavities(opened, closed)
+    assert betti(box)[2] == 1 and betti(out) == (1, 0, 0) and out[6:14, 6:14, 6:14].all()
+    assert np.array_equal(closed, box)  # the input is not changed
+    assert np.array_equal(_no_new_cavities(box, box), box)  # a cavity that was there stays
+
+
 def test_two_sheets_joined_by_a_one_voxel_bridge_are_split():
     mask = np.zeros((32, 32, 32), bool)
     mask[3:6] = True

@@ -558,7 +558,7 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                             break
                 if before[1] == 0:
                     break
-    return out
+    return _no_new_cavities(mask, out)
 
 
 CLOSING_RADII = (1, 2, 3)
@@ -620,6 +620,21 @@ def _pockets(mask: np.ndarray) -> np.ndarray:
             outside[np.take(labels, side, axis=axis).ravel()] = True
     outside[0] = True
     return ~outside[labels]
+
+
+def _no_new_cavities(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """``after`` with the cavities it has and ``before`` had not filled: a change checked in its
+    window may close off background that reaches the window's faces but not the volume's."""
+    import cc3d
+
+    cavities = _pockets(after)
+    if not cavities.any():
+        return after
+    labels, n = cc3d.connected_components(cavities.astype(np.uint8), connectivity=26, return_N=True)
+    new = np.zeros(n + 1, bool)
+    new[np.unique(labels[cavities & ~_pockets(before)])] = True
+    new[0] = False
+    return after | new[labels]
 
 
 def _closing_fill(piece: np.ndarray, forbidden: np.ndarray, radius: int) -> np.ndarray | None:
@@ -734,7 +749,7 @@ def close_tunnels(mask: np.ndarray, prob: np.ndarray | None, window: int = 32, m
                 break  # no tunnel here, or only ones already found closed to every change
             if not _close_in_window(out[sl], p, radii, max_fill, pieces, refused[sl]):
                 break
-    return out
+    return _no_new_cavities(mask, out)
 
 
 def _close_in_window(sub: np.ndarray, prob: np.ndarray, radii: tuple[int, ...], max_fill: int,
