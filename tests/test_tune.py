@@ -91,6 +91,18 @@ def test_successive_halving_scores_every_setting_on_a_first_share_and_the_best_o
     assert tune(volumes[:5], PostprocessConfig(), grid, eta=3, jobs=1, progress=False)["rows"][-1]["volumes"] == 5
 
 
+def test_at_an_equal_score_fewer_repair_steps_rank_first(prob_folders):
+    from vesuvius_lab.tune import folder_volumes, tune
+
+    prob_dir, label_dir, volumes = prob_folders
+    # at threshold 0.9 nothing is foreground, so every repair gives the same (empty) masks
+    grid = {"threshold": [0.9], "repair": [REPAIR, ["plug_pinholes"], [], REPAIR[:2]]}
+    result = tune(folder_volumes(prob_dir, label_dir), PostprocessConfig(), grid, eta=0, jobs=1, progress=False)
+    rows = [r for r in result["rows"] if r["setting"].get("threshold") == 0.9]  # the grid, less the base
+    assert len(rows) == 4 and len({r["score"] for r in rows}) == 1  # the same score: the tie is real
+    assert [r["setting"].get("repair", []) for r in rows] == [[], ["plug_pinholes"], REPAIR[:2], REPAIR]
+
+
 def test_bad_input_is_one_line(cli, prob_folders, tmp_path):
     prob_dir, label_dir, _ = prob_folders
     cases = [

@@ -33,7 +33,7 @@ show_volume = 0  # which validation volume napari shows
 close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
 # the repair to compare (tune-postprocess's choice for the demo, configs/demo_repair.yaml, less its threshold)
-repair_overrides = ["postprocess.repair=[plug_pinholes, fill_sheet_holes, plug_pinholes, close_tunnels]", "postprocess.hole_window=48"]
+repair_overrides = ["postprocess.repair=[plug_pinholes, fill_sheet_holes]", "postprocess.hole_window=40"]
 
 # %%
 from vesuvius_lab.evaluate import evaluate_checkpoint
