@@ -531,7 +531,8 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
             box = _box(piece, max(CLOSING_RADII) + 1)  # fills stay near the piece: work in its box
             fills = [lambda: _seal(piece, _in_box(sheet_hole_fill, piece, forbidden, box, max_hole_area), forbidden)]
             # holes too small or too oblique for the height map: the piece's own closing
-            fills += [lambda r=r: _in_box(_closing_fill, piece, forbidden, box, r) for r in CLOSING_RADII]
+            cache: dict = {}
+            fills += [lambda r=r: _in_box(_closing_fill, piece, forbidden, box, r, cache) for r in CLOSING_RADII]
             for fill in fills:
                 add = fill()
                 if add is None:
@@ -637,17 +638,20 @@ def _no_new_cavities(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return after | new[labels]
 
 
-def _closing_fill(piece: np.ndarray, forbidden: np.ndarray, radius: int) -> np.ndarray | None:
-    """The voxels a closing with a ball of ``radius`` adds to one sheet, away from other sheets."""
+def _closing_fill(piece: np.ndarray, forbidden: np.ndarray, radius: int, cache: dict) -> np.ndarray | None:
+    """The voxels a closing with a ball of ``radius`` adds to one sheet, away from other sheets.
+    ``cache`` keeps the distances to the sheet for the next radius of the same sheet."""
     import edt
 
     # the ball x^2 + y^2 + z^2 <= r^2 + r; dilation and erosion by squared distances (the same mask
     # as ndimage.binary_closing with that ball, 1.6x faster on a 56^3 box)
+    pad = max(CLOSING_RADII) + 1  # the sheet goes on beyond the window (edge padding): no border effects
+    if "distance" not in cache:
+        padded = np.pad(piece, pad, mode="edge")
+        cache["distance"] = edt.edtsq(np.ascontiguousarray(~padded, dtype=np.uint8), black_border=False)
     reach = radius * radius + radius
-    padded = np.pad(piece, radius + 1, mode="edge")  # the sheet goes on beyond the window: no border effects
-    grown = edt.edtsq(np.ascontiguousarray(~padded, dtype=np.uint8), black_border=False) <= reach
-    closed = (edt.edtsq(np.ascontiguousarray(grown, dtype=np.uint8), black_border=True)
-              > reach)[(slice(radius + 1, -radius - 1),) * 3]
+    grown = cache["distance"] <= reach
+    closed = (edt.edtsq(np.ascontiguousarray(grown, dtype=np.uint8), black_border=True) > reach)[(slice(pad, -pad),) * 3]
     add = closed & ~piece & ~forbidden
     return add if add.any() else None
 
