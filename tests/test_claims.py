@@ -95,6 +95,31 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 @pytest.mark.slow
+def test_signals_that_keep_coming_still_end_in_stopped(tiny_root, tmp_path):
+    """Under torchrun a rank gets the group's SIGTERM and then the one torchrun forwards: until the
+    run's last status is written, every one of them only asks to stop."""
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=40, training={"val_every_epochs": 0,
+                            "checkpoint_every_steps": 100})
+    run = tmp_path / "run"
+    proc = _start(cfg, run)
+    _wait_for_step(run, 3, proc)
+    while proc.poll() is None:  # our own child, not yet reaped: its pid is still its own
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.002)
+    status = RunDir(run).read_status()
+    assert status["state"] == "stopped" and "SIGTERM" in status["message"], status
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == status["step"] >= 3
+
+
+def test_an_in_process_run_gives_the_signal_handlers_back(tiny_root, tmp_path):
+    """A notebook trains in its own process: after the run, Ctrl-C (SIGINT) must interrupt again."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=2, training={"val_every_epochs": 0})
+    assert train(load_config(cfg), tmp_path / "run", progress=False)["state"] == "finished"
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.slow
 def test_sigint_stops_after_a_checkpoint(tiny_root, tmp_path):
     cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=40, training={"val_every_epochs": 0,
                             "checkpoint_every_steps": 100})

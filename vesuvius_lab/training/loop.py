@@ -65,17 +65,42 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
     except BaseException:
         ddp.close()
         raise  # not this run's folder to mark: it belongs to another run, or to nobody yet
+    stop = StopSignals()
     try:
-        return _train(config, run, ddp, ckpt, progress)
+        return _train(config, run, ddp, ckpt, progress, stop)
     except BaseException as exc:
         if ddp.master:
             _record_failure(run, exc)
         raise
     finally:
+        stop.restore()  # only now: until the last status is written, a signal only asks to stop
         ddp.close()
 
 
-def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, progress: bool) -> dict:
+class StopSignals:
+    """SIGTERM and SIGINT, from ``install`` to ``restore``, only ask the loop to stop at its next
+    step boundary. They stay so until the run folder's last status is written: under torchrun a
+    rank gets the signal twice (the group's, then the one torchrun forwards), and the second must
+    not kill it between its checkpoint and its "stopped"."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.previous: dict = {}
+
+    def install(self) -> None:
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, progress: bool,
+           stop: StopSignals) -> dict:
     # --- setup: run folder, data (the preflight of `vesuvius-lab validate` first), engine ---
     device = default_device(ddp.local_rank)
     resume = ckpt is not None
@@ -129,12 +154,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)))
     write_checkpoint = budget.timed(functools.partial(checkpoint, run, engine, config, state, ddp, budget, steps_per_epoch))
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop.install()
     batches = Batches(build_loader(dataset, config, start_step=state.step, rank=ddp.rank,
                                    num_steps=None if budget.active else total_steps - state.step),
                       config.training.worker_timeout_s)
@@ -166,9 +186,9 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 write_checkpoint()
                 raise DataError(f"data worker failed during step {state.step + 1} ({cause}); {run.last} holds "
                                 f"step {state.step}: resume with --resume") from None
-            nonfinite, stopping = ddp.any([not fb.finite, stop["signal"] is not None], device)  # all ranks agree
-            if stopping and stop["signal"] is None:
-                stop["signal"] = "SIGTERM"
+            nonfinite, stopping = ddp.any([not fb.finite, stop.signal is not None], device)  # all ranks agree
+            if stopping and stop.signal is None:
+                stop.signal = "SIGTERM"
             loss_finite = not nonfinite
             grad_norm, applied = optimizer_update(engine, loss_finite)  # skipped on a non-finite gradient too
             finite = loss_finite and applied
@@ -222,10 +242,10 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 run.append(replanned)
                 log.info("plan at step %d: %d steps (%s)", state.step, replanned["total_steps"], replanned["reason"])
             total_steps = bar.total = budget.sync(ddp)
-            if stop["signal"] is not None:
+            if stop.signal is not None:
                 if not epoch_end:
                     write_checkpoint()
-                outcome, message = "stopped", f"stopped by {stop['signal']} at step {state.step}; resume with --resume"
+                outcome, message = "stopped", f"stopped by {stop.signal} at step {state.step}; resume with --resume"
                 break
         else:
             outcome, message = "finished", f"finished {total_steps} steps; best validation score {state.best:.4f}"
@@ -239,8 +259,6 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
         bar.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if ddp.master:
         run.status(state=outcome, step=state.step, total_steps=total_steps, message=message, best_score=state.best)
         log.info(message)
