@@ -36,7 +36,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repair", default=",".join(DEFAULT_REPAIR), help="comma-separated repair steps (default: all)")
     p.add_argument("--min-component-size", type=int, default=50)
-    p.add_argument("--hole-window", type=int, default=32, help="postprocess.hole_window (default 32; demo_repair.yaml: 48)")
+    p.add_argument("--hole-window", type=int, default=32, help="postprocess.hole_window (default 32)")
 
 
 _CHILD = r"""
