@@ -139,19 +139,9 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
 
 def fill_cavities(mask: np.ndarray) -> np.ndarray:
     """Fill background regions (26-connected) that do not touch the volume's border."""
-    import cc3d
+    from vesuvius_lab.repair import enclosed_background
 
-    background = np.ascontiguousarray(~mask, dtype=np.uint8)
-    if not background.any():
-        return mask
-    labels, n = cc3d.connected_components(background, connectivity=26, return_N=True)
-    outside = np.zeros(n + 1, dtype=bool)
-    for axis in range(3):
-        for side in (0, -1):
-            outside[np.take(labels, side, axis=axis).ravel()] = True
-    enclosed = ~outside
-    enclosed[0] = False
-    return mask | enclosed[labels]
+    return mask | enclosed_background(mask)
 
 
 def postprocess(prob: np.ndarray, cfg: PostprocessConfig | Mapping | None = None) -> np.ndarray:

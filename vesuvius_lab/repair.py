@@ -537,7 +537,7 @@ def fill_sheet_holes(mask: np.ndarray, window: int = 32, max_hole_area: int = 40
                 add = fill()
                 if add is None:
                     continue
-                add |= _pockets(piece | add) & ~forbidden  # a fill may close off a pocket: it is filled too
+                add |= enclosed_background(piece | add) & ~forbidden  # a fill may close off a pocket: it is filled too
                 # each separate blob of the fill is kept only if it removes a tunnel by itself, so a
                 # closing does not thicken the sheet where it has no hole
                 blobs, n_blobs = cc3d.connected_components(add.astype(np.uint8), connectivity=26, return_N=True)
@@ -608,12 +608,13 @@ def _seal(piece: np.ndarray, add: np.ndarray | None, forbidden: np.ndarray) -> n
     return out
 
 
-def _pockets(mask: np.ndarray) -> np.ndarray:
-    """Background (26-connected) of a window that does not reach the window's faces."""
+def enclosed_background(mask: np.ndarray) -> np.ndarray:
+    """Background (26-connected) that does not reach the array's faces: a window's pockets, a
+    volume's cavities."""
     import cc3d
 
     labels, n = cc3d.connected_components(np.ascontiguousarray(~mask, dtype=np.uint8), connectivity=26, return_N=True)
-    if n <= 1:
+    if n == 0:
         return np.zeros(mask.shape, bool)
     outside = np.zeros(n + 1, bool)
     for axis in range(3):
@@ -628,12 +629,12 @@ def _no_new_cavities(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     window may close off background that reaches the window's faces but not the volume's."""
     import cc3d
 
-    cavities = _pockets(after)
+    cavities = enclosed_background(after)
     if not cavities.any():
         return after
     labels, n = cc3d.connected_components(cavities.astype(np.uint8), connectivity=26, return_N=True)
     new = np.zeros(n + 1, bool)
-    new[np.unique(labels[cavities & ~_pockets(before)])] = True
+    new[np.unique(labels[cavities & ~enclosed_background(before)])] = True
     new[0] = False
     return after | new[labels]
 
@@ -749,8 +750,8 @@ def close_tunnels(mask: np.ndarray, prob: np.ndarray | None, window: int = 32, m
     for sl, pieces in repair_windows(out, window):
         p = out[sl].astype(np.float64) if prob is None else np.nan_to_num(np.asarray(prob[sl], dtype=np.float64), nan=0.0)
         for _ in range(rounds):
-            if betti(out[sl] | refused[sl])[1] == 0:
-                break  # no tunnel here, or only ones already found closed to every change
+            if refused[sl].any() and betti(out[sl] | refused[sl])[1] == 0:
+                break  # only tunnels already found closed to every change (no tunnel: see below)
             if not _close_in_window(out[sl], p, radii, max_fill, pieces, refused[sl]):
                 break
     return _no_new_cavities(mask, out)
