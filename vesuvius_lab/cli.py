@@ -1,16 +1,18 @@
-"""The vesuvius-lab command line. Exit status: 0 success, 2 bad input (one line per problem)."""
+"""The vesuvius-lab command line. Exit status: 0 done, 1 internal error, 2 bad input (one line per
+problem), 3 stopped by SIGINT or SIGTERM (resumable)."""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vesuvius_lab import __version__
-from vesuvius_lab.errors import VLabError
+from vesuvius_lab.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_STOPPED, Stopped, VLabError
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -40,7 +42,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     rows = synth(args.out, args.volumes, parse_shape(args.shape), args.seed, args.scrolls, args.test_volumes, args.overwrite)
     print(f"wrote {len(rows)} training volumes to {args.out}")
-    return 0
+    return EXIT_OK
 
 
 # --- validate --------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ def _validate(args: argparse.Namespace) -> int:
     if problems:
         raise VLabError(problems)
     print(f"{args.source}: ok")
-    return 0
+    return EXIT_OK
 
 
 # --- manifest --------------------------------------------------------------------------------
@@ -88,13 +90,13 @@ def _manifest(args: argparse.Namespace) -> int:
         manifest.save(args.output)
         train, val = manifest.split_ids()
         print(f"wrote {args.output}: {len(manifest.records)} records ({len(train)} train, {len(val)} val)")
-        return 0
+        return EXIT_OK
     manifest = load_manifest(args.manifest, root=args.root)
     _, problems = manifest.locate()
     if problems:
         raise VLabError(problems)
     print(f"{args.manifest}: {len(manifest.records)} records present, sizes unchanged")
-    return 0
+    return EXIT_OK
 
 
 # --- demo-data -------------------------------------------------------------------------------
@@ -109,14 +111,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     manifest = ensure_demo_data(args.manifest)
     print(f"demo data ready: {len(manifest.records)} volumes at {manifest.root}")
-    return 0
+    return EXIT_OK
 
 
 # --- train -----------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="run config YAML (e.g. configs/demo.yaml)")
+    p.add_argument("--config", type=Path,
+                   help="run config YAML (e.g. configs/demo.yaml); with --resume optional: the run's own config.yaml "
+                        "is the config, and a file given must agree with it outside the overrides")
     p.add_argument("--run-dir", type=Path, help="run directory (default: $VLAB_RUNS_DIR or ./runs, then /<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run directory's last checkpoint with the run's own config; only the "
+                        "overrides named here change it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--budget", metavar="DURATION",
                    help="wall time the whole run may take, e.g. 6h, 90m, 1h30m (training.time_budget_hours)")
@@ -127,15 +133,17 @@ def _train(args: argparse.Namespace) -> int:
     from vesuvius_lab.config import load_config
     from vesuvius_lab.training import train
     from vesuvius_lab.training.budget import parse_duration
-    from vesuvius_lab.training.run_dir import default_run_dir
+    from vesuvius_lab.training.run_dir import default_run_dir, resume_config
 
-    budget = [f"training.time_budget_hours={parse_duration(args.budget)!r}"] if args.budget else []
-    config = load_config(args.config, [*args.overrides, *budget])
+    overrides = [*args.overrides, *([f"training.time_budget_hours={parse_duration(args.budget)!r}"] if args.budget else [])]
+    if args.config is None and (not args.resume or args.run_dir is None):
+        raise VLabError("train needs --config CFG, or --resume --run-dir DIR to continue a run with its own config")
     run_dir = args.run_dir or default_run_dir(args.config)
+    config = resume_config(run_dir, args.config, overrides) if args.resume else load_config(args.config, overrides)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         print(f"{run_dir}: {result['message']}")
-    return 0 if result["state"] == "finished" else 3
+    return EXIT_OK if result["state"] == "finished" else EXIT_STOPPED
 
 
 # --- plan ------------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def _plan(args: argparse.Namespace) -> int:
     m = measure(config, sizes, warmup=args.warmup, steps=args.steps, memory_cap_mb=args.memory_cap_mb,
                 progress=not args.json, max_seconds=args.max_seconds)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every rank measures; rank 0 reports
-        return 0
+        return EXIT_OK
     budget_hours = args.budget_hours or config.training.time_budget_hours
     plan = recommend(m, config, args.target_epoch_minutes, budget_hours, coverage_target=args.coverage_target)
     plan_file = args.plan_file or RunDir(default_run_dir(args.config)).plan
@@ -179,7 +187,7 @@ def _plan(args: argparse.Namespace) -> int:
         apply_plan(args.config, plan, args.apply)
     if args.json:
         print(json.dumps(plan.to_dict()))
-        return 0
+        return EXIT_OK
     for line in plan.explanation:
         print(line)
     for line in forecast_lines(plan):
@@ -191,7 +199,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"preset {p.name}: {p.train_iterations_per_epoch} steps x {p.max_epochs} epochs, "
               f"{p.forecast_epoch_s / 60:.1f} min/epoch, coverage {p.coverage:.0%} - {p.reason}")
     print(f"saved {plan_file}" + (f"; wrote {args.apply}" if args.apply else ""))
-    return 0
+    return EXIT_OK
 
 
 # --- predict ---------------------------------------------------------------------------------
@@ -232,7 +240,7 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"part {part[0]}/{part[1]}: wrote {len(written)} masks to {args.output}")
     else:
         print(f"wrote {len(written)} masks and {args.output / 'submission.zip'}")
-    return 0
+    return EXIT_OK
 
 
 # --- cache -----------------------------------------------------------------------------------
@@ -269,7 +277,7 @@ def _cache(args: argparse.Namespace) -> int:
               f"({report.total - report.todo} were ready)")
     else:
         print(f"{data.cache.root}: all {report.total} volumes ready")
-    return 0
+    return EXIT_OK
 
 
 def _default_cache() -> Path:
@@ -301,7 +309,7 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         for key, value in result.items():
             print(f"{key}: {value}")
-    return 0
+    return EXIT_OK
 
 
 # --- evaluate --------------------------------------------------------------------------------
@@ -328,7 +336,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         format_report(result)
-    return 0
+    return EXIT_OK
 
 
 # --- runs ------------------------------------------------------------------------------------
@@ -351,7 +359,7 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"{runs_dir}: no runs yet (vesuvius-lab train, or notebook 04, writes them)")
     else:
         format_runs(summaries)
-    return 0
+    return EXIT_OK
 
 
 # --- tune-postprocess ------------------------------------------------------------------------
@@ -410,7 +418,7 @@ def _tune(args: argparse.Namespace) -> int:
         format_table(result)
         if args.apply:
             print(f"wrote {args.apply}")
-    return 0
+    return EXIT_OK
 
 
 COMMANDS: list[Command] = [
@@ -440,22 +448,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a stopped command leaves, and how to go on (exit status 3)
+AFTER_STOP = {
+    "train": "resume with --resume",
+    "predict": "run it again: finished masks are kept",
+    "cache": "run it again: prepared volumes are kept",
+    "tune-postprocess": "run it again: cached probabilities are kept",
+}
+
+
+def _raise_stopped(_signum, _frame) -> None:
+    raise Stopped()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    own_process = argv is None
+    if own_process:  # SIGTERM stops a command as Ctrl-C does (training checkpoints first: training.loop)
+        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return args.run(args)
     except VLabError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signal", "SIGINT")
+        print(f"stopped by {name}; {AFTER_STOP.get(args.command, 'run it again')}", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception as exc:  # noqa: BLE001 - the user gets one line; VLAB_DEBUG=1 shows the traceback
         if os.environ.get("VLAB_DEBUG"):
             raise
         print(f"internal error: {type(exc).__name__}: {exc} (set VLAB_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL
     finally:
-        if argv is None:  # a process of its own, about to exit: torch and MONAI leave millions of objects
+        if own_process:  # a process of its own, about to exit: torch and MONAI leave millions of objects
             gc.freeze()  # that the exit's last collection would walk for seconds (a budget run's end time)

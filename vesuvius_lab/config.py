@@ -493,6 +493,12 @@ def _dynunet_checks(config: Config) -> list[str]:
     return problems
 
 
+def changed_keys(before: Config, after: Config) -> list[str]:
+    """``section.key old -> new`` for every key whose value differs (paths compared absolute)."""
+    a, b = before.to_dict(), after.to_dict()
+    return [f"{s}.{k} {a[s].get(k)!r} -> {v!r}" for s in b for k, v in b[s].items() if a[s].get(k) != v]
+
+
 def save_config(config: Config, path: str | Path) -> None:
     """Write ``config`` as YAML at ``path`` (atomically), its relative paths rebased onto that folder."""
     path = Path(path)

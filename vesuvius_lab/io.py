@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import tempfile
@@ -129,6 +130,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 TEMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created) while the block runs: writers of one shared
+    folder (parts of a prediction, two tuners of one run) take turns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def stale_temp_files(folder: Path) -> list[Path]:

@@ -59,7 +59,20 @@ class Volume:
 # --- probabilities, computed once per checkpoint ---------------------------------------------------
 def _file_signature(path: Path) -> dict:
     stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+
+
+def _load_consistent(ckpt: Path, overrides: Sequence[str]):
+    """(model, config, signature) of one version of ``ckpt``: a trainer may replace the file (an
+    atomic rename) while it is read, so the signature must be the same before and after."""
+    from vesuvius_lab.inference import model_from_checkpoint
+
+    for _ in range(5):
+        before = _file_signature(ckpt)
+        model, config = model_from_checkpoint(ckpt, overrides)
+        if _file_signature(ckpt) == before:
+            return model, config, before
+    raise DataError(f"{ckpt}: replaced again while being read five times; try again when the run saves less often")
 
 
 def run_probabilities(run_dir: str | os.PathLike, cache: str | os.PathLike | None = None,
@@ -69,12 +82,7 @@ def run_probabilities(run_dir: str | os.PathLike, cache: str | os.PathLike | Non
     post-processing. The probabilities are computed once: they are kept in ``cache`` (default
     RUN_DIR/tune) with a signature of the checkpoint and its inference settings (``overrides``
     change them, e.g. ``val.tta=true``), recomputed only when one of them or the volumes change."""
-    import torch
-
-    from vesuvius_lab.data import open_data
-    from vesuvius_lab.device import default_device
-    from vesuvius_lab.inference import model_from_checkpoint, predict_volume
-    from vesuvius_lab.io import atomic_path, atomic_write_text
+    from vesuvius_lab.io import locked
     from vesuvius_lab.training.run_dir import RunDir
 
     run = RunDir(run_dir)
@@ -82,12 +90,25 @@ def run_probabilities(run_dir: str | os.PathLike, cache: str | os.PathLike | Non
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no checkpoint (train the run first, or pass --checkpoint)")
     folder = Path(cache) if cache else run.root / "tune"
-    model, config = model_from_checkpoint(ckpt, overrides)
+    with locked(folder / ".lock"):  # two tuners of one run take turns; the trainer never writes here
+        return _cached_probabilities(ckpt, folder, device, progress, overrides)
+
+
+def _cached_probabilities(ckpt: Path, folder: Path, device: str | None, progress: bool,
+                          overrides: Sequence[str]) -> tuple[list[Volume], PostprocessConfig]:
+    import torch
+
+    from vesuvius_lab.data import open_data
+    from vesuvius_lab.device import default_device
+    from vesuvius_lab.inference import predict_volume
+    from vesuvius_lab.io import atomic_path, atomic_write_text
+
+    model, config, checkpoint_signature = _load_consistent(ckpt, overrides)
     data = open_data(config)
     records = data.val
     if not records:
         raise DataError(f"{data.manifest_path}: the manifest's split has no validation volumes to tune on")
-    signature = {"checkpoint": _file_signature(ckpt), "val": dataclasses.asdict(config.val),
+    signature = {"checkpoint": checkpoint_signature, "val": dataclasses.asdict(config.val),
                  "patch_size": list(config.data.patch_size),
                  "records": {r.id: [_file_signature(r.image), _file_signature(r.label)] for r in records}}
     meta_path = folder / "probabilities.json"

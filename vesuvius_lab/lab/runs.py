@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +33,9 @@ from vesuvius_lab.lab.forecast import ForecastPanel
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.budget import PLAN
-from vesuvius_lab.training.run_dir import EPOCH, TRAIN, VAL, RunDir, pid_alive, same_process  # noqa: F401 (pid_alive)
+from vesuvius_lab.training.run_dir import (  # noqa: F401 (pid_alive)
+    EPOCH, TRAIN, VAL, RunDir, describe_holder, pid_alive, same_process,
+)
 
 
 
@@ -41,16 +44,15 @@ from vesuvius_lab.training.run_dir import EPOCH, TRAIN, VAL, RunDir, pid_alive, 
 
 def train_argv(config: str | Path, run_dir: str | Path, devices: int = 1, resume: bool = False,
                overrides: Sequence[str] = (), python: str = sys.executable) -> list[str]:
-    """The argv of one run: one process for ``devices <= 1``, else torchrun with one process per GPU."""
+    """The argv of one run: one process for ``devices <= 1``, else torchrun with one process per GPU.
+    A resume takes the run's own config (``config`` is not passed): only ``overrides`` change it."""
     if devices > 1:
         head = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(devices)}",
                 "-m", "vesuvius_lab"]
     else:
         head = [python, "-m", "vesuvius_lab"]
-    argv = [*head, "train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
-    if resume:
-        argv.append("--resume")
-    return argv + [str(o) for o in overrides]
+    source = ["--resume"] if resume else ["--config", str(config)]
+    return [*head, "train", *source, "--run-dir", str(run_dir), "--no-progress", *(str(o) for o in overrides)]
 
 
 # --- reading a run directory -----------------------------------------------------------------------
@@ -231,13 +233,32 @@ class RunProcess:
         launch = self._launch_info()
         if same_process(launch.get("pid"), launch.get("process_start")):
             return launch["pid"], launch["pgid"]
-        status = read_status(self.run_dir)
-        if same_process(status.get("pid"), status.get("process_start")):
-            try:
-                return status["pid"], os.getpgid(int(status["pid"]))
-            except ProcessLookupError:
-                return None
+        for record in (self.run.holder() or {}, read_status(self.run_dir)):  # a run started elsewhere
+            if record.get("host", socket.gethostname()) == socket.gethostname() and \
+                    same_process(record.get("pid"), record.get("process_start")):
+                try:
+                    return record["pid"], os.getpgid(int(record["pid"]))
+                except ProcessLookupError:
+                    return None
         return None
+
+    def elsewhere(self) -> dict | None:
+        """The lock holder's record when the run folder is trained by a process not launched here
+        (a terminal, another notebook's kernel, a sweep); None when free or launched here."""
+        holder = self.run.holder()
+        if not holder:
+            return None
+        if self.popen is not None and self.popen.poll() is None:
+            mine = self.popen.pid
+        else:
+            launch = self._launch_info()
+            mine = launch.get("pgid") if same_process(launch.get("pid"), launch.get("process_start")) else None
+        try:
+            launched_here = mine is not None and holder.get("host") == socket.gethostname() and \
+                os.getpgid(int(holder["pid"])) == mine
+        except (ProcessLookupError, KeyError, TypeError, ValueError):
+            launched_here = False
+        return None if launched_here else holder
 
     @property
     def pid(self) -> int | None:
@@ -450,6 +471,11 @@ class RunMonitor:
 
     def start(self, resume: bool = False) -> None:
         with self._lock:
+            holder = self.process.elsewhere()
+            if holder:
+                self.message.value = f"training elsewhere ({html.escape(describe_holder(holder))}): attached to it"
+                self.attach()
+                return
             if self.process.alive():
                 self.message.value = f"already running (pid {self.process.pid}): stop it first"
                 return
@@ -459,7 +485,12 @@ class RunMonitor:
             argv = self.argv(resume)
             self.process.start(argv, cwd=self.cwd)
             remember_run(self.runs_dir, self.run_name.value)
-            self.message.value = f"<code>{html.escape(' '.join(argv))}</code>"
+            what = ""
+            if resume:
+                changes = self.overrides.value.split()
+                what = (f"resuming with the run's own config {html.escape(str(RunDir(self.run_dir).config))}, "
+                        + (f"overrides: {html.escape(' '.join(changes))}" if changes else "no overrides") + "<br>")
+            self.message.value = f"{what}<code>{html.escape(' '.join(argv))}</code>"
         self.refresh()
 
     def stop(self) -> None:
@@ -477,8 +508,11 @@ class RunMonitor:
             self.history.add(new)
             status = read_status(self.run_dir)
             alive = self.process.alive()
+            holder = self.process.elsewhere()
             state = status.get("state", "not started")
             message = status.get("message", "")
+            if holder:  # another process trains in this folder: show it, offer no Start
+                state, message = "training elsewhere", describe_holder(holder)
             if not alive and state in ("not started", "preflight", "running"):
                 refused = launch_error(self.run_dir)  # e.g. a bad override: the CLI refused before training
                 if refused and state == "not started":
@@ -498,8 +532,8 @@ class RunMonitor:
                 failed = state.startswith(("failed", "preflight?", "running?"))
                 parts.append(f"<span style='color:#c00'>{text}</span>" if failed else text)
             self.status.value = " · ".join(parts)
-            self.start_button.disabled = alive
-            self.resume_button.disabled = alive
+            self.start_button.disabled = alive or bool(holder)
+            self.resume_button.disabled = alive or bool(holder)
             self.stop_button.disabled = not alive
             self._state = state
             if len(self.history.steps) + len(self.history.val_steps) != self._drawn:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vesuvius_lab.config import Config, ModelConfig, load_config, save_config
+from vesuvius_lab.config import Config, ModelConfig, changed_keys, load_config, save_config
 from vesuvius_lab.data import Data, open_data, prepare_demo_data
 from vesuvius_lab.device import default_device, memory_mb
 from vesuvius_lab.errors import ConfigError, DataError, VLabError
@@ -38,7 +38,7 @@ from vesuvius_lab.training.ema import resume_ema
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, optimizer_update
 from vesuvius_lab.training.events import event_log
 from vesuvius_lab.training.run_dir import (
-    EPOCH, TRAIN, VAL, RunDir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
+    EPOCH, TRAIN, VAL, RunDir, RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
 )
 
 log = logging.getLogger("vesuvius_lab.train")
@@ -60,9 +60,20 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
     folder ends in a true state: finished, stopped, or failed with the one-line reason."""
     ddp = setup_distributed()
     run = RunDir(run_dir)
+    lock = RunLock(run)
     try:
+        refused = None
+        if ddp.master:  # one lock for the job: rank 0 writes the folder
+            try:
+                lock.acquire()
+            except VLabError as exc:
+                refused = exc.lines
+        (refused,) = ddp.broadcast([refused])
+        if refused:
+            raise ConfigError(refused)
         ckpt = _check_run_folder(run, config, resume)
     except BaseException:
+        lock.release()
         ddp.close()
         raise  # not this run's folder to mark: it belongs to another run, or to nobody yet
     stop = StopSignals()
@@ -74,6 +85,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
         raise
     finally:
         stop.restore()  # only now: until the last status is written, a signal only asks to stop
+        lock.release()
         ddp.close()
 
 
@@ -116,6 +128,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         if changed:
             os.replace(run.config, run.previous_config)  # kept: resuming never silently replaces it
             log.warning("resumed with changed keys: %s (the earlier config is %s)", "; ".join(changed), run.previous_config)
+            print(f"resuming with changed keys: {'; '.join(changed)} (the earlier config is {run.previous_config})",
+                  file=sys.stderr)
         save_config(config, run.config)
         run.events = event_log(run, config)  # TensorBoard: every record appended is also an event
         run.status(state="preflight", step=0)
@@ -352,11 +366,10 @@ def _check_run_folder(run: RunDir, config: Config, resume: bool) -> dict | None:
 def _changed_keys(run: RunDir, config: Config) -> list[str]:
     """The keys in which ``config`` differs from the run folder's config.yaml."""
     try:
-        before = load_config(run.config).to_dict()
+        before = load_config(run.config)
     except VLabError:
         return ["config.yaml (unreadable)"] if run.config.exists() else []
-    after = config.to_dict()
-    return [f"{s}.{k} {before[s].get(k)!r} -> {v!r}" for s in after for k, v in after[s].items() if before[s].get(k) != v]
+    return changed_keys(before, config)
 
 
 def _record_failure(run: RunDir, exc: BaseException) -> None:

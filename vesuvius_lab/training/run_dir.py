@@ -1,13 +1,13 @@
 """The run folder: its one layout, the records of its log, its status, and its checkpoints.
 
-    config.yaml  metrics.jsonl  train.log  status.json  console.log  launch.json  plan.json
+    config.yaml  metrics.jsonl  train.log  status.json  console.log  launch.json  plan.json  run.lock
     checkpoints/last.pt  checkpoints/best.pt
     checkpoints/step_00001200.pt ...                  (training.keep_last > 1: the K most recent)
     checkpoints/best_step_00001000_score_0.612345.pt  (training.keep_best > 1: the M best scores)
     live/  (the live predictions: ``training.live``)  events.out.tfevents.*  (TensorBoard: ``training.events``)
 
-The trainer writes it (rank 0), the notebook's run monitor and the planner read it; each name is
-spelled here only. Checkpoints are complete (model, optimizer, schedule, scaler, step, every RNG
+The trainer writes it (rank 0) while it holds ``run.lock`` (``RunLock``: one writer per run folder),
+the notebook's run monitor and the planner read it; each name is spelled here only. Checkpoints are complete (model, optimizer, schedule, scaler, step, every RNG
 state, the EMA of the weights when it is on), atomic, and load with ``torch.load(weights_only=True)``.
 The kept copies are hard links to the checkpoint just written (a copy where the filesystem has no
 links), made atomically; older ones are pruned only once the new one is on disk.
@@ -16,6 +16,7 @@ links), made atomically; older ones are pruned only once the new one is on disk.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import glob
 import hashlib
@@ -25,7 +26,10 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
+import socket
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +38,8 @@ import numpy as np
 import psutil
 import torch
 
-from vesuvius_lab.errors import DataError
+from vesuvius_lab.config import Config, changed_keys, load_config
+from vesuvius_lab.errors import ConfigError, DataError
 from vesuvius_lab.io import atomic_path, atomic_write_text, stale_temp_files
 
 # kinds of the records in metrics.jsonl
@@ -64,7 +69,7 @@ class RunDir:
     """A run's folder; every sub-folder is created at start (the seed run crashed on a missing one)."""
 
     CONFIG, METRICS, TRAIN_LOG, STATUS = "config.yaml", "metrics.jsonl", "train.log", "status.json"
-    CONSOLE, LAUNCH, PLAN = "console.log", "launch.json", "plan.json"
+    CONSOLE, LAUNCH, PLAN, LOCK = "console.log", "launch.json", "plan.json", "run.lock"
     PREVIOUS_METRICS = "metrics.previous.jsonl"  # the log of a run that died before its first checkpoint
     PREVIOUS_CONFIG = "config.previous.yaml"  # the config a resumed run had before
     LIVE = "live"
@@ -78,6 +83,7 @@ class RunDir:
         self.train_log, self.status_file = self.root / self.TRAIN_LOG, self.root / self.STATUS
         self.console, self.launch, self.plan = self.root / self.CONSOLE, self.root / self.LAUNCH, self.root / self.PLAN
         self.live = self.root / self.LIVE
+        self.lock_file = self.root / self.LOCK
         self.events = None  # a training.events.EventLog: append() also writes each record there
 
     RECENT = re.compile(r"step_(\d{8,})\.pt")
@@ -175,6 +181,137 @@ class RunDir:
             return json.loads(self.status_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
+
+    def holder(self) -> dict | None:
+        """Who trains in this folder now (``RunLock``'s record: pid, host, started, command), or None
+        when nobody holds its lock. Reading it takes no lock that a trainer could meet."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if _try_flock(fd, fcntl.LOCK_SH):  # got it: nobody holds the exclusive lock
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None
+            return _read_holder(fd)
+        finally:
+            os.close(fd)
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``run.lock`` for a trainer's whole life: one writer per run folder.
+
+    The kernel drops the lock when its process dies, however it dies (SIGKILL, the OOM killer), so a
+    killed run never leaves a stale lock. The holder writes who it is into the file (the file is
+    never replaced: that would move the lock to another inode). A fork of the holder (a data worker)
+    closes its inherited descriptor at once, so an orphaned worker cannot keep a dead run's folder
+    locked. Under torchrun rank 0 holds it for the job."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.fd = run, None
+
+    def acquire(self, wait_s: float = 1.0) -> RunLock:
+        """Take the lock or raise ConfigError naming the holder; creates nothing but the folder and
+        the (empty, then filled) lock file. ``wait_s`` covers a reader's brief shared probe."""
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.run.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise DataError(f"{self.run.lock_file}: cannot open the run's lock ({exc.strerror or exc})") from None
+        deadline = time.monotonic() + wait_s
+        while not _try_flock(fd, fcntl.LOCK_EX):
+            if time.monotonic() > deadline:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise ConfigError(f"{self.run.root}: training elsewhere ({describe_holder(holder)}); "
+                                  "stop that run first, or choose another --run-dir")
+            time.sleep(0.05)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+                  "started": time.time(), "command": _command_line()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self.fd = fd
+        _HELD_LOCKS.add(fd)
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD_LOCKS.discard(self.fd)
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)  # only this child's reference: the parent keeps its lock
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _command_line() -> str:
+    """This process's command as the user typed it (``python -m vesuvius_lab`` shown as the CLI)."""
+    program = os.path.basename(sys.argv[0] or "python")
+    if program in ("__main__.py", "vesuvius-lab"):
+        program = "vesuvius-lab"
+    return shlex.join([program, *sys.argv[1:]])
+
+
+def _try_flock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}  # the holder has not written its record yet
+
+
+def describe_holder(holder: dict | None) -> str:
+    """'pid 123 on host, started 2026-12-05 03:40:01, command vesuvius-lab train ...'"""
+    if not holder:
+        return "holder not yet recorded"
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, int | float) else "?"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {when}, command {holder.get('command', '?')}"
+
+
+def resume_config(run_dir: str | os.PathLike, config_file: str | os.PathLike | None,
+                  overrides: Sequence[str] = ()) -> Config:
+    """The config a resumed run continues with: the run's own ``config.yaml``, changed only in the keys
+    ``overrides`` name. A ``config_file`` given too must agree with it in every other key: a resume
+    never takes a recipe change from a file silently."""
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        if config_file is None:
+            raise ConfigError(f"{run.root}: nothing to resume (no {run.CONFIG}); start it with --config CFG")
+        return load_config(config_file, overrides)  # the earlier run died before writing it
+    own = load_config(run.config, overrides)
+    if config_file is not None:
+        differ = changed_keys(own, load_config(config_file, overrides))
+        if differ:
+            raise ConfigError(f"{config_file}: differs from the run's own config {run.config} in keys not named on "
+                              f"the command line ({'; '.join(differ)}); resume without --config to continue the "
+                              "run's own recipe, or name each key to change as section.key=value")
+    return own
 
 
 def pid_alive(pid: int | None) -> bool:
