@@ -25,7 +25,10 @@
 # `training.time_budget_hours` re-plans as it measures, to end inside its budget), and a warning for
 # an epoch that ran more than 10 % off its forecast. The kernel stays free while the run trains;
 # reopening this notebook (or restarting its kernel) reattaches to the run it showed last, running
-# or finished.
+# or finished. Resume continues the run's own `config.yaml`: only the overrides box changes keys,
+# and the line under the buttons says which. A run that another process trains (a terminal,
+# another kernel, a sweep) shows as "training elsewhere" with its pid and command: this notebook
+# follows it and starts nothing in its folder.
 
 # %% tags=["parameters"]
 config_path = "../configs/demo.yaml"  # the run config
