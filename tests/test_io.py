@@ -28,6 +28,24 @@ def test_truncated_tiff_is_a_one_line_error(tmp_path):
     assert len(err.value.lines) == 1 and str(path) in err.value.lines[0] and "truncated" in err.value.lines[0]
 
 
+def test_tiff_info_finds_a_cut_file_and_channels_from_headers(tmp_path):
+    """A file cut short keeps its headers; the last page's data past the end gives it away."""
+    path = tmp_path / "v.tif"
+    write_volume(path, np.random.default_rng(1).integers(0, 255, size=(16, 32, 32), dtype=np.uint8))
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError) as err:
+        tiff_info(path)
+    assert err.value.lines == [f"{path}: truncated TIFF (its pages' data ends at byte {size}, the file has {size - 10})"]
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((4, 8, 8, 3), np.uint8), photometric="rgb")
+    info = tiff_info(rgb)
+    assert (info.channels, info.spatial_shape, info.axes) == (3, (4, 8, 8), "QYXS")
+    grey = tmp_path / "grey.tif"
+    write_volume(grey, np.zeros((4, 8, 8), np.uint8))
+    assert (tiff_info(grey).channels, tiff_info(grey).spatial_shape) == (1, (4, 8, 8))
+
+
 def test_2d_tiff_is_rejected(tmp_path):
     path = tmp_path / "flat.tif"
     tifffile.imwrite(path, np.zeros((32, 32), np.uint8))

@@ -220,6 +220,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", help="Zarr: z0:z1,y0:y1,x0:x1 at that level (default: all)")
     p.add_argument("--block", type=_patch_size, help="Zarr: block edge N or Z,Y,X, multiples of 64 (default: 256 or 2x the patch)")
     p.add_argument("--probability", action="store_true", help="Zarr: also write the probability (uint8, 255 = 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="TIFF: predict every mask again (default: keep masks made with the same weights, settings and input)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. val.tta=true postprocess.threshold=0.6")
 
 
@@ -232,14 +234,14 @@ def _predict(args: argparse.Namespace) -> int:
     if not zarr_input and (args.array or args.level is not None or args.crop or args.block or args.probability):
         raise VLabError(f"{args.input}: --array, --level, --crop, --block and --probability apply to Zarr input only")
     ref = ZarrRef(args.array, args.level, parse_crop(args.crop, "--crop")) if zarr_input else None
-    written = predict(args.checkpoint, args.input, args.output, args.overrides, args.device, part=part, ref=ref,
-                      block=args.block, probability=args.probability, weights=args.weights)
+    masks = predict(args.checkpoint, args.input, args.output, args.overrides, args.device, part=part, ref=ref,
+                    block=args.block, probability=args.probability, weights=args.weights, overwrite=args.overwrite)
     if zarr_input:
-        print(f"part {part[0]}/{part[1]}: wrote {written[0]}")
+        print(f"part {part[0]}/{part[1]}: wrote {masks[0]}")
     elif part[1] > 1:
-        print(f"part {part[0]}/{part[1]}: wrote {len(written)} masks to {args.output}")
+        print(f"part {part[0]}/{part[1]}: {len(masks)} masks in {args.output}")
     else:
-        print(f"wrote {len(written)} masks and {args.output / 'submission.zip'}")
+        print(f"{len(masks)} masks and {args.output / 'submission.zip'}")
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ its members' probabilities are averaged in every window.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,14 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, config: Config, de
     prob = predict_probabilities(model, image, config.data.patch_size, v.overlap, v.batch, v.tta, device,
                                  amp_dtype(config.optim.amp, device), progress=progress)
     return Prediction(prob, postprocess(prob, config.postprocess))
+
+
+def inference_settings(config: Config) -> dict:
+    """The config keys ``predict_volume``'s result depends on (JSON types), so a kept prediction
+    can be told apart from one that other settings would make."""
+    v = config.val
+    return json.loads(json.dumps({"patch_size": list(config.data.patch_size), "overlap": v.overlap, "tta": v.tta,
+                                  "amp": config.optim.amp, "postprocess": vars(config.postprocess)}, default=str))
 
 
 class Ensemble(torch.nn.Module):

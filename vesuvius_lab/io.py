@@ -25,6 +25,16 @@ class TiffInfo:
     shape: tuple[int, ...]
     dtype: np.dtype
     pages: int
+    axes: str  # tifffile's letter per axis of ``shape``: C or S a channel axis, Q/Z/I/Y/X spatial or unknown
+
+    @property
+    def channels(self) -> int:
+        """Samples per voxel: the product of the channel axes (1 for a grey volume)."""
+        return int(np.prod([n for n, a in zip(self.shape, self.axes, strict=True) if a in "CS"], dtype=np.int64))
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(n for n, a in zip(self.shape, self.axes, strict=True) if a not in "CS")
 
 
 _capture = threading.local()
@@ -66,20 +76,27 @@ def _tifffile_problems(path: Path) -> Iterator[None]:
 
 
 def tiff_info(path: str | os.PathLike) -> TiffInfo:
-    """Shape and dtype of a multi-page TIFF volume; raises DataError if unreadable."""
+    """Shape, dtype and axes of a multi-page TIFF volume from its headers, without decoding pixels;
+    raises DataError if unreadable, or truncated: some page's data lies past the end of the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    size = path.stat().st_size
     with _tifffile_problems(path), tifffile.TiffFile(path) as tif:
         pages = len(tif.pages)
         if pages == 0:
             raise DataError(f"{path}: TIFF has no pages")
         series = tif.series[0]
-        shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+        shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
         first = tif.pages.first
         if pages > 1 and len(shape) == 2:
-            shape = (pages, *first.shape)
-    return TiffInfo(shape=shape, dtype=dtype, pages=pages)
+            shape, axes = (pages, *first.shape), "Q" + first.axes
+        tif.pages.useframes = True  # a page's data offsets and sizes without parsing its other tags
+        end = max((o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)),
+                  default=0)
+    if end > size:
+        raise DataError(f"{path}: truncated TIFF (its pages' data ends at byte {end}, the file has {size})")
+    return TiffInfo(shape=shape, dtype=dtype, pages=pages, axes=axes)
 
 
 def read_volume(path: str | os.PathLike) -> np.ndarray:

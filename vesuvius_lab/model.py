@@ -109,6 +109,11 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def input_channels(model: nn.Module) -> int:
+    """Channels the network's first convolution takes: the samples each voxel of an input must hold."""
+    return next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv3d))
+
+
 def as_input(image: torch.Tensor) -> torch.Tensor:
     """A (B, 1, Z, Y, X) image batch in the layout the model's weights use."""
     return image.contiguous(memory_format=torch.channels_last_3d)

@@ -4,6 +4,12 @@ for a Zarr / OME-Zarr volume of any size, a Zarr mask written block by block.
 The checkpoint carries its resolved config, so the model, patch size, sliding-window settings and
 post-processing are the ones it was trained and validated with (overridable from the CLI).
 
+A folder of TIFFs is checked whole from the files' headers before the first volume is predicted.
+Each mask is written atomically, then a record beside it (``.predict/{id}.json``: the weights'
+digest, the inference settings, the input's size and mtime, the mask's); a rerun keeps every
+mask whose record matches, so a killed run continues where it stopped and a changed checkpoint,
+setting or input is predicted again.
+
 A Zarr volume is cut into blocks (a multiple of the output chunks); each block is read with a
 halo of half a patch, run through ``inference.predict_volume`` (windows, TTA, post-processing)
 like any in-memory volume, and its core written to ``{name}.zarr/mask``. Memory is one block's,
@@ -15,12 +21,12 @@ component that spans blocks is judged within each block's view of it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import glob
 import itertools
 import json
 import math
 import os
+import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,9 +38,11 @@ from tqdm.auto import tqdm
 from vesuvius_lab.config import Config
 from vesuvius_lab.device import default_device
 from vesuvius_lab.errors import DataError
-from vesuvius_lab.inference import model_from_checkpoint, predict_volume
-from vesuvius_lab.training.run_dir import checkpoint_sources
-from vesuvius_lab.io import ZarrRef, ZarrVolume, atomic_path, atomic_write_text, is_zarr_path, read_volume, write_volume
+from vesuvius_lab.inference import inference_settings, model_from_checkpoint, predict_volume
+from vesuvius_lab.io import (TEMP_SUFFIX, ZarrRef, ZarrVolume, atomic_path, atomic_write_text, is_zarr_path, locked,
+                             read_volume, source_signature, tiff_info, write_volume)
+from vesuvius_lab.model import input_channels
+from vesuvius_lab.training.run_dir import checkpoint_sources, weights_digest
 
 OUTPUT_CHUNK = 64
 Part = tuple[int, int]
@@ -51,16 +59,89 @@ def parse_part(text: str) -> Part:
     return i, n
 
 
-def input_volumes(source: str | os.PathLike) -> list[Path]:
+TIFF_SUFFIXES = (".tif", ".tiff")
+RECORDS = ".predict"  # in the output folder: {id}.json per mask, what it was made with
+SHOWN = 5  # names listed in a line about skipped files
+
+
+def input_volumes(source: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """The .tif / .tiff volumes of a folder by name (or the one file given), and the names of the
+    folder's other entries, which predict names as skipped (a folder with a trailing /). Hidden
+    entries (a leading dot: macOS ``._`` twins of TIFFs, ``.ipynb_checkpoints``, temp files) are
+    neither: they are nobody's volumes and would only be reported as corrupt."""
     source = Path(source)
     if source.is_file():
-        return [source]
-    if source.is_dir():
-        files = sorted(source.glob("*.tif")) + sorted(source.glob("*.tiff"))
-        if files:
-            return files
+        return [source], []
+    if not source.is_dir():
+        raise DataError(f"{source}: no such file or folder")
+    volumes, skipped = [], []
+    for entry in sorted(source.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() in TIFF_SUFFIXES:
+            volumes.append(entry)
+        else:
+            skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+    if not volumes:
         raise DataError(f"{source}: no .tif volumes in this folder")
-    raise DataError(f"{source}: no such file or folder")
+    return volumes, skipped
+
+
+def check_inputs(files: Sequence[Path], channels: int) -> list[str]:
+    """Every problem that would stop a volume's prediction, one line each, from the TIFF headers
+    alone (no pixel decoded): unreadable or truncated, not 3D, not uint8, other channels than the
+    model takes. Run before the first prediction, so a bad file at the end of a folder costs no
+    hours of predicting the others first; corrupt compressed data inside a file is found only when
+    it is decoded."""
+    problems = []
+    for path in files:
+        try:
+            info = tiff_info(path)
+        except DataError as exc:
+            problems.extend(exc.lines)
+            continue
+        if info.channels != channels:
+            problems.append(f"{path}: {info.channels} channels per voxel (shape {info.shape}, axes {info.axes}); "
+                            f"the model takes {channels}")
+        elif len(info.spatial_shape) != 3:
+            problems.append(f"{path}: expected a 3D volume, found shape {info.shape}")
+        if info.dtype != np.uint8:
+            problems.append(f"{path}: dtype {info.dtype}, expected uint8")
+    return problems
+
+
+def same_mask_names(files: Sequence[Path]) -> list[str]:
+    """Inputs that would write one mask (``a.tif`` and ``a.tiff``)."""
+    first: dict[str, Path] = {}
+    problems = []
+    for path in files:
+        if path.stem in first:
+            problems.append(f"{path}: would write the same mask {path.stem}.tif as {first[path.stem]}; rename one")
+        first.setdefault(path.stem, path)
+    return problems
+
+
+def prediction_identity(model: torch.nn.Module, config: Config) -> dict:
+    """What a prediction is made with: the weights by content (a checkpoint, its EMA or an ensemble)
+    and the inference settings. Equal identities make equal masks, so a rerun keeps what it finds
+    done: a TIFF mask's record, a Zarr store's attributes."""
+    return {"weights": weights_digest(model), **inference_settings(config)}
+
+
+def _mask_done(target: Path, record: Path, identity: dict) -> bool:
+    """The mask is in place, untouched since its record, which names this identity."""
+    try:
+        made = json.loads(record.read_text(encoding="utf-8"))
+        return made["identity"] == identity and made["mask"] == source_signature(target)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove_stale_temp(target: Path) -> None:
+    """The temp files a killed write of ``target`` left (``io.atomic_path``); only this file's, so
+    parts writing other masks into the folder are left alone."""
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def predict(
@@ -75,37 +156,68 @@ def predict(
     ref: ZarrRef | None = None,
     block: Sequence[int] | None = None,
     probability: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
     """TIFF input: ``{id}.tif`` masks (input shape, uint8 0/1) and, unless split into parts,
-    ``submission.zip`` in ``output``. Zarr input (a store, with ``ref`` inside it): the mask as
-    ``output/{store name}.zarr``, this part's blocks (see ``predict_store``).
+    ``submission.zip`` in ``output``; returns this part's masks. Zarr input (a store, with ``ref``
+    inside it): the mask as ``output/{store name}.zarr``, this part's blocks (see ``predict_store``).
+
+    Every input is checked from its headers before the first prediction (``check_inputs``); any
+    problem raises DataError with one line per file and nothing is written. A mask whose record in
+    ``output/.predict/`` names the same weights, settings and input file (size, mtime) is kept, not
+    predicted again, unless ``overwrite``; so a killed run, rerun, does only the rest. Non-TIFF
+    entries of the input folder are named on stderr as skipped.
 
     Several checkpoints (or run folders, or glob patterns) predict as an ensemble that averages
     their probabilities; ``weights`` picks a checkpoint's EMA or trained weights (``inference``)."""
-    model, config = model_from_checkpoint(checkpoint, overrides, weights)
-    dev = torch.device(device) if device else default_device()
-    model.to(dev)
     out_dir = Path(output)
+    sources = checkpoint_sources([checkpoint] if isinstance(checkpoint, str | os.PathLike) else checkpoint)
+    made_by = [f"{p.resolve()} ({weights})" for p in sources]
     if ref is not None or is_zarr_path(source):
+        if overwrite:
+            raise DataError(f"{source}: overwrite applies to TIFF input; delete the output store to predict it again")
+        model, config = model_from_checkpoint(sources, overrides, weights)
+        dev = torch.device(device) if device else default_device()
         name = Path(source).name.removesuffix(".zarr").removesuffix(".ome")
         target = out_dir / f"{name}.zarr"
-        sources = checkpoint_sources([checkpoint] if isinstance(checkpoint, str | os.PathLike) else checkpoint)
-        predict_store(model, config, source, ref, target, dev, part, block, probability, progress,
-                      [f"{p.resolve()} ({weights})" for p in sources])
+        predict_store(model.to(dev), config, source, ref, target, dev, part, block, probability, progress, made_by)
         return [target]
-    files = input_volumes(source)[part[0] - 1 :: part[1]]
-    written = []
-    for path in tqdm(files, desc="predict", unit="vol", disable=not progress):
-        mask = predict_volume(model, read_volume(path), config, dev).mask.astype(np.uint8)
-        target = out_dir / f"{path.stem}.tif"
-        write_volume(target, mask)
-        written.append(target)
+    volumes, skipped = input_volumes(source)
+    if skipped:
+        more = ", ..." if len(skipped) > SHOWN else ""
+        print(f"{source}: skipped {len(skipped)} files that are not .tif volumes: {', '.join(skipped[:SHOWN])}{more}",
+              file=sys.stderr)
+    if out_dir.resolve() in {p.parent.resolve() for p in volumes}:
+        raise DataError(f"{out_dir}: is the input folder; the masks would replace its volumes, choose another output")
+    model, config = model_from_checkpoint(sources, overrides, weights)
+    files = volumes[part[0] - 1 :: part[1]]
+    problems = same_mask_names(volumes) + check_inputs(files, input_channels(model))
+    if problems:
+        raise DataError(problems)
+    identity = prediction_identity(model, config)
+    dev = torch.device(device) if device else default_device()
+    model.to(dev)
+    masks = [out_dir / f"{path.stem}.tif" for path in files]
+    records = [out_dir / RECORDS / f"{path.stem}.json" for path in files]
+    inputs = [{**identity, "input": [path.name, *source_signature(path)]} for path in files]
+    todo = [k for k in range(len(files)) if overwrite or not _mask_done(masks[k], records[k], inputs[k])]
+    if len(todo) < len(files):
+        print(f"{out_dir}: {len(files) - len(todo)} of {len(files)} masks already made with these weights and "
+              "settings, kept (--overwrite predicts them again)", file=sys.stderr)
+    for k in tqdm(todo, desc="predict", unit="vol", total=len(files), initial=len(files) - len(todo),
+                  disable=not progress):
+        _remove_stale_temp(masks[k])
+        _remove_stale_temp(records[k])
+        mask = predict_volume(model, read_volume(files[k]), config, dev).mask.astype(np.uint8)
+        write_volume(masks[k], mask)
+        record = {"identity": inputs[k], "mask": source_signature(masks[k]), "checkpoints": made_by}
+        atomic_write_text(records[k], json.dumps(record, indent=1) + "\n")
     if part[1] == 1:
         with atomic_path(out_dir / "submission.zip") as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for target in written:
+                for target in masks:
                     zf.write(target, arcname=target.name)
-    return written
+    return masks
 
 
 # --- windowed Zarr prediction --------------------------------------------------------------------
@@ -137,30 +249,20 @@ def predict_block(model: torch.nn.Module, image: np.ndarray, core: tuple[slice, 
     return pred.mask[inner].astype(np.uint8), pred.probability[inner]
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _open_output(target: Path, shape, block, identity: dict, probability: bool):
-    """The output group, created by the first part to get here; any other content is refused."""
+def _open_output(target: Path, shape, block, identity: dict, probability: bool, checkpoints: list[str]):
+    """The output group, created by the first part to get here (``checkpoints`` recorded beside the
+    identity, for whoever reads it); a group of another identity is refused."""
     import zarr
 
     target.mkdir(parents=True, exist_ok=True)
-    with _locked(target / ".lock"):
+    with locked(target / ".lock"):
         if (target / "zarr.json").is_file():
             group = zarr.open_group(str(target), mode="r+")
             if group.attrs.get("vesuvius_lab") != identity:
                 raise DataError(f"{target}: holds another prediction (other input, block or checkpoint settings); "
                                 "choose another output folder")
         else:
-            group = zarr.open_group(str(target), mode="w", attributes={"vesuvius_lab": identity})
+            group = zarr.open_group(str(target), mode="w", attributes={"vesuvius_lab": identity, "checkpoints": checkpoints})
             chunks = tuple(min(OUTPUT_CHUNK, b) for b in block)
             group.create_array("mask", shape=shape, dtype="uint8", chunks=chunks, fill_value=0)
             if probability:
@@ -182,8 +284,9 @@ def predict_store(
     checkpoints: Sequence[str] = (),
 ) -> dict:
     """Predict a Zarr volume block by block into the Zarr group ``target`` (``mask``: uint8 0/1;
-    ``probability``: uint8, 255 = 1, when asked). Returns how many blocks this part wrote and how
-    many of all are done."""
+    ``probability``: uint8, 255 = 1, when asked). Blocks marked done are kept when the store's
+    identity (``prediction_identity`` of this input, block and halo) is this call's; a store of
+    another is refused. Returns how many blocks this part wrote and how many of all are done."""
     volume = ZarrVolume(store, ref or ZarrRef())
     if volume.dtype != np.uint8:
         raise DataError(f"{volume.where}: dtype {volume.dtype}, expected uint8")
@@ -193,11 +296,9 @@ def predict_store(
         raise DataError(f"block {block}: sizes above {OUTPUT_CHUNK} must be multiples of it (the output chunks)")
     halo = tuple(p // 2 for p in patch)
     target = Path(target)
-    identity = {"source": volume.where, "block": list(block), "halo": list(halo),
-                "val": {k: v for k, v in vars(config.val).items() if k != "max_volumes"},
-                "postprocess": json.loads(json.dumps(vars(config.postprocess), default=str)), "probability": probability,
-                "checkpoints": list(checkpoints)}
-    group = _open_output(target, volume.shape, block, identity, probability)
+    identity = {"source": volume.where, "block": list(block), "halo": list(halo), "probability": probability,
+                **prediction_identity(model, config)}
+    group = _open_output(target, volume.shape, block, identity, probability, list(checkpoints))
     done_dir = target / ".blocks"
     done_dir.mkdir(exist_ok=True)
     all_blocks = blocks(volume.shape, block, halo)
