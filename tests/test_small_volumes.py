@@ -15,6 +15,7 @@ import torch
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import load_config
 from vesuvius_lab.data import open_data
+from vesuvius_lab.evaluate import evaluate_checkpoint
 from vesuvius_lab.io import read_volume, write_volume
 from vesuvius_lab.layout import IGNORE_LABEL
 from vesuvius_lab.losses import TopologyLoss
@@ -137,6 +138,11 @@ def test_train_predict_evaluate_on_volumes_smaller_than_the_patch(cli, mixed_roo
     assert "1004.tif: volume shape (56, 40, 50) is smaller than the patch size (48, 48, 48) along y;" in log
     vals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
     assert len(vals) == 1 and 0 <= vals[0]["score"] <= 1
+    results = evaluate_checkpoint(run / "checkpoints" / "last.pt")  # notebook 05's path: the same validation
+    assert [r.id for r in results] == VAL_IDS
+    for r in results:
+        assert r.image.shape == r.label.shape == r.probability.shape == r.mask.shape == dict(TRAIN)[r.id]
+    assert np.mean([r.scores["score"] for r in results]) == pytest.approx(vals[0]["score"], abs=1e-9)
 
     # predict keeps each input's shape, whatever its axes against the patch
     out = tmp_path / "pred"
