@@ -148,18 +148,20 @@ def test_all_problems_are_reported_at_once(cli, data_copy):
         assert any(fragment in line for line in err)
 
 
-def test_volume_smaller_than_patch(cli, tiny_root):
-    code, _, err = cli("validate", tiny_root, "--patch-size", "72,136,136")
-    assert code == 2 and len(err) == 6
-    assert all("is smaller than the patch size (72, 136, 136)" in line for line in err)
-    assert cli("validate", tiny_root, "--patch-size", "32")[0] == 0
+def test_volume_smaller_than_patch_is_a_note(cli, tiny_root):
+    code, out, err = cli("validate", tiny_root, "--patch-size", "72,136,136")
+    assert code == 0 and err == [] and out[-1] == f"{tiny_root}: ok"
+    assert len(out) == 7 and all(line.startswith(f"note: {tiny_root / 'train_images'}") for line in out[:-1])
+    assert all(line.endswith("volume shape (48, 48, 48) is smaller than the patch size (72, 136, 136) along z, y, x; "
+                             "padded to the patch, with the ignore label in training") for line in out[:-1])
+    assert cli("validate", tiny_root, "--patch-size", "32") == (0, [f"{tiny_root}: ok"], [])
 
 
 def test_patch_size_from_config(cli, tiny_root, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("data:\n  patch_size: [64, 64, 64]\n")
-    code, _, err = cli("validate", tiny_root, "--config", cfg)
-    assert code == 2 and "smaller than the patch size (64, 64, 64)" in err[0]
+    cfg.write_text("data:\n  patch_size: [32, 64, 48]\n")
+    code, out, err = cli("validate", tiny_root, "--config", cfg)
+    assert code == 0 and "smaller than the patch size (32, 64, 48) along y;" in out[0]
 
 
 def test_manifest_path_escaping_root(cli, data_copy, tmp_path):

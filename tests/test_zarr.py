@@ -114,9 +114,11 @@ def test_validate_checks_zarr_records_from_metadata_and_spot_chunks(zarr_root, c
     labels[0, 0, 0] = 7  # a corner chunk: spot-checked
     middle = zarr_root / "labels.zarr" / "surface" / "c" / "1" / "0" / "0"  # z 8:16 of record 0: no spot check's
     middle.write_bytes(b"garbage")
-    problems = preflight(zarr_root / "zarr.yaml", patch_size=(64, 64, 64), progress=False)
+    notes: list[str] = []
+    problems = preflight(zarr_root / "zarr.yaml", patch_size=(64, 64, 64), progress=False, say=notes.append)
     assert any("labels.zarr/surface" in p and "label values {7} outside {0, 1, 2}" in p for p in problems)
-    assert any("smaller than the patch size (64, 64, 64)" in p for p in problems)
+    assert any("smaller than the patch size (64, 64, 64)" in n and "with the ignore label in training" in n for n in notes)
+    assert not any("smaller than the patch" in p for p in problems)
     assert not any("unreadable chunk" in p for p in problems)  # never decoded: validation reads a few chunks only
     manifest = load_manifest(zarr_root / "zarr.yaml")
     with pytest.raises(DataError, match="unreadable chunk data"):  # the cache build decodes all and says so

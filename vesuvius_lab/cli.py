@@ -48,7 +48,7 @@ def _synth(args: argparse.Namespace) -> int:
 # --- validate --------------------------------------------------------------------------------
 def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", type=Path, help="data root, or a manifest YAML")
-    p.add_argument("--patch-size", type=_patch_size, help="report volumes smaller than this patch (N or Z,Y,X)")
+    p.add_argument("--patch-size", type=_patch_size, help="note volumes smaller than this patch, which training pads (N or Z,Y,X)")
     p.add_argument("--config", type=Path, help="take the patch size from this config")
     p.add_argument("--jobs", type=int, default=None, help="decoding threads")
 
@@ -61,7 +61,10 @@ def _validate(args: argparse.Namespace) -> int:
         from vesuvius_lab.config import load_config
 
         patch = load_config(args.config).data.patch_size
-    problems = preflight(args.source, patch_size=patch, jobs=args.jobs)
+    notes: list[str] = []
+    problems = preflight(args.source, patch_size=patch, jobs=args.jobs, say=notes.append)
+    for note in notes:
+        print(f"note: {note}")
     if problems:
         raise VLabError(problems)
     print(f"{args.source}: ok")

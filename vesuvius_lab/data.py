@@ -58,6 +58,7 @@ class Data:
     cache: VolumeCache
     train: list[Record] = field(default_factory=list)
     val: list[Record] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the preflight's notes: volumes smaller than the patch
 
     def patch_dataset(self, config: Config, world_size: int = 1) -> PatchDataset:
         if not self.train:
@@ -96,16 +97,18 @@ def open_data(
     check: bool = False,
 ) -> Data:
     """The config's data; ``manifest`` and ``cache_dir`` (relative to the current folder) replace
-    the config's. ``check`` runs the preflight of ``vesuvius-lab validate`` and raises DataError
-    with every problem."""
+    the config's. ``check`` runs the preflight of ``vesuvius-lab validate``, raises DataError
+    with every problem and keeps its notes in ``Data.notes``."""
     path = Path(manifest).resolve() if manifest is not None else config.path(config.data.manifest, "data.manifest")
     root = config.path(config.data.root, "data.root")
     loaded = load_manifest(path, root=root)
     cache = VolumeCache(Path(cache_dir).resolve() if cache_dir is not None else config.path(config.data.cache_dir, "data.cache_dir"),
                         chunk_cache_mb=config.data.chunk_cache_mb)
+    notes: list[str] = []
     if check:
-        problems = preflight(path, patch_size=config.data.patch_size, progress=False, manifest=loaded, cache=cache)
+        problems = preflight(path, patch_size=config.data.patch_size, progress=False, manifest=loaded, cache=cache,
+                             say=notes.append)
         if problems:
             raise DataError(problems)
     train, val = loaded.split_records()
-    return Data(path, loaded, cache, train, val)
+    return Data(path, loaded, cache, train, val, notes)

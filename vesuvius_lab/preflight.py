@@ -9,7 +9,7 @@ array: a whole scroll is terabytes. The cache build decodes the rest and reports
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,11 +100,14 @@ def _inspect(record: Record, cache=None) -> RecordStats | list[str]:
         return exc.lines
 
 
-def _too_small(record: Record, shape: Sequence[int], patch_size: Sequence[int]) -> list[str]:
-    small = [i for i, (s, p) in enumerate(zip(shape, patch_size, strict=True)) if s < p]
-    if not small:
-        return []
-    return [f"{record.image}: volume shape {tuple(shape)} is smaller than the patch size {tuple(patch_size)}"]
+def _padding_note(where: str | os.PathLike, shape: Sequence[int], patch_size: Sequence[int]) -> str | None:
+    """The note for a volume smaller than the patch along some axis (None when it is not): it is
+    no problem, since training pads its patches with the ignore label and prediction pads its windows."""
+    axes = [name for name, s, p in zip("zyx", shape, patch_size, strict=True) if s < p]
+    if not axes:
+        return None
+    return (f"{where}: volume shape {tuple(shape)} is smaller than the patch size {tuple(patch_size)} along "
+            f"{', '.join(axes)}; padded to the patch, with the ignore label in training")
 
 
 def _check_optional(root: Path) -> list[str]:
@@ -141,8 +144,11 @@ def preflight(
     progress: bool = True,
     manifest=None,
     cache=None,
+    say: Callable[[str], None] | None = None,
 ) -> list[str]:
     """All problems with a data root or a manifest (YAML file); an empty list means ready to train.
+
+    ``say`` gets a note for each volume smaller than ``patch_size`` (not a problem: it is padded).
 
     ``manifest``: the already-loaded manifest of ``source`` (e.g. with its root overridden).
     ``cache``: a VolumeCache whose fresh entries were decoded and checked when they were built;
@@ -175,7 +181,8 @@ def preflight(
             old = expected.get(record.id)
             if old is not None and result.checksum and old.checksum != result.checksum:
                 problems.append(f"{record.image}: record {record.id} changed since the manifest was built")
-            if patch_size is not None:
-                problems.extend(_too_small(record, result.shape, patch_size))
+            note = _padding_note(record.image, result.shape, patch_size) if patch_size is not None else None
+            if note and say is not None:
+                say(note)
     problems.extend(_check_optional(root))
     return problems

@@ -138,6 +138,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     data = open_data(config, check=True)
     dataset = data.patch_dataset(config, world_size=ddp.world)
     if ddp.master:
+        for note in data.notes:  # volumes smaller than the patch, which the sampler pads
+            log.info(note)
         data.prepare(config, progress=progress, say=log.info)  # cache (+ targets) of every record once, all cores
     ddp.barrier()
     layout = dataset.layout
