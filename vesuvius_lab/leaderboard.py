@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vesuvius_lab.layout import IGNORE_LABEL  # the Kaggle labels' 2: ignored by the metric too
+
 TOPO_WEIGHTS = (0.34, 0.33, 0.33)
 COMBINE_WEIGHTS = (0.30, 0.35, 0.35)  # topo, surface dice, VOI
 SURFACE_TOLERANCE = 2.0
 VOI_ALPHA = 0.3
-IGNORE_LABEL = 2
 
 
 @dataclass(frozen=True)
