@@ -193,7 +193,7 @@ class RunDir:
             if _try_flock(fd, fcntl.LOCK_SH):  # got it: nobody holds the exclusive lock
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 return None
-            return _read_holder(fd)
+            return _read_holder(fd) or {"pid": None}  # held, its record not yet written
         finally:
             os.close(fd)
 
@@ -287,7 +287,7 @@ def _read_holder(fd: int) -> dict:
 
 def describe_holder(holder: dict | None) -> str:
     """'pid 123 on host, started 2026-12-05 03:40:01, command vesuvius-lab train ...'"""
-    if not holder:
+    if not holder or holder.get("pid") is None:
         return "holder not yet recorded"
     started = holder.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, int | float) else "?"
