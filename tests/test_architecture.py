@@ -171,3 +171,48 @@ def _definitions(pattern: str) -> set[str]:
 ])
 def test_one_definition_each(what, pattern, home):
     assert _definitions(pattern) == home, what
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports anywhere in its code: at the
+    top, inside functions (imported on use) and under TYPE_CHECKING alike."""
+    import ast
+
+    def name(path: Path) -> str:
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                graph[module] |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("vesuvius_lab"):
+                graph[module] |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                                  for a in node.names}
+    return graph
+
+
+def test_no_import_cycle_inside_the_package():
+    """A cycle, even through an import inside a function, means two modules that are one: each
+    layer imports only what lies below it."""
+    graph = _imports()
+    cycles, path, done = [], [], set()
+
+    def walk(module: str) -> None:
+        if module in path:
+            cycles.append(path[path.index(module):] + [module])
+            return
+        if module in done or module not in graph:
+            return
+        path.append(module)
+        for target in sorted(graph[module]):
+            walk(target)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        walk(module)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    assert "vesuvius_lab.training.engine" in graph["vesuvius_lab.training.loop"]  # the graph is read at all

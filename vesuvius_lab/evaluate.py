@@ -34,6 +34,7 @@ from vesuvius_lab.leaderboard import TopoCounts, binarize, topo_counts, volume_s
 
 SUFFIXES = (".tif", ".tiff")
 SCORE_PARTS = ("score", "topo", "surface_dice", "voi_score")
+PART_NAMES = {"score": "score", "topo": "topo", "surface_dice": "surface Dice", "voi_score": "VOI"}  # as shown
 
 
 @dataclass

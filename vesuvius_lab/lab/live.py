@@ -22,13 +22,10 @@ import numpy as np
 from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.figure import Figure
 
-from vesuvius_lab.evaluate import SCORE_PARTS
+from vesuvius_lab.evaluate import PART_NAMES, SCORE_PARTS
 from vesuvius_lab.lab.evaluation import ERROR_COLORS, FN, FP, TP, error_labels
 from vesuvius_lab.lab.plots import AXES, figure_png, label_rgba
 from vesuvius_lab.training import live
-
-PART_NAMES = {"score": "score", "topo": "topo", "surface_dice": "surface Dice", "voi_score": "VOI"}
-
 
 def error_colormap() -> ListedColormap:
     """notebook 05's error colours (``ERROR_COLORS``) for values 0, TP, FP, FN, in matplotlib."""
@@ -41,16 +38,12 @@ def plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(volume, index, axis=axis)
 
 
-def entry_label(entry: dict) -> str:
-    return f"epoch {entry['epoch']} · step {entry['step']}"
-
-
 def format_scores(volume: str, entry: dict) -> str:
     """The volume's score and parts at this validation, as one line of HTML."""
     scores = entry.get("scores", {})
     parts = [f"{PART_NAMES[k]} {scores[k]:.4f}" for k in SCORE_PARTS
              if isinstance(scores.get(k), int | float) and math.isfinite(scores[k])]
-    return (f"<b>{html.escape(volume)}</b> · {html.escape(entry_label(entry))} · "
+    return (f"<b>{html.escape(volume)}</b> · {html.escape(live.entry_label(entry))} · "
             + (" · ".join(parts) if parts else "not scored"))
 
 
@@ -152,7 +145,7 @@ class LivePanel:
                 self.scores.value = f"no live prediction in {html.escape(str(self.run_dir))} yet: one comes with each validation"
                 self._set_options([("no validation yet", -1)], -1)
                 return
-            options = [(entry_label(e), e["step"]) for e in self.entries]
+            options = [(live.entry_label(e), e["step"]) for e in self.entries]
             latest = options[-1][1]
             keep = self.slider.value if self.slider.value in [s for _, s in options] else latest
             self._set_options(options, latest if self.follow_latest.value else keep)
@@ -204,7 +197,7 @@ class LivePanel:
             key = (entry["file"], position)
             if key != self._drawn:  # the slices first: the score line never runs ahead of them
                 self._drawn = key
-                self.image.value = figure_png(live_figure(*arrays, position, f"{self.run_dir.name}: {entry_label(entry)}"))
+                self.image.value = figure_png(live_figure(*arrays, position, f"{self.run_dir.name}: {live.entry_label(entry)}"))
             self.scores.value = format_scores(self.index["volume"], entry)
 
     def open_napari(self):

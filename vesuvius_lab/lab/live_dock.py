@@ -15,9 +15,8 @@ import napari
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label
 from qtpy.QtCore import QTimer
 
-from vesuvius_lab.evaluate import SCORE_PARTS, VolumeResult
+from vesuvius_lab.evaluate import PART_NAMES, SCORE_PARTS, VolumeResult
 from vesuvius_lab.lab.evaluation import error_labels, show_errors
-from vesuvius_lab.lab.live import PART_NAMES, entry_label
 from vesuvius_lab.training import live
 
 POLL_MS = 1000
@@ -96,7 +95,7 @@ class LiveRunWidget(Container):
         if not entries:
             self.status.value = index.get("problem") or f"{self.run_dir.name}: no validation yet"
             return
-        choices = [(entry_label(e), e["step"]) for e in entries]
+        choices = [(live.entry_label(e), e["step"]) for e in entries]
         if choices != self._choices:
             self._choices = choices
             with self.validation.changed.blocked():
@@ -119,8 +118,8 @@ class LiveRunWidget(Container):
             self.validation.value = step
         scores = ", ".join(f"{PART_NAMES[k]} {result.scores[k]:.3f}" for k in SCORE_PARTS
                            if isinstance(result.scores.get(k), int | float))
-        self.status.value = f"{entry_label(entry)}: {scores}"
-        self.viewer.title = f"vesuvius-lab live: {self.run_dir.name}, {entry_label(entry)}"
+        self.status.value = f"{live.entry_label(entry)}: {scores}"
+        self.viewer.title = f"vesuvius-lab live: {self.run_dir.name}, {live.entry_label(entry)}"
 
 
 def open_viewer(run_dir: str | Path) -> tuple[napari.Viewer, LiveRunWidget]:

@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from vesuvius_lab.training.engine import Engine
 
 
 class EMA:
@@ -63,15 +59,15 @@ class EMA:
         self.updates = 0
 
 
-def resume_ema(engine: Engine, ckpt: dict, log: logging.Logger | None) -> None:
+def resume_ema(ema: EMA | None, model: torch.nn.Module, ckpt: dict, log: logging.Logger | None) -> None:
     """Restore the average a checkpoint holds; one written without EMA (turned on at this resume)
-    starts the average from the resumed weights, and says so."""
-    if engine.ema is None:
+    starts the average from the resumed weights (``model``), and says so."""
+    if ema is None:
         return
     if "ema" in ckpt:
-        engine.ema.load_state_dict(ckpt["ema"])
+        ema.load_state_dict(ckpt["ema"])
         return
-    engine.ema.reset(engine.raw_model)
+    ema.reset(model)
     if log is not None:
         log.warning("the checkpoint holds no EMA of the weights (optim.ema_decay was off): "
                     "the average starts from the resumed weights at step %d", ckpt["step"])

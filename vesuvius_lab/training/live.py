@@ -153,6 +153,11 @@ def _note_problem(run: RunDir, problem: str) -> None:
 # --- reading (the notebook and napari) ------------------------------------------------------------
 
 
+def entry_label(entry: dict) -> str:
+    """How a kept validation is named in the notebook's slider and napari's dock."""
+    return f"epoch {entry['epoch']} · step {entry['step']}"
+
+
 def read_index(run_dir: str | Path) -> dict:
     """live/index.json, or {} when there is none yet (or it is being replaced)."""
     try:

@@ -152,7 +152,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         engine.raw_model.load_state_dict(ckpt["model"])
         engine.optimizer.load_state_dict(ckpt["optimizer"])
         engine.scaler.load_state_dict(ckpt["scaler"])
-        resume_ema(engine, ckpt, log if ddp.master else None)
+        resume_ema(engine.ema, engine.raw_model, ckpt, log if ddp.master else None)
         state = Progress(ckpt["step"], ckpt["best_score"], ckpt["nonfinite_total"])
         set_rng_state(ckpt["rng"][ddp.rank] if ddp.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if ddp.master:
