@@ -65,6 +65,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
         refused = None
         if ddp.master:  # one lock for the job: rank 0 writes the folder
             try:
+                if resume and not run.root.is_dir():
+                    _check_run_folder(run, config, resume)  # nothing to resume: says so, creates nothing
                 lock.acquire()
             except VLabError as exc:
                 refused = exc.lines
