@@ -10,7 +10,7 @@ epoch and a new LR anchor, the rest unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from vesuvius_lab.config import Config, OptimConfig
 
@@ -70,7 +70,9 @@ class Schedule:
                    final_val=bool(t.time_budget_hours), optim=config.optim)
 
     def replanned(self, total: int, last_start: int, anchor: tuple[int, float] | None) -> Schedule:
-        return replace(self, total=total, last_start=last_start, anchor=anchor)
+        """The same cadence and optimizer over another total and last epoch, from another LR anchor."""
+        return Schedule(self.steps_per_epoch, total, last_start, self.val_every, self.checkpoint_every,
+                        self.final_val, self.optim, anchor)  # not dataclasses.replace: a re-plan calls it often
 
     def epoch_of(self, step: int) -> int:
         """The epoch of the step with index ``step`` (0-based)."""
