@@ -183,7 +183,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     if schedule.val_every:
         metrics_warm_up()  # start-up cost, not charged to the first epoch
     bar = tqdm(total=schedule.total, initial=state.step, desc="train", unit="step", disable=not (progress and ddp.master))
-    consecutive_nonfinite, epoch_start, outcome, message = 0, time.perf_counter(), "running", ""
+    consecutive_nonfinite, epoch_start, outcome = 0, time.perf_counter(), "running"
 
     # --- the loop ---
     try:
@@ -237,10 +237,6 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 what = "gradient norm" if loss_finite else "loss"
                 log.warning("step %d: non-finite %s, step skipped (%d in a row)", state.step, what, consecutive_nonfinite)
                 if consecutive_nonfinite >= config.optim.max_nonfinite:
-                    kept = (f"{run.last} holds them as of step {state.saved}" if state.saved is not None
-                            else "no checkpoint had been written yet")
-                    message = (f"stopped: {consecutive_nonfinite} non-finite {'gradients' if loss_finite else 'losses'} "
-                               f"in a row at step {state.step}; no bad step reached the weights; {kept}")
                     outcome = "failed"
                     break
 
@@ -263,11 +259,10 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             if stop.signal is not None:
                 if state.saved != state.step:
                     write_checkpoint()
-                outcome, message = "stopped", f"stopped by {stop.signal} at step {state.step}; resume with --resume"
+                outcome = "stopped"
                 break
         else:
-            outcome, message = "finished", f"finished {schedule.total} steps; best validation score {state.best:.4f}"
-            message += budget.closing_note(state.step)
+            outcome = "finished"
     except RuntimeError as exc:  # a worker's death reported between fetches: this step may be half applied
         cause = worker_failure(exc, batches)
         if cause is None:
@@ -277,6 +272,15 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
         bar.close()
+    if outcome == "failed":
+        kept = (f"{run.last} holds them as of step {state.saved}" if state.saved is not None
+                else "no checkpoint had been written yet")
+        message = (f"stopped: {consecutive_nonfinite} non-finite {'gradients' if loss_finite else 'losses'} "
+                   f"in a row at step {state.step}; no bad step reached the weights; {kept}")
+    elif outcome == "stopped":
+        message = f"stopped by {stop.signal} at step {state.step}; resume with --resume"
+    else:
+        message = f"finished {schedule.total} steps; best validation score {state.best:.4f}" + budget.closing_note(state.step)
     if ddp.master:
         run.status(state=outcome, step=state.step, total_steps=schedule.total, message=message, best_score=state.best)
         log.info(message)
