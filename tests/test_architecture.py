@@ -168,6 +168,10 @@ def _definitions(pattern: str) -> set[str]:
     # tune.py post-processes probabilities that inference.py predicted, under many candidate settings
     ("predict-and-post-process", r"(?<!def )\bpostprocess\(prob", {"inference.py", "tune.py"}),
     ("sliding-window inference", r"predict_probabilities\(model", {"inference.py"}),
+    # the loop, the time budget and the planner all follow training/schedule.py's Schedule
+    ("which epochs validate and where checkpoints fall", r"%\s*(self\.|t\.|config\.training\.|c\.)?(val_every\w*|checkpoint_every\w*|every)\b",
+     {"training/schedule.py"}),
+    ("the LR of a step", r"def (lr_at|decay_progress)\(", {"training/schedule.py"}),
 ])
 def test_one_definition_each(what, pattern, home):
     assert _definitions(pattern) == home, what

@@ -13,71 +13,71 @@ import torch
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import OptimConfig, load_config
 from vesuvius_lab.errors import ConfigError
-from vesuvius_lab.training.budget import Cadence, Costs, RunBudget, fit_plan, parse_duration, remaining_s
-from vesuvius_lab.training.engine import lr_at
+from vesuvius_lab.training.budget import Costs, RunBudget, fit_plan, parse_duration, remaining_s
+from vesuvius_lab.training.schedule import Schedule, decay_progress, lr_at
+
+
+def _shape(steps_per_epoch: int, val_every: int, checkpoint_every: int, final_val: bool = True) -> Schedule:
+    """A schedule's cadence; its total and last epoch are what the tests vary."""
+    return Schedule(steps_per_epoch, steps_per_epoch, 0, val_every, checkpoint_every, final_val)
 
 
 def test_the_rest_of_a_run_counts_steps_validations_checkpoints_and_the_exit():
-    costs, cadence = Costs(step_s=0.5, val_s=10.0, checkpoint_s=0.1, exit_s=1.0), Cadence(100, 2, 40)
+    costs, run = Costs(step_s=0.5, val_s=10.0, checkpoint_s=0.1, exit_s=1.0), _shape(100, 2, 40).replanned(360, 300, None)
     # after step 50 of a run whose last epoch runs 300..360: epoch ends at 100, 200, 300 (validation
     # at 200 only, every 2nd), checkpoints at 80, 120, 160, 240, 280, 320 between them, the final end
-    rest = remaining_s(50, 360, 300, costs, cadence)
+    rest = remaining_s(50, run, costs)
     assert rest == pytest.approx(310 * 0.5 + (1 + 1) * 10.0 + (3 + 6 + 1) * 0.1 + 1.0)
-    assert remaining_s(360, 360, 300, costs, cadence) == pytest.approx(1.0)  # done: only the exit is left
+    assert remaining_s(360, run, costs) == pytest.approx(1.0)  # done: only the exit is left
 
 
 def test_a_plan_keeps_whole_epochs_and_gives_the_last_one_the_time_left():
-    costs, cadence = Costs(step_s=0.5, val_s=150.0, checkpoint_s=0.1), Cadence(150, 1, 50)
+    costs, shape = Costs(step_s=0.5, val_s=150.0, checkpoint_s=0.1), _shape(150, 1, 50)
     # validation (150 s) dwarfs an epoch's steps (75 s): one more whole epoch would not leave half an
     # epoch after it, so the epoch running now becomes the last and takes all the time left
-    total, last = fit_plan(150, 150, 330.0, costs, cadence)
-    assert last == 150 and remaining_s(150, total, last, costs, cadence) <= 330.0
-    assert remaining_s(150, total + 1, last, costs, cadence) > 330.0  # not one step more fits
+    total, last = fit_plan(150, 150, 330.0, costs, shape)
+    assert last == 150 and remaining_s(150, shape.replanned(total, last, None), costs) <= 330.0
+    assert remaining_s(150, shape.replanned(total + 1, last, None), costs) > 330.0  # not one step more fits
     # mid-way through a stretched last epoch (it began at 0), a new epoch end can only come later
-    total, last = fit_plan(180, 0, 600.0, Costs(0.5, 5.0, 0.1), cadence)
+    total, last = fit_plan(180, 0, 600.0, Costs(0.5, 5.0, 0.1), shape)
     assert (last == 0 or (last % 150 == 0 and last > 180)) and total - last >= 75
     # cheap validation: whole epochs, then a last one of at least half an epoch
-    total, last = fit_plan(0, 0, 600.0, Costs(0.5, 5.0, 0.1), cadence)
-    assert last % 150 == 0 and 75 <= total - last and remaining_s(0, total, last, Costs(0.5, 5.0, 0.1), cadence) <= 600
+    total, last = fit_plan(0, 0, 600.0, Costs(0.5, 5.0, 0.1), shape)
+    assert last % 150 == 0 and 75 <= total - last
+    assert remaining_s(0, shape.replanned(total, last, None), Costs(0.5, 5.0, 0.1)) <= 600
 
 
 def test_the_lr_goes_on_without_a_jump_and_ends_at_its_final_value_after_re_plans():
     cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="poly", poly_power=0.9, min_lr=0.01)
     assert [lr_at(s, 200, cfg, None) for s in range(200)] == [lr_at(s, 200, cfg) for s in range(200)]
-    budget = RunBudget(load_config(None, ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.01"]),
-                       Cadence(50, 1, 0), 200, time.time(), 600.0, Costs(0.5, 5.0, 0.1))
+    optim = load_config(None, ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.01"]).optim
+    schedule = Schedule(50, 200, 150, 1, 0, True, optim)
     lrs, step = [], 0
     for replan_at, new_total in ((60, 150), (100, 260), (200, 230)):
         while step < replan_at:
-            lrs.append(budget.lr(step))
+            lrs.append(schedule.lr(step))
             step += 1
-        before = budget.lr(step - 1)  # the LR of the last step run
-        budget.total, budget.anchor = new_total, (step - 1, _progress(budget, step - 1))
-        assert budget.lr(step - 1) == pytest.approx(before)  # the new decay goes on from it: no jump
-        assert budget.lr(step) < before
-    while step < budget.total:
-        lrs.append(budget.lr(step))
+        before = schedule.lr(step - 1)  # the LR of the last step run
+        anchor = (step - 1, decay_progress(step - 1, schedule.total, optim, schedule.anchor))
+        schedule = schedule.replanned(new_total, (new_total - 1) // 50 * 50, anchor)
+        assert schedule.lr(step - 1) == pytest.approx(before)  # the new decay goes on from it: no jump
+        assert schedule.lr(step) < before
+    while step < schedule.total:
+        lrs.append(schedule.lr(step))
         step += 1
     assert lrs[-1] == pytest.approx(0.01)  # the last step runs at the final LR
     assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # decay only
-
-
-def _progress(budget, step):
-    from vesuvius_lab.training.engine import decay_progress
-
-    return decay_progress(step, budget.total, budget.optim, budget.anchor)
 
 
 def test_a_resume_continues_the_plan_and_a_spent_budget_is_one_line():
     config = load_config(None, ["training.time_budget_hours=0.5"])
     now = time.time()
     first = RunBudget.begin(config, 100, True, None, start=now - 600)
-    first.costs, first.total, first.last_start, first.anchor = Costs(1.0, 20.0, 0.5), 900, 800, (50, 0.1)
+    first.costs, first.schedule = Costs(1.0, 20.0, 0.5), first.schedule.replanned(900, 800, (50, 0.1))
     saved = first.state_dict(400)
     again = RunBudget.begin(config, 100, True, saved, start=now)
     assert again.deadline == pytest.approx(first.deadline)  # downtime is spent: the deadline stays
-    assert (again.total, again.last_start, again.anchor) == (900, 800, (50, 0.1))
-    assert [again.lr(s) for s in range(400, 900)] == [first.lr(s) for s in range(400, 900)]
+    assert again.schedule == first.schedule
     assert again.resumed.startswith("resumed after")
     late = load_config(None, ["training.time_budget_hours=0.1"])  # 6 min, started 10 min ago
     with pytest.raises(ConfigError, match="training.time_budget_hours: the budget of this run ended at"):

@@ -165,7 +165,8 @@ def test_forecast_accounts_for_everything_an_epoch_contains(plan_config, tmp_pat
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = plan.train_iterations_per_epoch
     m, best = plan.measurements, next(t for t in plan.measurements.timings if t.batch_size == plan.train_batch_size)
-    checkpoints = 1 + steps // config.training.checkpoint_every_steps
+    every = config.training.checkpoint_every_steps
+    checkpoints = len({*range(every, steps + 1, every), steps})  # as the loop writes them: epoch end, every N steps
     for epoch in (0, 1):
         measured = next(r["epoch_s"] for r in lines if r["kind"] == "epoch" and r["epoch"] == epoch)
         step_sum = sum(r["step_s"] for r in lines if r["kind"] == "train" and r["epoch"] == epoch)

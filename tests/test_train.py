@@ -19,7 +19,7 @@ from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import OptimConfig, load_config
 from vesuvius_lab.io import read_volume
 from vesuvius_lab.training import train
-from vesuvius_lab.training.engine import lr_at
+from vesuvius_lab.training.schedule import lr_at
 
 STEPS, EPOCHS = 6, 2
 

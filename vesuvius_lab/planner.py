@@ -31,10 +31,13 @@ from vesuvius_lab.device import default_device, memory_capacity_mb, memory_mb
 from vesuvius_lab.evaluate import score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import build_loader
-from vesuvius_lab.training.budget import Cadence, Costs, command_start, fit_plan, format_span, margin_s, remaining_s
+from vesuvius_lab.training.budget import (
+    Costs, command_start, epoch_forecast_s, fit_plan, format_span, margin_s, remaining_s,
+)
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.engine import build_engine, forward_backward, optimizer_update
 from vesuvius_lab.training.run_dir import save_checkpoint
+from vesuvius_lab.training.schedule import Schedule
 
 COVERAGE_MIN, EPOCH_MAX_H, DATA_BOUND = 0.5, 12.0, 0.20
 WAIT_SHARE = 0.05  # the data wait a worker count must keep under, as a share of the step
@@ -380,9 +383,9 @@ def _time_validation(model: torch.nn.Module, records: list, config: Config, data
 
 
 def _epoch_seconds(steps: int, t: BatchTiming, m: Measurements, config: Config, val_every: int) -> float:
-    ckpt_every = config.training.checkpoint_every_steps
-    checkpoints = 1 + (steps // ckpt_every if ckpt_every else 0)
-    return steps * t.step_s + (m.val_s if val_every else 0.0) + checkpoints * m.checkpoint_s
+    """A whole epoch of ``steps`` steps (the first of a run), its validation when ``val_every``."""
+    one = Schedule(steps, steps, 0, checkpoint_every=config.training.checkpoint_every_steps)
+    return epoch_forecast_s(one, 0, steps, Costs(t.step_s, m.val_s, m.checkpoint_s), bool(val_every))
 
 
 def recommend(
@@ -421,20 +424,18 @@ def recommend(
     # the whole command as the trainer plans it (training/budget.py): start-up, whole epochs, and with a
     # budget a last epoch that takes the time left before the aim
     costs = Costs(best.step_s, m.val_s, m.checkpoint_s, best.step_spread_s)
-    cadence = Cadence(steps, val_every if m.val_records else 0, config.training.checkpoint_every_steps,
-                      final_val=bool(budget_hours))
+    planned = replace(config.training, val_every_epochs=val_every, time_budget_hours=budget_hours)
+    schedule = Schedule.from_config(replace(config, training=planned), steps, bool(m.val_records))
     lead = m.startup_s + best.first_batch_s
     if budget_hours:
         budget_s = budget_hours * 3600
-        total, last = fit_plan(0, 0, budget_s - margin_s(budget_s) - lead, costs, cadence)
-        epochs = last // steps + 1
-    else:
-        epochs = config.training.max_epochs
-        total, last = epochs * steps, (epochs - 1) * steps
-    run_s = lead + remaining_s(0, total, last, costs, cadence)
-    vals = (last // (steps * val_every) + 1) if cadence.val_every else 0
-    band = total * best.step_spread_s / 2 + 0.1 * m.val_s * vals
-    last_epoch_s = _epoch_seconds(total - last, best, m, config, val_every)
+        total, last = fit_plan(0, 0, budget_s - margin_s(budget_s) - lead, costs, schedule)
+        schedule = schedule.replanned(total, last, None)
+    total, last = schedule.total, schedule.last_start
+    epochs = last // steps + 1
+    run_s = lead + remaining_s(0, schedule, costs)
+    band = total * best.step_spread_s / 2 + 0.1 * m.val_s * schedule.count_validations(0, total)
+    last_epoch_s = epoch_forecast_s(schedule, last, total, costs, bool(val_every))
 
     explanation = [
         f"Batch size {best.batch_size}: {best.samples_per_s:.2f} samples/s, the best of "

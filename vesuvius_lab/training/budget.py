@@ -5,10 +5,11 @@
 measures as it runs (the time of a step, of a validation, of a checkpoint) and, when the forecast
 end drifts from the aim (at an epoch end, or mid-epoch when it drifts far), re-plans the rest of
 the run: steps per epoch stay, the number of epochs and the length of the last one change, and the
-LR decay is spread over the remaining progress from the current LR (``engine.decay_progress``), so
+LR decay is spread over the remaining progress from the current LR (``schedule.decay_progress``), so
 warm-up and decay finish at the new total and the LR never jumps. The final validation and the
 final checkpoint land before the deadline.
 
+The plan is a ``schedule.Schedule``, which this module only measures against and replaces.
 Each plan is a ``plan`` record in metrics.jsonl (its reason, the new total, the forecast end with a
 band, the per-epoch forecast) and its state is in every checkpoint: a resumed run continues its plan
 and re-plans for the downtime. Without a budget the same forecast is written at each epoch end, and
@@ -23,7 +24,8 @@ import re
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -32,7 +34,7 @@ import torch
 
 from vesuvius_lab.config import Config
 from vesuvius_lab.errors import ConfigError
-from vesuvius_lab.training.engine import decay_progress, lr_at
+from vesuvius_lab.training.schedule import Schedule, decay_progress
 
 PLAN = "plan"  # the kind of the plan records in metrics.jsonl
 EXIT_S = 0.5  # after the final checkpoint: the last status, the data workers' shutdown, the interpreter's exit
@@ -88,85 +90,55 @@ class Costs:
     exit_s: float = EXIT_S
 
 
-@dataclass
-class Cadence:
-    """Where the epoch ends, validations and checkpoints fall."""
-
-    steps_per_epoch: int
-    val_every: int  # 0: no validation (none configured, or no validation volumes)
-    checkpoint_every: int  # 0: at epoch ends only
-    final_val: bool = True  # the last epoch always validates (a budget run)
-
-    def validates(self, step: int, final: bool, last_start: int | None = None) -> bool:
-        """Whether the epoch ending at ``step`` validates (as ``loop.end_of_epoch`` decides): when due
-        by ``val_every``, and the final one of a budget run."""
-        every, e = self.val_every, self.steps_per_epoch
-        if not every:
-            return False
-        if final and self.final_val:
-            return True
-        epoch = (last_start // e if last_start is not None and step > last_start else (step - 1) // e)
-        return (epoch + 1) % every == 0
-
-
-def _multiples(n: int, after: int, before: int) -> int:
-    """Multiples of ``n`` in the open interval (after, before)."""
-    return max(0, (before - 1) // n - after // n) if n > 0 else 0
-
-
-def remaining_s(step: int, total: int, last_start: int, costs: Costs, cadence: Cadence,
-                val_scale: float = 1.0) -> float:
-    """Seconds from just after ``step`` (its epoch-end work done) to the exit of a run whose last
-    epoch runs from ``last_start`` to ``total``: the steps, the epoch ends before it (validation
-    when due, a checkpoint), the periodic checkpoints, the final epoch end and the exit."""
+def remaining_s(step: int, schedule: Schedule, costs: Costs, val_scale: float = 1.0) -> float:
+    """Seconds from just after ``step`` (its epoch-end work done) to the exit of the run that
+    ``schedule`` lays out: the steps, the validations, the checkpoints and the exit."""
+    total = schedule.total
     if total <= step:
         return costs.exit_s
-    e, c, every = cadence.steps_per_epoch, cadence.checkpoint_every, cadence.val_every
-    upto = last_start + 1 if last_start > step else step + 1  # epoch ends in (step, last_start]
-    ends = _multiples(e, step, upto)
-    vals = _multiples(e * every, step, upto) if every else 0
-    final_val = cadence.validates(total, final=True, last_start=last_start)
-    periodic = _multiples(c, step, total) - (_multiples(math.lcm(c, e), step, upto) if c else 0)
-    return ((total - step) * costs.step_s + (vals + final_val) * costs.val_s * val_scale
-            + (ends + periodic + 1) * costs.checkpoint_s + costs.exit_s)
+    vals, checkpoints = schedule.count_validations(step, total), schedule.count_checkpoints(step, total)
+    return (total - step) * costs.step_s + vals * costs.val_s * val_scale + checkpoints * costs.checkpoint_s + costs.exit_s
 
 
-def _fit_total(step: int, last_start: int, available_s: float, costs: Costs, cadence: Cadence,
+def _fit_total(step: int, last_start: int, available_s: float, costs: Costs, schedule: Schedule,
                val_scale: float) -> int:
     """The largest total (at least one step into the last epoch) whose rest fits in ``available_s``."""
     lo = max(step, last_start) + 1
     hi = lo + 1 + int(max(available_s, 0.0) / max(costs.step_s, 1e-6))
     while lo < hi:  # the rest grows with the total
         mid = (lo + hi + 1) // 2
-        if remaining_s(step, mid, last_start, costs, cadence, val_scale) <= available_s:
+        if remaining_s(step, schedule.replanned(mid, last_start, schedule.anchor), costs, val_scale) <= available_s:
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
-def fit_plan(step: int, epoch_start: int, available_s: float, costs: Costs, cadence: Cadence,
+def fit_plan(step: int, epoch_start: int, available_s: float, costs: Costs, schedule: Schedule,
              val_scale: float = 1.0) -> tuple[int, int]:
-    """(total, last_start): as many whole epochs as fit with their validations, then a last epoch
-    that takes the time left, at least half an epoch long (shorter only when the epoch running now
-    must be the last). ``epoch_start`` is where the epoch of the next step began."""
-    e = cadence.steps_per_epoch
+    """(total, last_start) of ``schedule`` re-planned: as many whole epochs as fit with their
+    validations, then a last epoch that takes the time left, at least half an epoch long (shorter
+    only when the epoch running now must be the last). ``epoch_start`` is where the epoch of the
+    next step began."""
+    e = schedule.steps_per_epoch
     least = max(1, e // 2)
-    best = (_fit_total(step, epoch_start, available_s, costs, cadence, val_scale), epoch_start)
+    best = (_fit_total(step, epoch_start, available_s, costs, schedule, val_scale), epoch_start)
     last = max(step, epoch_start) // e * e  # epoch ends still to come: multiples of e after this step
     while True:  # one more whole epoch before the last, while the last keeps half an epoch or more
         last += e
-        total = _fit_total(step, last, available_s, costs, cadence, val_scale)
-        fits = remaining_s(step, total, last, costs, cadence, val_scale) <= available_s
+        total = _fit_total(step, last, available_s, costs, schedule, val_scale)
+        fits = remaining_s(step, schedule.replanned(total, last, schedule.anchor), costs, val_scale) <= available_s
         if not fits or total - last < least:
             return best
         best = (total, last)
 
 
-def epoch_forecast_s(steps: int, costs: Costs, cadence: Cadence, validates: bool, val_scale: float = 1.0) -> float:
-    """One epoch of ``steps`` steps: the steps, its periodic checkpoints, validation, the epoch-end checkpoint."""
-    periodic = (steps - 1) // cadence.checkpoint_every if cadence.checkpoint_every else 0
-    return steps * costs.step_s + (periodic + 1) * costs.checkpoint_s + (costs.val_s * val_scale if validates else 0.0)
+def epoch_forecast_s(schedule: Schedule, start: int, end: int, costs: Costs, validates: bool,
+                     val_scale: float = 1.0) -> float:
+    """The epoch of ``schedule`` over the steps (start, end]: the steps, its checkpoints, and its
+    validation when ``validates``."""
+    return ((end - start) * costs.step_s + schedule.count_checkpoints(start, end) * costs.checkpoint_s
+            + (costs.val_s * val_scale if validates else 0.0))
 
 
 def format_clock(ts: float) -> str:
@@ -213,17 +185,15 @@ def probe_validation_s(model: torch.nn.Module, volume, shapes: list[tuple[int, .
 
 
 class RunBudget:
-    """The plan the loop follows: its total, its LR anchor, its costs; re-planned against the clock.
+    """The clock against the run's ``schedule`` (what the loop follows): measures what the run
+    costs and, when the forecast drifts from the aim, swaps in a re-planned schedule.
 
-    ``budget_s`` None: forecast only (the total and the LR stay as configured)."""
+    ``budget_s`` None: forecast only (the schedule stays as configured)."""
 
-    def __init__(self, config: Config, cadence: Cadence, total: int, start: float, budget_s: float | None,
-                 costs: Costs | None = None, anchor: tuple[int, float] | None = None, replans: int = 0,
-                 step_at_val: float | None = None, last_start: int | None = None):
-        self.optim, self.cadence, self.total, self.start = config.optim, cadence, total, start
-        e = cadence.steps_per_epoch
-        self.last_start = last_start if last_start is not None else max(0, (total - 1) // e * e)
-        self.budget_s, self.costs, self.anchor, self.replans = budget_s, costs, anchor, replans
+    def __init__(self, schedule: Schedule, start: float, budget_s: float | None, costs: Costs | None = None,
+                 replans: int = 0, step_at_val: float | None = None):
+        self.schedule, self.start = schedule, start
+        self.budget_s, self.costs, self.replans = budget_s, costs, replans
         self.step_at_val = step_at_val  # the step time when the last validation was measured
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.planned: Costs | None = costs  # the costs the current plan assumed
@@ -245,17 +215,18 @@ class RunBudget:
         """The plan of a fresh run (costs still unknown), or the plan a checkpoint continues."""
         t = config.training
         budget_s = t.time_budget_hours * 3600 if t.time_budget_hours else None
-        cadence = Cadence(steps_per_epoch, t.val_every_epochs if has_val else 0, t.checkpoint_every_steps,
-                          final_val=budget_s is not None)
-        configured = t.max_epochs * steps_per_epoch
+        configured = Schedule.from_config(config, steps_per_epoch, has_val)
         if not saved or budget_s is None:
-            return cls(config, cadence, configured, start, budget_s)
+            return cls(configured, start, budget_s)
         # a resume: the deadline stays where the run's first command set it (downtime is spent)
         first_start = saved.get("start", start)
         costs = Costs(**saved["costs"]) if saved.get("costs") else None
         anchor = tuple(saved["anchor"]) if saved.get("anchor") else None
-        b = cls(config, cadence, int(saved["total"]), first_start, budget_s, costs, anchor,
-                int(saved.get("replans", 0)), saved.get("step_at_val"), saved.get("last_start"))
+        total, last_start = int(saved["total"]), saved.get("last_start")
+        if last_start is None:
+            last_start = max(0, (total - 1) // steps_per_epoch * steps_per_epoch)
+        b = cls(configured.replanned(total, last_start, anchor), first_start, budget_s, costs,
+                int(saved.get("replans", 0)), saved.get("step_at_val"))
         now = time.time() if now is None else now
         if now > b.deadline:
             raise ConfigError(f"training.time_budget_hours: the budget of this run ended at {format_clock(b.deadline)} "
@@ -267,7 +238,7 @@ class RunBudget:
     def guess_validation(self, model: torch.nn.Module, data, config: Config, device: torch.device, ddp) -> None:
         """Before the first validation is timed, a budget run plans with a probe of it, taken with
         the first measured steps (the same load on the machine) by rank 0 and shared."""
-        if not (self.active and self.cadence.val_every and self.costs is None):
+        if not (self.active and self.schedule.val_every and self.costs is None):
             return
         volumes = [data.cache.load(r) for r in data.val[: config.val.max_volumes]] if ddp.master else []
 
@@ -291,46 +262,34 @@ class RunBudget:
     def aim(self) -> float:
         return self.deadline - margin_s(self.budget_s or 0.0)
 
-    def lr(self, step: int) -> float:
-        return lr_at(step, self.total, self.optim, self.anchor)
-
-    def epoch_of(self, step: int) -> int:
-        """The epoch of the step with index ``step`` (0-based): the last one may be longer or shorter."""
-        e = self.cadence.steps_per_epoch
-        return step // e if step < self.last_start else self.last_start // e
-
-    def epoch_end(self, done: int) -> bool:
-        """Whether ``done`` steps close an epoch."""
-        return done == self.total or (done <= self.last_start and done % self.cadence.steps_per_epoch == 0)
-
-    def timed(self, write: Callable[..., None]) -> Callable[..., None]:
-        """``write`` (the checkpoint) with its time measured: a cost of its own, not a step's."""
-        def timed_write(*args, **kwargs) -> None:
-            t0 = time.time()
-            try:
-                write(*args, **kwargs)
-            finally:
-                spent = time.time() - t0
-                self.checkpoint_spent += spent
-                c = self.costs
-                if c is not None:
-                    c.checkpoint_s = 0.7 * c.checkpoint_s + 0.3 * spent
-                self.checkpoint_seen = spent
-        return timed_write
+    @contextmanager
+    def timing_checkpoint(self) -> Iterator[None]:
+        """Around a checkpoint's write: its time is a cost of its own, not a step's."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            spent = time.time() - t0
+            self.checkpoint_spent += spent
+            c = self.costs
+            if c is not None:
+                c.checkpoint_s = 0.7 * c.checkpoint_s + 0.3 * spent
+            self.checkpoint_seen = spent
 
     def state_dict(self, step: int) -> dict:
         """What a checkpoint keeps: the plan and its costs, and when it was written."""
-        return {"budget_s": self.budget_s, "start": self.start, "total": self.total, "last_start": self.last_start,
-                "anchor": list(self.anchor) if self.anchor else None, "replans": self.replans,
+        s = self.schedule
+        return {"budget_s": self.budget_s, "start": self.start, "total": s.total, "last_start": s.last_start,
+                "anchor": list(s.anchor) if s.anchor else None, "replans": self.replans,
                 "costs": asdict(self.costs) if self.costs else None, "step_at_val": self.step_at_val,
                 "saved_at": time.time(), "step": step}
 
     # -- the loop's one call per step --
-    def after_step(self, step: int, step_s: float, epoch_end: bool, final: bool) -> dict | None:
+    def after_step(self, step: int, step_s: float) -> dict | None:
         """Measure the iteration that just ended (``step`` steps done, its epoch-end work included);
         re-plan when the forecast has drifted. Returns the ``plan`` record to log (None: the plan holds)."""
         now = time.time()
-        validated = epoch_end and self.cadence.validates(step, final, self.last_start)
+        epoch_end, validated = self.schedule.epoch_end(step), self.schedule.validates(step)
         wall, self.mark = now - self.mark, now
         rest = wall - self.checkpoint_spent
         self.checkpoint_spent = 0.0
@@ -351,7 +310,7 @@ class RunBudget:
             self.step_at_val = self._step_time()
         if self.costs is None and len(self.recent) >= MIN_SAMPLES:  # first measurement; validation not yet
             tau = self._step_time()
-            val_guess = self.probe() if self.probe and self.cadence.val_every else 0.0
+            val_guess = self.probe() if self.probe and self.schedule.val_every else 0.0
             self.mark = time.time()  # the probe is no step's cost
             self.costs = Costs(tau, val_guess, self.checkpoint_seen)
             self.step_at_val = tau if val_guess else None  # the guess scales with the load, as a timed one
@@ -361,13 +320,13 @@ class RunBudget:
         if self.recent:
             self.costs.step_s = self._step_time()
             self.costs.step_spread_s = self._spread()
-        if step >= self.total:
+        if step >= self.schedule.total:
             return None
         if not self.active:  # forecast only: at the first measurements and at each epoch end
             first, self.must_plan = self.must_plan, False
             return self._record(step, now, "forecast") if epoch_end or first else None
         self._reprobe(step)
-        forecast = now + remaining_s(step, self.total, self.last_start, self.costs, self.cadence, self._val_scale())
+        forecast = now + remaining_s(step, self.schedule, self.costs, self._val_scale())
         drift = forecast - self.aim
         if self.must_plan:
             reason = "first measurements" + (" (validation not timed yet: probed)" if self.probe else "")
@@ -378,19 +337,20 @@ class RunBudget:
             return None
         first = self.must_plan or self.resumed
         self.must_plan, self.resumed = False, None
-        if validated and remaining_s(step, step + 1, step, self.costs, self.cadence) > self.aim - now:
+        s = self.schedule
+        if validated and remaining_s(step, s.replanned(step + 1, step, s.anchor), self.costs) > self.aim - now:
             # not even one more step and a final validation fit: the validation just done is the final one
-            self.total, self.last_start = step, min(self.last_start, step)
+            self.schedule = s.replanned(step, min(s.last_start, step), s.anchor)
             self.replans += 1
             return self._record(step, now, reason + "; no time for one more step and a final validation: the run ends here")
         changed = self._replan(step, now)
         return self._record(step, now, reason) if changed or first else None
 
-    def sync(self, ddp) -> int:
-        """Every rank follows rank 0's plan (the total and the LR anchor); returns the total."""
+    def sync(self, ddp) -> Schedule:
+        """Every rank follows rank 0's schedule; returns it."""
         if self.active and ddp.world > 1:
-            self.total, self.last_start, self.anchor = ddp.broadcast([self.total, self.last_start, self.anchor])
-        return self.total
+            (self.schedule,) = ddp.broadcast([self.schedule])
+        return self.schedule
 
     # -- inside --
     def _reprobe(self, step: int) -> None:
@@ -399,7 +359,7 @@ class RunBudget:
         slows down with it more than a step does (its threads, its metric)."""
         if not self.probe or self.val_timed or self.reprobed:
             return
-        near = (self.total - step) * self.costs.step_s <= max(30.0, self.costs.val_s * self._val_scale())
+        near = (self.schedule.total - step) * self.costs.step_s <= max(30.0, self.costs.val_s * self._val_scale())
         (near,) = self.ddp.broadcast([near])  # rank 0 decides: every rank joins the probe's broadcast
         if near:
             self.reprobed = True
@@ -449,40 +409,36 @@ class RunBudget:
 
     def _replan(self, step: int, now: float) -> bool:
         """The largest total that ends by the aim; the decay anchored where the LR is now."""
-        e = self.cadence.steps_per_epoch
-        epoch_start = self.last_start if step >= self.last_start else step // e * e
-        total, last = fit_plan(step, epoch_start, self.aim - now, self.costs, self.cadence, self._val_scale())
-        if (total, last) == (self.total, self.last_start):
+        s = self.schedule
+        epoch_start = s.epoch_of(step) * s.steps_per_epoch
+        total, last = fit_plan(step, epoch_start, self.aim - now, self.costs, s, self._val_scale())
+        if (total, last) == (s.total, s.last_start):
             return False
         # the decay goes on from the LR of the last step run (index step - 1), over the steps left
-        at = max(step - 1, self.optim.warmup_steps)
-        done = decay_progress(at, self.total, self.optim, self.anchor) if step - 1 >= self.optim.warmup_steps else 0.0
-        self.anchor, self.total, self.last_start = (at, done), total, last
+        at = max(step - 1, s.optim.warmup_steps)
+        done = decay_progress(at, s.total, s.optim, s.anchor) if step - 1 >= s.optim.warmup_steps else 0.0
+        self.schedule = s.replanned(total, last, (at, done))
         self.replans += 1
         return True
 
     def _record(self, step: int, now: float, reason: str) -> dict:
-        c, cad, scale = self.costs, self.cadence, self._val_scale()
+        c, s, scale = self.costs, self.schedule, self._val_scale()
         self.planned = replace(c, val_s=c.val_s * scale)
-        left, e, last = self.total - step, cad.steps_per_epoch, self.last_start
-        upto = last + 1 if last > step else step + 1
-        rest = remaining_s(step, self.total, last, c, cad, scale)
-        vals_left = _multiples(e * cad.val_every, step, upto) + 1 if cad.val_every and left else 0
-        band = left * c.step_spread_s / 2 + 0.1 * c.val_s * scale * vals_left
-        last_steps = self.total - last
+        e, last = s.steps_per_epoch, s.last_start
+        band = (s.total - step) * c.step_spread_s / 2 + 0.1 * c.val_s * scale * s.count_validations(step, s.total)
         return {
-            "kind": PLAN, "step": step, "reason": reason, "total_steps": self.total,
-            "epochs": last // e + 1, "steps_per_epoch": e, "last_epoch_start": last, "last_epoch_steps": last_steps,
-            "epochs_left": _multiples(e, step, upto) + 1 if left else 0, "replans": self.replans,
-            "anchor_step": self.anchor[0] if self.anchor else None,
-            "anchor_progress": self.anchor[1] if self.anchor else None,
+            "kind": PLAN, "step": step, "reason": reason, "total_steps": s.total,
+            "epochs": last // e + 1, "steps_per_epoch": e, "last_epoch_start": last, "last_epoch_steps": s.total - last,
+            "epochs_left": s.count_epoch_ends(step, s.total), "replans": self.replans,
+            "anchor_step": s.anchor[0] if s.anchor else None,
+            "anchor_progress": s.anchor[1] if s.anchor else None,
             "time": now, "start": self.start, "elapsed_s": now - self.start,
             "budget_s": self.budget_s, "deadline": self.deadline if self.active else None,
             "aim": self.aim if self.active else None,
-            "forecast_end": now + rest, "forecast_band_s": band,
+            "forecast_end": now + remaining_s(step, s, c, scale), "forecast_band_s": band,
             "step_s": c.step_s, "val_s": c.val_s * scale, "checkpoint_s": c.checkpoint_s,
-            "forecast_epoch_s": epoch_forecast_s(e, c, cad, bool(cad.val_every), scale),
-            "forecast_last_epoch_s": epoch_forecast_s(last_steps, c, cad, bool(cad.val_every), scale),
+            "forecast_epoch_s": epoch_forecast_s(s.replanned(e, 0, s.anchor), 0, e, c, bool(s.val_every), scale),
+            "forecast_last_epoch_s": epoch_forecast_s(s, last, s.total, c, bool(s.val_every), scale),
         }
 
     def closing_note(self, step: int) -> str:
@@ -493,4 +449,4 @@ class RunBudget:
         early = self.deadline - now
         return (f"; budget {format_span(self.budget_s)}: ended after {format_span(now - self.start)} "
                 f"({format_span(early)} {'before' if early >= 0 else 'after'} the deadline {format_clock(self.deadline)}), "
-                f"{self.replans} re-plans, LR {self.lr(step - 1):.3g} at the last step")
+                f"{self.replans} re-plans, LR {self.schedule.lr(step - 1):.3g} at the last step")

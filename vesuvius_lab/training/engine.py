@@ -18,37 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from vesuvius_lab.augment import apply_batch
-from vesuvius_lab.config import Config, OptimConfig
+from vesuvius_lab.config import Config
 from vesuvius_lab.device import amp_dtype
 from vesuvius_lab.losses import TopologyLoss
 from vesuvius_lab.model import as_input, build_model
 from vesuvius_lab.sampling import PatchDataset
 from vesuvius_lab.training.ema import EMA
-
-
-def decay_progress(step: int, total: int, cfg: OptimConfig, anchor: tuple[int, float] | None = None) -> float:
-    """How far the decay has gone at ``step`` (0 at the end of warm-up, 1 at ``total``).
-
-    ``anchor`` (step, progress) re-plans the decay when the total changes mid-run (a time budget):
-    from the last step run, the remaining progress is spread over the steps left, so the LR goes on
-    from where it was, without a jump, and the last step (``total - 1``) runs at the final LR."""
-    if anchor is None:
-        return min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    at, done = anchor
-    return done + (1.0 - done) * min(1.0, max(0.0, (step - at) / max(1, total - 1 - at)))
-
-
-def lr_at(step: int, total: int, cfg: OptimConfig, anchor: tuple[int, float] | None = None) -> float:
-    """Linear warmup, then poly or cosine decay, as a function of the optimizer step only (and of
-    the re-plan ``anchor``, see ``decay_progress``)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = decay_progress(step, total, cfg, anchor)
-    if cfg.schedule == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * progress))
-    else:
-        factor = (1 - progress) ** cfg.poly_power
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Training: one process, or DDP under torchrun. Reads top to bottom like nanoGPT's train.py.
 
-Setup (run folder, data with its preflight, the engine) -> resume -> the loop: schedule, step, log
-line, periodic checkpoint, and at each epoch's end ``end_of_epoch`` (validation, checkpoint, epoch
-line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
+Setup (run folder, data with its preflight, the engine) -> resume -> the loop, which follows the
+run's ``Schedule`` (the time budget may swap in a re-planned one after any step): the LR, the step,
+the log line, the periodic checkpoint, and at each epoch's end ``end_of_epoch`` (validation when
+due, checkpoint, epoch line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
 checkpoints hold every RNG state, so a resumed run ends bitwise where an uninterrupted one would
 (on CPU). Rank 0 writes the run folder (``run_dir``).
 """
@@ -10,7 +11,6 @@ checkpoints hold every RNG state, so a resumed run ends bitwise where an uninter
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -145,7 +145,6 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         data.prepare(config, progress=progress, say=log.info)  # cache (+ targets) of every record once, all cores
     ddp.barrier()
     layout = dataset.layout
-    steps_per_epoch, total_steps = layout.steps, config.training.max_epochs * layout.steps
     engine = build_engine(config, dataset, device, ddp.world, ddp.local_rank)
 
     # --- resume ---
@@ -165,31 +164,35 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
 
     # --- the time budget (training.time_budget_hours): the plan the loop follows, re-planned as it runs ---
     (started,) = ddp.broadcast([command_start()])
-    budget = RunBudget.begin(config, steps_per_epoch, bool(data.val), (ckpt or {}).get("plan"), started)
+    budget = RunBudget.begin(config, layout.steps, bool(data.val), (ckpt or {}).get("plan"), started)
     budget.guess_validation(engine.raw_model, data, config, device, ddp)
     if budget.active and ddp.master:
         log.info("time budget %.4g h: the run ends by %s; epochs follow the clock", config.training.time_budget_hours,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)))
-    write_checkpoint = budget.timed(functools.partial(checkpoint, run, engine, config, state, ddp, budget, steps_per_epoch))
+    schedule = budget.schedule
+
+    def write_checkpoint(best_too: bool = False) -> None:
+        with budget.timing_checkpoint():
+            checkpoint(run, engine, config, state, ddp, budget, best_too)
 
     stop.install()
     batches = Batches(build_loader(dataset, config, start_step=state.step, rank=ddp.rank,
-                                   num_steps=None if budget.active else total_steps - state.step),
+                                   num_steps=None if budget.active else schedule.total - state.step),
                       config.training.worker_timeout_s)
     if ddp.master:
         log.info("train: %d records, val: %d, %d steps/epoch x %d epochs, global batch %d",
-                 len(data.train), len(data.val), steps_per_epoch, config.training.max_epochs, layout.global_batch)
-    if data.val and config.training.val_every_epochs:
+                 len(data.train), len(data.val), layout.steps, config.training.max_epochs, layout.global_batch)
+    if schedule.val_every:
         metrics_warm_up()  # start-up cost, not charged to the first epoch
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not (progress and ddp.master))
-    consecutive_nonfinite, epoch_start, outcome, message = 0, time.perf_counter(), "running", ""
+    bar = tqdm(total=schedule.total, initial=state.step, desc="train", unit="step", disable=not (progress and ddp.master))
+    consecutive_nonfinite, epoch_start, outcome = 0, time.perf_counter(), "running"
 
     # --- the loop ---
     try:
-        while state.step < total_steps:
-            epoch = budget.epoch_of(state.step)
+        while state.step < schedule.total:
+            epoch = schedule.epoch_of(state.step)
             t_step = time.perf_counter()
-            lr = budget.lr(state.step)
+            lr = schedule.lr(state.step)
             engine.set_lr(lr)
 
             # the step: forward, loss and backward over `accumulate` micro-batches, then the update
@@ -228,46 +231,40 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                     "nonfinite_total": state.nonfinite_total,
                     "time": time.time(),  # wall clock: the forecast panel's actual progress
                 })
-                run.status(state="running", step=state.step, epoch=epoch, total_steps=total_steps,
-                           steps_per_epoch=steps_per_epoch)
+                run.status(state="running", step=state.step, epoch=epoch, total_steps=schedule.total,
+                           steps_per_epoch=schedule.steps_per_epoch)
                 bar.set_postfix(loss=f"{fb.loss:.3f}" if finite else "skip", lr=f"{lr:.2e}")
                 bar.update(1)
             if not finite:
                 what = "gradient norm" if loss_finite else "loss"
                 log.warning("step %d: non-finite %s, step skipped (%d in a row)", state.step, what, consecutive_nonfinite)
                 if consecutive_nonfinite >= config.optim.max_nonfinite:
-                    kept = (f"{run.last} holds them as of step {state.saved}" if state.saved is not None
-                            else "no checkpoint had been written yet")
-                    message = (f"stopped: {consecutive_nonfinite} non-finite {'gradients' if loss_finite else 'losses'} "
-                               f"in a row at step {state.step}; no bad step reached the weights; {kept}")
                     outcome = "failed"
                     break
 
-            # checkpoint; at the epoch's end also validation and the epoch line
-            epoch_end = budget.epoch_end(state.step)  # every steps_per_epoch; a budget run's last epoch is longer or shorter
-            final = budget.active and state.step == total_steps
-            if epoch_end:
-                improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress, final)
+            # checkpoint; at the epoch's end also validation (when due) and the epoch line
+            if schedule.epoch_end(state.step):
+                improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress, schedule.validates(state.step))
                 write_checkpoint(best_too=improved)
                 if ddp.master:
                     run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
                 epoch_start = time.perf_counter()
-            elif config.training.checkpoint_every_steps and state.step % config.training.checkpoint_every_steps == 0:
+            elif schedule.checkpoints(state.step):
                 write_checkpoint()  # skipped steps left the weights as they were: still finite
             # the time budget: measure this step; re-plan the rest of the run when its forecast drifts
-            replanned = budget.after_step(state.step, step_s, epoch_end, final)
+            replanned = budget.after_step(state.step, step_s)
             if replanned and ddp.master:
                 run.append(replanned)
                 log.info("plan at step %d: %d steps (%s)", state.step, replanned["total_steps"], replanned["reason"])
-            total_steps = bar.total = budget.sync(ddp)
+            schedule = budget.sync(ddp)
+            bar.total = schedule.total
             if stop.signal is not None:
-                if not epoch_end:
+                if state.saved != state.step:
                     write_checkpoint()
-                outcome, message = "stopped", f"stopped by {stop.signal} at step {state.step}; resume with --resume"
+                outcome = "stopped"
                 break
         else:
-            outcome, message = "finished", f"finished {total_steps} steps; best validation score {state.best:.4f}"
-            message += budget.closing_note(state.step)
+            outcome = "finished"
     except RuntimeError as exc:  # a worker's death reported between fetches: this step may be half applied
         cause = worker_failure(exc, batches)
         if cause is None:
@@ -277,8 +274,17 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
         bar.close()
+    if outcome == "failed":
+        kept = (f"{run.last} holds them as of step {state.saved}" if state.saved is not None
+                else "no checkpoint had been written yet")
+        message = (f"stopped: {consecutive_nonfinite} non-finite {'gradients' if loss_finite else 'losses'} "
+                   f"in a row at step {state.step}; no bad step reached the weights; {kept}")
+    elif outcome == "stopped":
+        message = f"stopped by {stop.signal} at step {state.step}; resume with --resume"
+    else:
+        message = f"finished {schedule.total} steps; best validation score {state.best:.4f}" + budget.closing_note(state.step)
     if ddp.master:
-        run.status(state=outcome, step=state.step, total_steps=total_steps, message=message, best_score=state.best)
+        run.status(state=outcome, step=state.step, total_steps=schedule.total, message=message, best_score=state.best)
         log.info(message)
         log.removeHandler(log_handler)
         log_handler.close()
@@ -288,7 +294,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
 
 
 def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp: Distributed, budget: RunBudget,
-               steps_per_epoch: int, best_too: bool = False) -> None:
+               best_too: bool = False) -> None:
     """last.pt (and best.pt) as of this step. Every rank joins the gather of RNG states and weight
     digests; replicas that differ are refused, since no checkpoint of them could be trusted."""
     ranks = ddp.gather((rng_state(), weights_digest(engine.raw_model)))
@@ -302,11 +308,11 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp
     payload = {
         "model": engine.raw_model.state_dict(),
         "optimizer": engine.optimizer.state_dict(),
-        "scheduler": {"schedule": config.optim.schedule, "step": state.step, "total_steps": budget.total},
+        "scheduler": {"schedule": config.optim.schedule, "step": state.step, "total_steps": budget.schedule.total},
         "plan": budget.state_dict(state.step),  # the time budget's plan: a resumed run continues it
         "scaler": engine.scaler.state_dict(),
         "step": state.step,
-        "epoch": state.step // max(steps_per_epoch, 1),
+        "epoch": state.step // max(budget.schedule.steps_per_epoch, 1),
         "best_score": state.best,
         "nonfinite_total": state.nonfinite_total,
         "rng": states,
@@ -391,12 +397,11 @@ def _record_failure(run: RunDir, exc: BaseException) -> None:
 
 
 def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, epoch: int, ddp: Distributed,
-                 run: RunDir, progress: bool, final: bool = False) -> bool:
-    """Validate when this epoch is due, or ``final`` (the last epoch of a budget run); rank 0 scores,
-    every rank learns the outcome. True when the score improved on the best so far, which makes this
-    checkpoint the best one too."""
-    every = config.training.val_every_epochs
-    if not (every and ((epoch + 1) % every == 0 or final) and data.val):
+                 run: RunDir, progress: bool, validates: bool) -> bool:
+    """Validate when the schedule says this epoch ``validates``; rank 0 scores, every rank learns
+    the outcome. True when the score improved on the best so far, which makes this checkpoint the
+    best one too."""
+    if not validates:
         return False
     improved = False
     if ddp.master:
