@@ -55,7 +55,7 @@ def test_a_sustained_change_is_followed_within_the_window():
     assert pace.step_time(steps) == pytest.approx(0.35)  # one slow step: not yet a change
     steps += [1.05] * 28  # the window: 20 steps or 30 s, whichever is longer (29 steps of 1.05 s)
     assert pace.step_time(steps) == pytest.approx(1.05)
-    assert pace.eta_s(steps, 100) == pytest.approx(105.0) and pace.eta_s([], 100) is None
+    assert pace.eta_s(pace.step_time(steps), 100) == pytest.approx(105.0) and pace.step_time([]) is None
 
 
 def test_the_notebooks_eta_holds_steady_on_a_mix_of_fast_and_slow_steps():

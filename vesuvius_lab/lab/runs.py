@@ -34,7 +34,7 @@ from vesuvius_lab.lab.forecast import ForecastPanel
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.budget import PLAN
-from vesuvius_lab.training.pace import eta_s
+from vesuvius_lab.training.pace import eta_s, step_time
 from vesuvius_lab.training.run_dir import (  # noqa: F401 (pid_alive)
     EPOCH, TRAIN, VAL, RunDir, describe_holder, pid_alive, same_process,
 )
@@ -174,7 +174,7 @@ def eta_seconds(status: dict, history: History) -> float | None:
     step, total = status.get("step"), status.get("total_steps")
     if step is None or not total:
         return None
-    return eta_s(history.step_s, total - step)
+    return eta_s(step_time(history.step_s), total - step)
 
 
 # --- the process ------------------------------------------------------------------------------------

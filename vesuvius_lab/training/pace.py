@@ -74,9 +74,8 @@ def step_time(step_s: Sequence[float]) -> float | None:
     return trimmed_mean(step_s[i] for i in window(step_s))
 
 
-def eta_s(step_s: Sequence[float], remaining_steps: int) -> float | None:
-    """Seconds for the steps left, at ``step_time``: the CLI bar's and notebook 04's ETA."""
-    per_step = step_time(step_s)
+def eta_s(per_step: float | None, remaining_steps: int) -> float | None:
+    """Seconds for the steps left at ``per_step`` (``step_time``): the CLI bar's and notebook 04's ETA."""
     return None if per_step is None else max(remaining_steps, 0) * per_step
 
 
@@ -171,23 +170,25 @@ class PaceWatch:
         self.seen = 0  # steps fed
         self.watched = 0  # steps fed since the plan was known: a window of them is needed
         self.slow = False  # said, not yet recovered
+        self.per_step: float | None = None  # ``step_time`` of the steps fed
 
     @classmethod
     def for_run(cls, plan_file: Path, config: Config, device: str, world_size: int) -> PaceWatch:
         return cls(planned_from(plan_file, config, str(device), world_size), config.training.workers)
 
     def eta(self, remaining_steps: int) -> str:
-        """The ETA of the CLI bar, as notebook 04 shows it."""
-        return format_duration(eta_s(list(self.step_s), remaining_steps))
+        """The ETA of the CLI bar, as notebook 04 shows it (``eta_s``)."""
+        return format_duration(eta_s(self.per_step, remaining_steps))
 
     def after_step(self, step: int, step_s: float, data_wait_s: float) -> str | None:
         """Take the step just done; returns the line said, if this step made the watch speak."""
         self.seen += 1
         self.step_s.append(step_s)
         self.wait_share.append(data_wait_s / step_s if step_s > 0 else math.nan)
+        times, shares = list(self.step_s), list(self.wait_share)
+        self.per_step = step_time(times)
         if self.seen <= WARMUP:
             return None
-        times, shares = list(self.step_s), list(self.wait_share)
         if self.planned is None:
             if self.seen == WARMUP + WINDOW_STEPS:  # the first steady steps, by the estimator of the watch
                 waits = [x for x in shares[-WINDOW_STEPS:] if math.isfinite(x)]
@@ -200,7 +201,7 @@ class PaceWatch:
         whole = len(picked) >= WINDOW_STEPS and (spent >= WINDOW_S or len(picked) == MAX_STEPS)
         if not whole or self.watched < len(picked):
             return None  # no whole window of steps taken against the plan yet
-        per_step = step_time(times)
+        per_step = self.per_step
         share = trimmed_mean(shares[i] for i in picked if math.isfinite(shares[i])) or 0.0
         p = self.planned
         wait_limit = max(SLOWER * p.wait_share, DATA_BOUND)
