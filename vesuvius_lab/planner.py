@@ -36,10 +36,11 @@ from vesuvius_lab.training.budget import (
 )
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.engine import build_engine, forward_backward, optimizer_update
+from vesuvius_lab.training.pace import DATA_BOUND
 from vesuvius_lab.training.run_dir import save_checkpoint
 from vesuvius_lab.training.schedule import Schedule
 
-COVERAGE_MIN, EPOCH_MAX_H, DATA_BOUND = 0.5, 12.0, 0.20
+COVERAGE_MIN, EPOCH_MAX_H = 0.5, 12.0
 WAIT_SHARE = 0.05  # the data wait a worker count must keep under, as a share of the step
 
 

@@ -27,12 +27,14 @@ import ipywidgets as w
 import psutil
 from matplotlib.figure import Figure
 
+from vesuvius_lab.compare import format_duration
 from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.lab.forecast import ForecastPanel
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.budget import PLAN
+from vesuvius_lab.training.pace import eta_s, step_time
 from vesuvius_lab.training.run_dir import (  # noqa: F401 (pid_alive)
     EPOCH, TRAIN, VAL, RunDir, describe_holder, pid_alive, same_process,
 )
@@ -149,10 +151,6 @@ class History:
     def last_step(self) -> int:
         return self.steps[-1] if self.steps else 0
 
-    def recent_step_s(self, n: int = 20) -> float | None:
-        recent = [s for s in self.step_s[-n:] if s == s]
-        return sorted(recent)[len(recent) // 2] if recent else None
-
 
 def _num(value) -> float:
     return math.nan if value is None else float(value)
@@ -172,20 +170,11 @@ def launch_error(run_dir: str | Path) -> str | None:
 
 
 def eta_seconds(status: dict, history: History) -> float | None:
-    """Remaining steps times the median of the recent step times; None when unknown."""
-    step, total, per_step = status.get("step"), status.get("total_steps"), history.recent_step_s()
-    if step is None or not total or per_step is None:
+    """The steps left at the step time the CLI bar uses too (``training.pace.step_time``); None when unknown."""
+    step, total = status.get("step"), status.get("total_steps")
+    if step is None or not total:
         return None
-    return max(total - step, 0) * per_step
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    return eta_s(step_time(history.step_s), total - step)
 
 
 # --- the process ------------------------------------------------------------------------------------

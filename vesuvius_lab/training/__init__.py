@@ -4,7 +4,8 @@
 - ``engine``: model, optimizer and precision; one step's forward-backward and update; the LR schedule
   (the planner times this same step);
 - ``run_dir``: the run folder's layout, its log records, status, checkpoints and RNG state;
-- ``distributed``: ranks under torchrun and what they must agree on.
+- ``distributed``: ranks under torchrun and what they must agree on;
+- ``pace``: the step-time estimate behind every ETA, and the watch that says why a run slowed down.
 """
 
 

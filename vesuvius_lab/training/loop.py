@@ -37,6 +37,7 @@ from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.ema import resume_ema
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, optimizer_update
 from vesuvius_lab.training.events import event_log
+from vesuvius_lab.training.pace import BAR_FORMAT, PaceWatch
 from vesuvius_lab.training.run_dir import (
     EPOCH, TRAIN, VAL, RunDir, RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
 )
@@ -184,7 +185,9 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                  len(data.train), len(data.val), layout.steps, config.training.max_epochs, layout.global_batch)
     if schedule.val_every:
         metrics_warm_up()  # start-up cost, not charged to the first epoch
-    bar = tqdm(total=schedule.total, initial=state.step, desc="train", unit="step", disable=not (progress and ddp.master))
+    bar = tqdm(total=schedule.total, initial=state.step, desc="train", unit="step", disable=not (progress and ddp.master),
+               bar_format=BAR_FORMAT)
+    pace = PaceWatch.for_run(run.plan, config, device, ddp.world)  # the ETA, and one line when the run slows down
     consecutive_nonfinite, epoch_start, outcome = 0, time.perf_counter(), "running"
 
     # --- the loop ---
@@ -233,7 +236,9 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 })
                 run.status(state="running", step=state.step, epoch=epoch, total_steps=schedule.total,
                            steps_per_epoch=schedule.steps_per_epoch)
-                bar.set_postfix(loss=f"{fb.loss:.3f}" if finite else "skip", lr=f"{lr:.2e}")
+                pace.after_step(state.step, step_s, fb.data_wait_s)
+                bar.set_postfix(loss=f"{fb.loss:.3f}" if finite else "skip", lr=f"{lr:.2e}",
+                                eta=pace.eta(schedule.total - state.step))
                 bar.update(1)
             if not finite:
                 what = "gradient norm" if loss_finite else "loss"
