@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,9 @@ import yaml
 
 from vesuvius_lab.errors import ConfigError
 from vesuvius_lab.io import atomic_write_text
-from vesuvius_lab.postprocess import REPAIR_STEPS, PostprocessConfig
+from vesuvius_lab.postprocess import RULES as POSTPROCESS_RULES
+from vesuvius_lab.postprocess import PostprocessConfig
+from vesuvius_lab.rules import COUNT, NON_NEGATIVE, POSITIVE, SHARE, Rule, at_least, check_type
 from vesuvius_lab.topology import NNUNET_MIN_EDGE, nnunet_topology
 
 
@@ -211,58 +211,6 @@ def load_yaml(text: str):
         loader.dispose()
 
 
-@dataclass(frozen=True)
-class Rule:
-    """The meaningful values of a key: a numeric range (each item, for lists) or a set of choices."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple = ()
-    length: int | None = None  # lists: how many items
-    ordered: bool = False  # lists: items in increasing order (a range written as [low, high])
-
-    def allowed(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(map(str, self.choices))
-        if self.low is not None and self.high is not None:
-            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'<' if self.high_open else '<='} {self.high:g}"
-
-    def problem(self, key: str, value) -> str | None:
-        if value is None:
-            return None
-        items = value if isinstance(value, list) else [value]
-        what = ("items " if isinstance(value, list) else "") + self.allowed()
-        if self.length is not None and len(items) != self.length:
-            return f"{key}: {value!r} must have {self.length} items, each {self.allowed()}"
-        if self.ordered and any(a > b for a, b in zip(items, items[1:])):
-            return f"{key}: {value!r} must be in increasing order ([low, high])"
-        for item in items:
-            if isinstance(item, str) and not self.choices:  # a key that takes a number or a name
-                continue
-            if self.choices:
-                if item not in self.choices:
-                    return f"{key}: {value!r} is not one of {', '.join(map(str, self.choices))}"
-                continue
-            bad = isinstance(item, float) and not math.isfinite(item)
-            if self.low is not None:
-                bad |= item <= self.low if self.low_open else item < self.low
-            if self.high is not None:
-                bad |= item >= self.high if self.high_open else item > self.high
-            if bad:
-                return f"{key}: {value!r} is out of range (allowed: {what})"
-        return None
-
-
-def _at_least(n: float) -> Rule:
-    return Rule(low=n)
-
-
-POSITIVE, NON_NEGATIVE, COUNT, SHARE = Rule(low=0, low_open=True), _at_least(0), _at_least(1), Rule(low=0, high=1)
 TERMS_WITH_HEADS = ("bce", "dice", "cldice", "skeleton_recall", "surface")
 # Every key that takes numbers or names has its meaningful values here; the rest are booleans and
 # paths (checked by type). tests/test_config.py walks every key of every section against this table.
@@ -274,7 +222,7 @@ RULES: dict[str, Rule] = {
     **{f"augment.p_{k}": SHARE for k in ("rotation", "scale", "elastic", "flip", "gamma", "contrast", "noise", "blur")},
     "augment.max_rotation_deg": Rule(low=0, high=180),
     "augment.scale_range": Rule(low=0, low_open=True, length=2, ordered=True),
-    "augment.elastic_magnitude": NON_NEGATIVE, "augment.elastic_grid": _at_least(2),
+    "augment.elastic_magnitude": NON_NEGATIVE, "augment.elastic_grid": at_least(2),
     "augment.gamma_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.contrast_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.noise_std": NON_NEGATIVE, "augment.blur_sigma": Rule(low=0, length=2, ordered=True),
@@ -293,11 +241,7 @@ RULES: dict[str, Rule] = {
     "optim.max_nonfinite": COUNT,
     "optim.ema_decay": Rule(low=0, high=1, high_open=True),
     "val.overlap": Rule(low=0, high=1, high_open=True), "val.batch": COUNT, "val.max_volumes": COUNT,
-    "postprocess.method": Rule(choices=("threshold", "hysteresis")), "postprocess.threshold": SHARE,
-    "postprocess.low": SHARE, "postprocess.high": SHARE, "postprocess.min_component_size": NON_NEGATIVE,
-    "postprocess.repair": Rule(choices=REPAIR_STEPS), "postprocess.hole_window": _at_least(8),
-    "postprocess.max_hole_area": COUNT, "postprocess.split_threshold": SHARE, "postprocess.split_depth": NON_NEGATIVE,
-    "postprocess.split_min_core": COUNT,
+    **{f"postprocess.{key}": rule for key, rule in POSTPROCESS_RULES.items()},
     "training.train_batch_size": COUNT, "training.train_iterations_per_epoch": COUNT,
     "training.patches_per_volume": COUNT, "training.max_epochs": COUNT, "training.workers": NON_NEGATIVE,
     "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),
@@ -337,36 +281,6 @@ def _sections() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
 
 
-def _check_type(value, annotation, key: str):
-    """Return ``value`` converted to ``annotation`` where lossless (int -> float), else raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected int, got {value!r}")
-    if not isinstance(value, annotation):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _apply(config: Config, doc: dict, origin: str) -> list[str]:
     problems = []
     sections = {f.name: f for f in _sections()}
@@ -387,7 +301,7 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
                 problems.append(f"{origin}: unknown key {name}.{key}{hint}")
                 continue
             try:
-                value = _check_type(value, hints[key], f"{name}.{key}")
+                value = check_type(value, hints[key], f"{name}.{key}")
                 rule = RULES.get(f"{name}.{key}")
                 problem = rule.problem(f"{name}.{key}", value) if rule else None
                 if problem:
