@@ -168,6 +168,8 @@ def _definitions(pattern: str) -> set[str]:
     # tune.py post-processes probabilities that inference.py predicted, under many candidate settings
     ("predict-and-post-process", r"(?<!def )\bpostprocess\(prob", {"inference.py", "tune.py"}),
     ("sliding-window inference", r"predict_probabilities\(model", {"inference.py"}),
+    # every other module derives the terms from the registry (losses.FUNCTIONS maps them to their code)
+    ("the loss terms", r"[\"']skeleton_recall[\"']", {"loss_terms.py", "losses.py"}),
 ])
 def test_one_definition_each(what, pattern, home):
     assert _definitions(pattern) == home, what

@@ -23,6 +23,7 @@ import yaml
 
 from vesuvius_lab.errors import ConfigError
 from vesuvius_lab.io import atomic_write_text
+from vesuvius_lab.loss_terms import REGISTRY
 from vesuvius_lab.postprocess import RULES as POSTPROCESS_RULES
 from vesuvius_lab.postprocess import PostprocessConfig
 from vesuvius_lab.rules import COUNT, NON_NEGATIVE, POSITIVE, SHARE, Rule, at_least, check_type
@@ -79,36 +80,35 @@ class ModelConfig:
     max_features: int = 320  # dynunet: widest stage (nnU-Net 3D: 320)
 
 
-@dataclass
-class LossConfig:
-    """Weights of the six terms (0 disables a term at no cost) and their settings."""
+SCHEDULE = ("start", "ramp")  # each term's schedule keys: loss.<term>_start, loss.<term>_ramp
 
-    bce: float = 1.0
-    pos_weight: float = 2.0  # weighted BCE: label-1 voxels count this much more
-    dice: float = 1.0
-    cldice: float = 0.5
-    cldice_iterations: int = 3  # soft-skeleton iterations; sheets are 2-4 voxels thick
-    skeleton_recall: float = 0.5  # morphological skeleton: recall of the precomputed medial surface
-    surface: float = 0.1  # boundary loss against the precomputed signed distance map
-    topo: float = 0.0  # TopLoss (cubical persistence with cripser)
-    topo_every: int = 10  # steps between TopLoss evaluations
-    topo_downsample: int = 4  # probability map pooled by this factor before persistence
-    deep_supervision_terms: list[str] = field(default_factory=lambda: ["bce", "dice"])
-    # Per-term schedules: a term is off for its first `<term>_start` steps (or epochs, `schedule_unit`),
-    # then its weight ramps linearly to full over `<term>_ramp` steps (0: at once).
-    schedule_unit: str = "step"  # step | epoch: the unit of every `<term>_start`
-    bce_start: int = 0
-    bce_ramp: int = 0
-    dice_start: int = 0
-    dice_ramp: int = 0
-    cldice_start: int = 0
-    cldice_ramp: int = 0
-    skeleton_recall_start: int = 0
-    skeleton_recall_ramp: int = 0
-    surface_start: int = 0
-    surface_ramp: int = 0
-    topo_start: int = 0
-    topo_ramp: int = 0
+
+def _loss_fields() -> list[tuple]:
+    """The loss section's keys, all from the term registry but two: each term's weight and
+    settings, then the shared keys, then every term's schedule."""
+    fields = []
+    for term in REGISTRY:
+        fields.append((term.name, float, field(default=term.weight)))
+        fields += [(s.key, type(s.default), field(default=s.default)) for s in term.settings]
+    fields += [("deep_supervision_terms", list[str], field(default_factory=lambda: ["bce", "dice"])),
+               ("schedule_unit", str, field(default="step"))]
+    fields += [(f"{term.name}_{s}", int, field(default=0)) for term in REGISTRY for s in SCHEDULE]
+    return fields
+
+
+def _loss_doc() -> str:
+    lines = [f"    {t.name}: {t.doc}" + "".join(f"\n      {s.key}: {s.doc}" for s in t.settings) for t in REGISTRY]
+    return "\n".join([
+        "The weights of the loss terms (0 disables a term at no cost) and their settings; one key",
+        "per term and setting of ``loss_terms.REGISTRY``:", *lines,
+        "    deep_supervision_terms: the terms also applied to the deep-supervision heads",
+        "    <term>_start, <term>_ramp: a term is off for its first <term>_start steps (or epochs,",
+        "      schedule_unit: step | epoch), then its weight ramps linearly to full over <term>_ramp steps (0: at once)",
+    ])
+
+
+LossConfig = dataclasses.make_dataclass("LossConfig", _loss_fields(),
+                                        namespace={"__module__": __name__, "__doc__": _loss_doc()})
 
 
 @dataclass
@@ -211,7 +211,6 @@ def load_yaml(text: str):
         loader.dispose()
 
 
-TERMS_WITH_HEADS = ("bce", "dice", "cldice", "skeleton_recall", "surface")
 # Every key that takes numbers or names has its meaningful values here; the rest are booleans and
 # paths (checked by type). tests/test_config.py walks every key of every section against this table.
 RULES: dict[str, Rule] = {
@@ -228,12 +227,11 @@ RULES: dict[str, Rule] = {
     "augment.noise_std": NON_NEGATIVE, "augment.blur_sigma": Rule(low=0, length=2, ordered=True),
     "model.features": COUNT, "model.deep_supervision_heads": COUNT,
     "model.arch": Rule(choices=("unet", "dynunet")), "model.base_features": COUNT, "model.max_features": COUNT,
-    **{f"loss.{k}": NON_NEGATIVE for k in ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")},
-    "loss.pos_weight": POSITIVE, "loss.cldice_iterations": COUNT, "loss.topo_every": COUNT,
-    "loss.topo_downsample": COUNT, "loss.deep_supervision_terms": Rule(choices=TERMS_WITH_HEADS),
+    **{f"loss.{term.name}": NON_NEGATIVE for term in REGISTRY},
+    **{f"loss.{s.key}": s.rule for term in REGISTRY for s in term.settings},
+    **{f"loss.{term.name}_{s}": NON_NEGATIVE for term in REGISTRY for s in SCHEDULE},
+    "loss.deep_supervision_terms": Rule(choices=tuple(term.name for term in REGISTRY if term.heads)),
     "loss.schedule_unit": Rule(choices=("step", "epoch")),
-    **{f"loss.{k}_{s}": NON_NEGATIVE for k in ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")
-       for s in ("start", "ramp")},
     "optim.name": Rule(choices=("adamw", "sgd")), "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
     "optim.momentum": Rule(low=0, high=1, high_open=True), "optim.warmup_steps": NON_NEGATIVE,
     "optim.schedule": Rule(choices=("poly", "cosine")), "optim.poly_power": POSITIVE, "optim.min_lr": NON_NEGATIVE,
