@@ -50,8 +50,8 @@ class Rule:
             if isinstance(item, str) and not self.choices:  # a key that takes a number or a name
                 continue
             if self.choices:
-                if item not in self.choices:
-                    return f"{key}: {value!r} is not one of {', '.join(map(str, self.choices))}"
+                if item not in self.choices:  # a list's bad item named alone: the list may be long
+                    return f"{key}: {item!r} is not one of {', '.join(map(str, self.choices))}"
                 continue
             bad = isinstance(item, float) and not math.isfinite(item)
             if self.low is not None:
