@@ -172,6 +172,8 @@ def _definitions(pattern: str) -> set[str]:
     ("which epochs validate and where checkpoints fall", r"%\s*(self\.|t\.|config\.training\.|c\.)?(val_every\w*|checkpoint_every\w*|every)\b",
      {"training/schedule.py"}),
     ("the LR of a step", r"def (lr_at|decay_progress)\(", {"training/schedule.py"}),
+    # every other module derives the terms from the registry (losses.FUNCTIONS maps them to their code)
+    ("the loss terms", r"[\"']skeleton_recall[\"']", {"loss_terms.py", "losses.py"}),
 ])
 def test_one_definition_each(what, pattern, home):
     assert _definitions(pattern) == home, what

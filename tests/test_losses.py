@@ -174,3 +174,102 @@ def test_deep_supervision_uses_downsampled_targets():
     bad, report = loss_fn([full, wrong], targets(label))
     assert good.item() < 0.01 < bad.item()
     assert report["dice"] < 0.01  # logged terms are the full-resolution ones
+
+
+def test_every_registered_term_has_a_function():
+    from vesuvius_lab.loss_terms import REGISTRY
+    from vesuvius_lab.losses import FUNCTIONS
+
+    assert list(FUNCTIONS) == [t.name for t in REGISTRY] == list(TERMS)
+
+
+# A fresh interpreter whose registry holds a seventh term before the package reads it, as if its
+# record had been written into loss_terms.REGISTRY, and its function into losses.FUNCTIONS.
+SEVENTH_TERM = r"""
+import json, sys
+from pathlib import Path
+
+import vesuvius_lab.loss_terms as lt
+from vesuvius_lab.rules import Rule
+
+lt.REGISTRY = (*lt.REGISTRY, lt.Term("mass", 0.0, "mean foreground probability",
+                                     (lt.Setting("mass_power", 2, Rule(low=1, high=4), "exponent"),)))
+from vesuvius_lab import losses
+
+losses.FUNCTIONS["mass"] = lambda h, c, step: (h.prob * h.valid).mean() ** c.mass_power
+
+from matplotlib.figure import Figure
+
+from vesuvius_lab.config import RULES, load_config
+from vesuvius_lab.errors import ConfigError
+from vesuvius_lab.lab.runs import History, plot_losses
+from vesuvius_lab.training import train
+
+cfg, run = Path(sys.argv[1]), Path(sys.argv[2])
+config = load_config(cfg, ["loss.mass=0.2", "loss.mass_start=2", "loss.mass_ramp=2", "loss.mass_power=3",
+                           "loss.deep_supervision_terms=[bce, mass]"])
+refused = {}
+for override in ("loss.mass=-1", "loss.mass_power=5", "loss.mass_ramp=-1", "loss.mas=1"):
+    try:
+        load_config(cfg, [override])
+    except ConfigError as exc:
+        refused[override] = exc.lines
+train(config, run, progress=False)
+records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+history = History()
+history.add(records)
+fig = Figure()
+ax = fig.add_subplot()
+plot_losses(ax, history)
+print(json.dumps({
+    "loss": {k: v for k, v in vars(config.loss).items() if k.startswith("mass")},
+    "rules": {k: RULES[k].allowed() for k in RULES if k.startswith("loss.mass")},
+    "heads": RULES["loss.deep_supervision_terms"].choices,
+    "refused": refused,
+    "history": history.terms["mass"], "weights": history.weights["mass"],
+    "lines": [line.get_label() for line in ax.lines],
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_seventh_term_is_one_record(tiny_root, tmp_path):
+    """A term added to the registry gets its config keys and ranges, trains, and is logged to
+    metrics.jsonl and TensorBoard and drawn by the live plot, with no other change."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from lab_runs_helpers import write_tiny_config
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=4, training={"val_every_epochs": 0})
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", SEVENTH_TERM, str(cfg), str(run)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["loss"] == {"mass": 0.2, "mass_power": 3, "mass_start": 2, "mass_ramp": 2}
+    assert seen["rules"] == {"loss.mass": ">= 0", "loss.mass_power": "[1, 4]", "loss.mass_start": ">= 0",
+                             "loss.mass_ramp": ">= 0"}
+    assert seen["heads"][-1] == "mass"
+    assert seen["refused"] == {
+        "loss.mass=-1": ["override: loss.mass: -1.0 is out of range (allowed: >= 0)"],
+        "loss.mass_power=5": ["override: loss.mass_power: 5 is out of range (allowed: [1, 4])"],
+        "loss.mass_ramp=-1": ["override: loss.mass_ramp: -1 is out of range (allowed: >= 0)"],
+        "loss.mas=1": ["override: unknown key loss.mas (did you mean loss.mass?)"],
+    }
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "train"]
+    assert [r["weight_mass"] for r in steps] == pytest.approx([0.0, 0.0, 0.1, 0.2])  # starts at step 2, ramps over 2
+    assert [r["mass"] is None for r in steps] == [True, True, False, False]  # off until it starts
+    assert seen["weights"] == pytest.approx([0.0, 0.0, 0.1, 0.2])
+    assert seen["history"][2:] == pytest.approx([r["mass"] for r in steps[2:]])
+    assert {"mass", "mass starts"} <= set(seen["lines"])
+    written = yaml.safe_load((run / "config.yaml").read_text())["loss"]
+    assert (written["mass"], written["mass_power"], written["mass_start"]) == (0.2, 3, 2)
+    events = EventAccumulator(str(run), size_guidance={SCALARS: 0})
+    events.Reload()
+    assert {"train/mass", "train/weight_mass"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/mass")] == [r["step"] for r in steps[2:]]

@@ -92,3 +92,39 @@ def test_config_errors_name_the_key():
         postprocess(np.zeros((2, 2, 2), np.float32), cfg)
     with pytest.raises(ValueError, match="3D"):
         postprocess(np.zeros((4, 4), np.float32))
+
+
+def test_one_range_for_a_key_wherever_the_setting_comes_from(tmp_path, cli):
+    """postprocess.threshold is a probability: 1.5 is refused with the same line by an override,
+    a config file, a tune-postprocess grid and a section built in code (the origin aside)."""
+    import torch
+
+    from vesuvius_lab.config import Config
+    from vesuvius_lab.io import write_volume
+    from vesuvius_lab.model import build_model
+
+    message = "postprocess.threshold: 1.5 is out of range (allowed: [0, 1])"
+    config = Config()
+    checkpoint = tmp_path / "model.pt"
+    model = build_model(config.model, config.data.patch_size)
+    torch.save({"config": config.to_dict(), "model": model.state_dict()}, checkpoint)
+    write_volume(tmp_path / "images" / "1.tif", np.zeros((8, 8, 8), np.uint8))
+    code, _, err = cli("predict", "--checkpoint", checkpoint, "--input", tmp_path / "images", "--output", tmp_path / "out",
+                       "postprocess.threshold=1.5")
+    assert code == 2 and err == [f"error: override: {message}"] and not (tmp_path / "out").exists()
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("postprocess:\n  threshold: 1.5\n")
+    code, _, err = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
+    assert code == 2 and err == [f"error: {cfg}: {message}"] and not (tmp_path / "run").exists()
+
+    prob, labels = tmp_path / "prob", tmp_path / "labels"
+    prob.mkdir()
+    np.save(prob / "1.npy", np.full((8, 8, 8), 0.6, np.float32))
+    write_volume(labels / "1.tif", sheet_label((8, 8, 8)))
+    code, _, err = cli("tune-postprocess", "--prob", prob, "--labels", labels, "--grid", "threshold=[1.5]")
+    assert code == 2 and err == [f"error: {message}"]
+
+    with pytest.raises(ConfigError) as raised:
+        PostprocessConfig(threshold=1.5)
+    assert raised.value.lines == [message]

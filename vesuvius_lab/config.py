@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,10 @@ import yaml
 
 from vesuvius_lab.errors import ConfigError
 from vesuvius_lab.io import atomic_write_text
-from vesuvius_lab.postprocess import REPAIR_STEPS, PostprocessConfig
+from vesuvius_lab.loss_terms import REGISTRY
+from vesuvius_lab.postprocess import RULES as POSTPROCESS_RULES
+from vesuvius_lab.postprocess import PostprocessConfig
+from vesuvius_lab.rules import COUNT, NON_NEGATIVE, POSITIVE, SHARE, Rule, at_least, check_type
 from vesuvius_lab.topology import NNUNET_MIN_EDGE, nnunet_topology
 
 
@@ -79,36 +80,35 @@ class ModelConfig:
     max_features: int = 320  # dynunet: widest stage (nnU-Net 3D: 320)
 
 
-@dataclass
-class LossConfig:
-    """Weights of the six terms (0 disables a term at no cost) and their settings."""
+SCHEDULE = ("start", "ramp")  # each term's schedule keys: loss.<term>_start, loss.<term>_ramp
 
-    bce: float = 1.0
-    pos_weight: float = 2.0  # weighted BCE: label-1 voxels count this much more
-    dice: float = 1.0
-    cldice: float = 0.5
-    cldice_iterations: int = 3  # soft-skeleton iterations; sheets are 2-4 voxels thick
-    skeleton_recall: float = 0.5  # morphological skeleton: recall of the precomputed medial surface
-    surface: float = 0.1  # boundary loss against the precomputed signed distance map
-    topo: float = 0.0  # TopLoss (cubical persistence with cripser)
-    topo_every: int = 10  # steps between TopLoss evaluations
-    topo_downsample: int = 4  # probability map pooled by this factor before persistence
-    deep_supervision_terms: list[str] = field(default_factory=lambda: ["bce", "dice"])
-    # Per-term schedules: a term is off for its first `<term>_start` steps (or epochs, `schedule_unit`),
-    # then its weight ramps linearly to full over `<term>_ramp` steps (0: at once).
-    schedule_unit: str = "step"  # step | epoch: the unit of every `<term>_start`
-    bce_start: int = 0
-    bce_ramp: int = 0
-    dice_start: int = 0
-    dice_ramp: int = 0
-    cldice_start: int = 0
-    cldice_ramp: int = 0
-    skeleton_recall_start: int = 0
-    skeleton_recall_ramp: int = 0
-    surface_start: int = 0
-    surface_ramp: int = 0
-    topo_start: int = 0
-    topo_ramp: int = 0
+
+def _loss_fields() -> list[tuple]:
+    """The loss section's keys, all from the term registry but two: each term's weight and
+    settings, then the shared keys, then every term's schedule."""
+    fields = []
+    for term in REGISTRY:
+        fields.append((term.name, float, field(default=term.weight)))
+        fields += [(s.key, type(s.default), field(default=s.default)) for s in term.settings]
+    fields += [("deep_supervision_terms", list[str], field(default_factory=lambda: ["bce", "dice"])),
+               ("schedule_unit", str, field(default="step"))]
+    fields += [(f"{term.name}_{s}", int, field(default=0)) for term in REGISTRY for s in SCHEDULE]
+    return fields
+
+
+def _loss_doc() -> str:
+    lines = [f"    {t.name}: {t.doc}" + "".join(f"\n      {s.key}: {s.doc}" for s in t.settings) for t in REGISTRY]
+    return "\n".join([
+        "The weights of the loss terms (0 disables a term at no cost) and their settings; one key",
+        "per term and setting of ``loss_terms.REGISTRY``:", *lines,
+        "    deep_supervision_terms: the terms also applied to the deep-supervision heads",
+        "    <term>_start, <term>_ramp: a term is off for its first <term>_start steps (or epochs,",
+        "      schedule_unit: step | epoch), then its weight ramps linearly to full over <term>_ramp steps (0: at once)",
+    ])
+
+
+LossConfig = dataclasses.make_dataclass("LossConfig", _loss_fields(),
+                                        namespace={"__module__": __name__, "__doc__": _loss_doc()})
 
 
 @dataclass
@@ -211,59 +211,6 @@ def load_yaml(text: str):
         loader.dispose()
 
 
-@dataclass(frozen=True)
-class Rule:
-    """The meaningful values of a key: a numeric range (each item, for lists) or a set of choices."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple = ()
-    length: int | None = None  # lists: how many items
-    ordered: bool = False  # lists: items in increasing order (a range written as [low, high])
-
-    def allowed(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(map(str, self.choices))
-        if self.low is not None and self.high is not None:
-            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'<' if self.high_open else '<='} {self.high:g}"
-
-    def problem(self, key: str, value) -> str | None:
-        if value is None:
-            return None
-        items = value if isinstance(value, list) else [value]
-        what = ("items " if isinstance(value, list) else "") + self.allowed()
-        if self.length is not None and len(items) != self.length:
-            return f"{key}: {value!r} must have {self.length} items, each {self.allowed()}"
-        if self.ordered and any(a > b for a, b in zip(items, items[1:])):
-            return f"{key}: {value!r} must be in increasing order ([low, high])"
-        for item in items:
-            if isinstance(item, str) and not self.choices:  # a key that takes a number or a name
-                continue
-            if self.choices:
-                if item not in self.choices:
-                    return f"{key}: {value!r} is not one of {', '.join(map(str, self.choices))}"
-                continue
-            bad = isinstance(item, float) and not math.isfinite(item)
-            if self.low is not None:
-                bad |= item <= self.low if self.low_open else item < self.low
-            if self.high is not None:
-                bad |= item >= self.high if self.high_open else item > self.high
-            if bad:
-                return f"{key}: {value!r} is out of range (allowed: {what})"
-        return None
-
-
-def _at_least(n: float) -> Rule:
-    return Rule(low=n)
-
-
-POSITIVE, NON_NEGATIVE, COUNT, SHARE = Rule(low=0, low_open=True), _at_least(0), _at_least(1), Rule(low=0, high=1)
-TERMS_WITH_HEADS = ("bce", "dice", "cldice", "skeleton_recall", "surface")
 # Every key that takes numbers or names has its meaningful values here; the rest are booleans and
 # paths (checked by type). tests/test_config.py walks every key of every section against this table.
 RULES: dict[str, Rule] = {
@@ -274,18 +221,17 @@ RULES: dict[str, Rule] = {
     **{f"augment.p_{k}": SHARE for k in ("rotation", "scale", "elastic", "flip", "gamma", "contrast", "noise", "blur")},
     "augment.max_rotation_deg": Rule(low=0, high=180),
     "augment.scale_range": Rule(low=0, low_open=True, length=2, ordered=True),
-    "augment.elastic_magnitude": NON_NEGATIVE, "augment.elastic_grid": _at_least(2),
+    "augment.elastic_magnitude": NON_NEGATIVE, "augment.elastic_grid": at_least(2),
     "augment.gamma_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.contrast_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.noise_std": NON_NEGATIVE, "augment.blur_sigma": Rule(low=0, length=2, ordered=True),
     "model.features": COUNT, "model.deep_supervision_heads": COUNT,
     "model.arch": Rule(choices=("unet", "dynunet")), "model.base_features": COUNT, "model.max_features": COUNT,
-    **{f"loss.{k}": NON_NEGATIVE for k in ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")},
-    "loss.pos_weight": POSITIVE, "loss.cldice_iterations": COUNT, "loss.topo_every": COUNT,
-    "loss.topo_downsample": COUNT, "loss.deep_supervision_terms": Rule(choices=TERMS_WITH_HEADS),
+    **{f"loss.{term.name}": NON_NEGATIVE for term in REGISTRY},
+    **{f"loss.{s.key}": s.rule for term in REGISTRY for s in term.settings},
+    **{f"loss.{term.name}_{s}": NON_NEGATIVE for term in REGISTRY for s in SCHEDULE},
+    "loss.deep_supervision_terms": Rule(choices=tuple(term.name for term in REGISTRY if term.heads)),
     "loss.schedule_unit": Rule(choices=("step", "epoch")),
-    **{f"loss.{k}_{s}": NON_NEGATIVE for k in ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")
-       for s in ("start", "ramp")},
     "optim.name": Rule(choices=("adamw", "sgd")), "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
     "optim.momentum": Rule(low=0, high=1, high_open=True), "optim.warmup_steps": NON_NEGATIVE,
     "optim.schedule": Rule(choices=("poly", "cosine")), "optim.poly_power": POSITIVE, "optim.min_lr": NON_NEGATIVE,
@@ -293,11 +239,7 @@ RULES: dict[str, Rule] = {
     "optim.max_nonfinite": COUNT,
     "optim.ema_decay": Rule(low=0, high=1, high_open=True),
     "val.overlap": Rule(low=0, high=1, high_open=True), "val.batch": COUNT, "val.max_volumes": COUNT,
-    "postprocess.method": Rule(choices=("threshold", "hysteresis")), "postprocess.threshold": SHARE,
-    "postprocess.low": SHARE, "postprocess.high": SHARE, "postprocess.min_component_size": NON_NEGATIVE,
-    "postprocess.repair": Rule(choices=REPAIR_STEPS), "postprocess.hole_window": _at_least(8),
-    "postprocess.max_hole_area": COUNT, "postprocess.split_threshold": SHARE, "postprocess.split_depth": NON_NEGATIVE,
-    "postprocess.split_min_core": COUNT,
+    **{f"postprocess.{key}": rule for key, rule in POSTPROCESS_RULES.items()},
     "training.train_batch_size": COUNT, "training.train_iterations_per_epoch": COUNT,
     "training.patches_per_volume": COUNT, "training.max_epochs": COUNT, "training.workers": NON_NEGATIVE,
     "training.prefetch_factor": COUNT, "training.multiprocessing_context": Rule(choices=("fork", "spawn", "forkserver")),
@@ -337,36 +279,6 @@ def _sections() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
 
 
-def _check_type(value, annotation, key: str):
-    """Return ``value`` converted to ``annotation`` where lossless (int -> float), else raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected int, got {value!r}")
-    if not isinstance(value, annotation):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _apply(config: Config, doc: dict, origin: str) -> list[str]:
     problems = []
     sections = {f.name: f for f in _sections()}
@@ -387,7 +299,7 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
                 problems.append(f"{origin}: unknown key {name}.{key}{hint}")
                 continue
             try:
-                value = _check_type(value, hints[key], f"{name}.{key}")
+                value = check_type(value, hints[key], f"{name}.{key}")
                 rule = RULES.get(f"{name}.{key}")
                 problem = rule.problem(f"{name}.{key}", value) if rule else None
                 if problem:

@@ -1,4 +1,7 @@
-"""The six loss terms of the topology-aware objective, and their weighted, deep-supervised sum.
+"""The loss terms of the topology-aware objective, and their weighted, deep-supervised sum.
+
+Each term is a record of ``loss_terms.REGISTRY`` (its config keys, log fields and plot line follow
+from it) and a function in ``FUNCTIONS`` here.
 
 Every term masks label 2 (ignored), stays finite on empty patches, runs in fp32 even under
 autocast, and is skipped entirely while its weight is 0: a term may start late and ramp in
@@ -10,6 +13,7 @@ inside), as produced by the patch pipeline.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -20,9 +24,10 @@ import torch.nn.functional as F
 
 from vesuvius_lab.config import LossConfig
 from vesuvius_lab.layout import IGNORE_LABEL
+from vesuvius_lab.loss_terms import REGISTRY
 from vesuvius_lab.targets import DISTANCE_CLIP
 
-TERMS = ("bce", "dice", "cldice", "skeleton_recall", "surface", "topo")
+TERMS = tuple(term.name for term in REGISTRY)
 EPS = 1.0
 
 
@@ -196,8 +201,41 @@ def _downsample_targets(batch: dict, shape: tuple[int, ...]) -> dict:
     }
 
 
+class Head:
+    """One output's logits and its targets (at the output's resolution), in the forms the terms
+    take: fp32 with a channel axis. The skeleton and distance are read only by terms that use them."""
+
+    def __init__(self, logits: torch.Tensor, targets: dict):
+        self.logits = logits.float()
+        label = targets["label"][:, None]
+        self.valid = (label != IGNORE_LABEL).float()
+        self.fg = (label == 1).float()
+        self.prob = torch.sigmoid(self.logits)
+        self.targets = targets
+
+    @functools.cached_property
+    def skeleton(self) -> torch.Tensor:
+        return self.targets["skeleton"].float()[:, None]
+
+    @functools.cached_property
+    def distance(self) -> torch.Tensor:
+        return self.targets["distance"].float()[:, None]
+
+
+# term -> its value on one head at the 0-based optimizer step; None: not computed at this step
+FUNCTIONS: dict[str, Callable[[Head, LossConfig, int], torch.Tensor | None]] = {
+    "bce": lambda h, c, step: weighted_bce(h.logits, h.fg, h.valid, c.pos_weight),
+    "dice": lambda h, c, step: soft_dice(h.prob, h.fg, h.valid),
+    "cldice": lambda h, c, step: cl_dice(h.prob, h.fg, h.valid, h.skeleton * h.valid, c.cldice_iterations),
+    "skeleton_recall": lambda h, c, step: skeleton_recall(h.prob, h.valid, h.skeleton),
+    "surface": lambda h, c, step: surface_loss(h.prob, h.valid, h.distance),
+    "topo": lambda h, c, step: (topo_loss(h.prob, h.fg, h.valid, c.topo_downsample)
+                                if c.topo_every > 0 and step % c.topo_every == 0 else None),
+}
+
+
 class TopologyLoss(torch.nn.Module):
-    """Weighted sum of the six terms, deep-supervised; returns (total, per-term values at full scale).
+    """Weighted sum of the terms, deep-supervised; returns (total, per-term values at full scale).
 
     ``steps_per_epoch`` turns starts written in epochs (``loss.schedule_unit: epoch``) into steps."""
 
@@ -218,34 +256,10 @@ class TopologyLoss(torch.nn.Module):
         """Every term's effective weight at ``step`` (what the log records as ``weight_<term>``)."""
         return {t: self.weight(t, step) for t in TERMS}
 
-    def terms(self, logits: torch.Tensor, targets: dict, names, compute_topo: bool) -> dict[str, torch.Tensor]:
-        c = self.cfg
-        logits = logits.float()
-        label = targets["label"][:, None]
-        valid = (label != IGNORE_LABEL).float()
-        fg = (label == 1).float()
-        prob = torch.sigmoid(logits)
-        skel = targets["skeleton"].float()[:, None]
-        out = {}
-        if "bce" in names:
-            out["bce"] = weighted_bce(logits, fg, valid, c.pos_weight)
-        if "dice" in names:
-            out["dice"] = soft_dice(prob, fg, valid)
-        if "cldice" in names:
-            out["cldice"] = cl_dice(prob, fg, valid, skel * valid, c.cldice_iterations)
-        if "skeleton_recall" in names:
-            out["skeleton_recall"] = skeleton_recall(prob, valid, skel)
-        if "surface" in names:
-            out["surface"] = surface_loss(prob, valid, targets["distance"].float()[:, None])
-        if "topo" in names and compute_topo:
-            out["topo"] = topo_loss(prob, fg, valid, c.topo_downsample)
-        return out
-
     def forward(self, outputs, targets: dict, step: int = 0) -> tuple[torch.Tensor, dict[str, float | None]]:
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
         weights = self.weights_at(step)
         active = [t for t in TERMS if weights[t] > 0]
-        compute_topo = self.cfg.topo_every > 0 and step % self.cfg.topo_every == 0
         scale_w = [0.5**j for j in range(len(outputs))]
         norm = sum(scale_w)
         device_type = outputs[0].device.type
@@ -253,8 +267,9 @@ class TopologyLoss(torch.nn.Module):
             total = outputs[0].new_zeros((), dtype=torch.float32)
             logged: dict[str, torch.Tensor] = {}
             for j, logits in enumerate(outputs):
+                head = Head(logits, _downsample_targets(targets, logits.shape[2:]))
                 names = active if j == 0 else [t for t in active if t in self.cfg.deep_supervision_terms]
-                values = self.terms(logits, _downsample_targets(targets, logits.shape[2:]), names, compute_topo and j == 0)
+                values = {n: v for n in names if (v := FUNCTIONS[n](head, self.cfg, step)) is not None}
                 for name, value in values.items():
                     total = total + (scale_w[j] / norm) * weights[name] * value
                 if j == 0:

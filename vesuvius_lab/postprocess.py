@@ -11,13 +11,15 @@ settings by that score; ``vesuvius_lab.repair`` holds the repair steps.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vesuvius_lab.errors import ConfigError
+from vesuvius_lab.rules import COUNT, NON_NEGATIVE, SHARE, Rule, at_least, check_type
 
 METHODS = ("threshold", "hysteresis")
 # the steps after binarisation, in the order a config lists them (postprocess.repair)
@@ -26,8 +28,9 @@ REPAIR_STEPS = ("remove_small_components", "fill_cavities", "plug_pinholes", "fi
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """How probabilities become a mask. Each field is validated on construction (frozen: change
-    one with ``dataclasses.replace``); ``check()`` adds the cross-field rule low <= high.
+    """How probabilities become a mask. Each field is validated on construction against its type
+    and ``RULES`` (frozen: change one with ``dataclasses.replace``); ``check()`` adds the
+    cross-field rule low <= high.
 
     method: "threshold" (foreground where prob > threshold) or "hysteresis" (prob > low, connected
         to a voxel with prob > high; skimage.filters.apply_hysteresis_threshold).
@@ -62,31 +65,16 @@ class PostprocessConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"postprocess.method: {self.method!r} is not one of {', '.join(METHODS)}")
-        for name in ("threshold", "low", "high"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                problems.append(f"postprocess.{name}: expected a finite number, got {value!r}")
-        size = self.min_component_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            problems.append(f"postprocess.min_component_size: expected an integer >= 0, got {size!r}")
-        if not isinstance(self.close_holes, bool):
-            problems.append(f"postprocess.close_holes: expected true or false, got {self.close_holes!r}")
-        if not isinstance(self.repair, list | tuple):
-            problems.append(f"postprocess.repair: expected a list of steps ({', '.join(REPAIR_STEPS)}), got {self.repair!r}")
-        else:
-            for step in self.repair:
-                if step not in REPAIR_STEPS:
-                    problems.append(f"postprocess.repair: {step!r} is not one of {', '.join(REPAIR_STEPS)}")
-        for name, low in (("hole_window", 8), ("max_hole_area", 1), ("split_min_core", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                problems.append(f"postprocess.{name}: expected an integer >= {low}, got {value!r}")
-        for name in ("split_threshold", "split_depth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                problems.append(f"postprocess.{name}: expected a finite number >= 0, got {value!r}")
+        for key, annotation in _hints().items():
+            name, value = f"postprocess.{key}", getattr(self, key)
+            try:
+                check_type(value, annotation, name)
+            except ConfigError as exc:
+                problems += exc.lines
+                continue
+            problem = RULES[key].problem(name, value) if key in RULES else None
+            if problem:
+                problems.append(problem)
         if problems:
             raise ConfigError(problems)
 
@@ -112,6 +100,19 @@ class PostprocessConfig:
         if unknown:
             raise ConfigError([f"postprocess.{k}: unknown key (known: {', '.join(sorted(known))})" for k in unknown])
         return cls(**dict(values))
+
+
+# each key's meaningful values, wherever a setting comes from (config.RULES holds them as postprocess.<key>)
+RULES: dict[str, Rule] = {
+    "method": Rule(choices=METHODS), "threshold": SHARE, "low": SHARE, "high": SHARE,
+    "min_component_size": NON_NEGATIVE, "repair": Rule(choices=REPAIR_STEPS), "hole_window": at_least(8),
+    "max_hole_area": COUNT, "split_threshold": SHARE, "split_depth": NON_NEGATIVE, "split_min_core": COUNT,
+}
+
+
+@functools.cache
+def _hints() -> dict[str, type]:
+    return typing.get_type_hints(PostprocessConfig)
 
 
 def binarize_probabilities(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
