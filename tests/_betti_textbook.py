@@ -15,7 +15,8 @@ import itertools
 import numpy as np
 
 
-def _cells(shape):
+def textbook_cells(shape):
+    """Cells of the V-construction complex of a box of ``shape``, by dimension: (index, vertices)."""
     unit = np.eye(3, dtype=int)
     cells = {0: [], 1: [], 2: [], 3: []}
     for x, y, z in itertools.product(*(range(k) for k in shape)):
@@ -65,7 +66,7 @@ def textbook_counts(X, Y):
     X = np.asarray(X, dtype=bool)
     Y = np.asarray(Y, dtype=bool)
     images = {"X": X, "Y": Y, "U": X | Y}
-    cells = _cells(np.array(X.shape))
+    cells = textbook_cells(np.array(X.shape))
     m, p, g = [], [], []
     for k in (1, 2, 3):
         bd = _boundary(cells, k)

@@ -174,6 +174,8 @@ def _definitions(pattern: str) -> set[str]:
     ("the LR of a step", r"def (lr_at|decay_progress)\(", {"training/schedule.py"}),
     # every other module derives the terms from the registry (losses.FUNCTIONS maps them to their code)
     ("the loss terms", r"[\"']skeleton_recall[\"']", {"loss_terms.py", "losses.py"}),
+    # the repair judges its changes by the metric's own counts
+    ("the Euler characteristic and Betti numbers", r"def (euler_characteristic|label_euler|betti\w*)\(", {"_betti.py"}),
 ])
 def test_one_definition_each(what, pattern, home):
     assert _definitions(pattern) == home, what

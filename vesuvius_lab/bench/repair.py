@@ -45,7 +45,7 @@ os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 import numpy as np
 from vesuvius_lab.postprocess import PostprocessConfig, STEPS, binarize_probabilities
 from vesuvius_lab.leaderboard import volume_score
-from vesuvius_lab.repair import betti
+from vesuvius_lab._betti import betti_numbers
 path, cfg_json = sys.argv[1], sys.argv[2]
 cfg = PostprocessConfig(**json.loads(cfg_json))
 data = np.load(path)
@@ -68,7 +68,7 @@ mask = run(prob, cfg, steps_s)
 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
 ignored = label == 2
 s = volume_score(mask, label, jobs=1)
-tunnels = betti(np.where(ignored, 0, mask) != 0)[1]
+tunnels = betti_numbers(np.where(ignored, 0, mask) != 0)[1]
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "steps_cpu_s": steps_s, "score": s.score, "topo": s.topo,
                   "surface_dice": s.surface_dice, "voi_score": s.voi_score, "tunnels": int(tunnels)}))
 """
