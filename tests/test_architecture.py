@@ -1,10 +1,13 @@
 """One way through the code: configs written anywhere reach the same files, the planner and the
 trainer share one epoch arithmetic, and each shared thing has one definition."""
 
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +47,42 @@ def relative_config(tiny_root: Path, project: Path, **sections) -> Path:
 
 
 def vlab(*args, cwd: Path, torchrun: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The CLI in its own process group. Past ``timeout`` every process in the group gets SIGABRT,
+    and Python's fault handler prints each one's threads: a hang fails with where it hung."""
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*head, "-m", "vesuvius_lab", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    command = [*head, "-m", "vesuvius_lab", *map(str, args)]
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = [proc.pid, *descendants(proc.pid)]
+            for pid in reversed(tree):  # the ranks first: torchrun starts them in sessions of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=60)
+            finally:
+                for pid in tree:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"{shlex.join(command)} hung for {timeout} s; its processes' stacks:\n{err[-20000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, children before their own children (from /proc)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, ppid in parent.items() if ppid in frontier]
+        found += frontier
+    return found
 
 
 def metrics(run: Path) -> list[dict]:
@@ -125,7 +160,7 @@ def test_plan_under_torchrun_is_the_epoch_the_trainer_runs(tiny_root, tmp_path):
     config = relative_config(tiny_root, tmp_path / "project", optim={"accumulate": 2})
     planned, plan_file = tmp_path / "planned.yaml", tmp_path / "plan.json"
     done = vlab("plan", "--config", config, "--target-epoch-minutes", 0.15, "--batch-sizes", "1,2", "--steps", 2,
-                "--warmup", 1, "--apply", planned, "--plan-file", plan_file, cwd=tmp_path, torchrun=2)
+                "--warmup", 1, "--apply", planned, "--plan-file", plan_file, cwd=tmp_path, torchrun=2, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads(plan_file.read_text())
     assert plan["measurements"]["world_size"] == 2
@@ -133,7 +168,7 @@ def test_plan_under_torchrun_is_the_epoch_the_trainer_runs(tiny_root, tmp_path):
     assert plan["samples_per_epoch"] == plan["global_batch"] * plan["train_iterations_per_epoch"]
     run = tmp_path / "run"
     done = vlab("train", "--config", planned, "--run-dir", run, "--no-progress", "training.max_epochs=1",
-                cwd=tmp_path, torchrun=2)
+                cwd=tmp_path, torchrun=2, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [r for r in metrics(run) if r["kind"] == "train"]
     status = json.loads((run / "status.json").read_text())

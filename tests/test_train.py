@@ -158,6 +158,26 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tiny_config, tmp
     assert steps == list(range(1, STEPS * EPOCHS + 1))  # no duplicated or missing log lines
 
 
+def test_a_kill_between_last_pt_and_its_copies_is_made_good_on_resume(tiny_config, tmp_path):
+    """The state a SIGKILL right after last.pt's rename leaves (its best.pt and kept copies not yet
+    made): the resume makes them, and the run keeps what an unbroken run keeps."""
+    cfg = load_config(tiny_config(**{**RECIPES["dynunet-ema"], "training": {
+        **RECIPES["dynunet-ema"]["training"], "workers": 0}}))
+    run = tmp_path / "run"
+    assert train(cfg, run, progress=False)["state"] == "finished"
+    checkpoints = run / "checkpoints"
+    whole = sorted(p.name for p in checkpoints.glob("*.pt"))
+    last = final_state(run)
+    assert last["kept"]["best"] and f"best_step_{STEPS * EPOCHS:08d}_score_{last['kept']['score']:.6f}.pt" in whole
+    for path in checkpoints.glob(f"*step_{STEPS * EPOCHS:08d}*.pt"):
+        path.unlink()
+    (checkpoints / "best.pt").unlink()
+    assert train(cfg, run, resume=True, progress=False)["state"] == "finished"
+    assert sorted(p.name for p in checkpoints.glob("*.pt")) == whole
+    best = torch.load(checkpoints / "best.pt", weights_only=True)
+    assert best["step"] == STEPS * EPOCHS and all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
+
+
 def test_sigterm_stops_gracefully_with_a_checkpoint(tiny_config, tmp_path):
     cfg, run = tiny_config(training={"checkpoint_every_steps": 100}), tmp_path / "run"
     proc = start(cfg, run)

@@ -161,6 +161,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             log.info("resumed at step %d", state.step)
     if resume and ddp.master:
         run.truncate_after(state.step)  # lines a killed run wrote after its last checkpoint
+        run.settle(ckpt, config.training.keep_last, config.training.keep_best)  # copies a kill cut short
     state.saved = state.step if resume else None
 
     # --- the time budget (training.time_budget_hours): the plan the loop follows, re-planned as it runs ---
@@ -310,6 +311,7 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp
     state.saved = state.step
     if not ddp.master:
         return
+    score = state.scored[1] if state.scored and state.scored[0] == state.step else None
     payload = {
         "model": engine.raw_model.state_dict(),
         "optimizer": engine.optimizer.state_dict(),
@@ -323,14 +325,12 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp
         "rng": states,
         "rank_weights": digests,  # one digest per rank, all equal
         "config": config.to_dict(),  # paths absolute: it resolves from wherever it is read
+        "kept": {"best": best_too, "score": score},  # the copies RunDir.settle redoes on resume
     }
     if engine.ema is not None:
         payload["ema"] = engine.ema.state_dict()  # the averaged weights: what validation scored
     save_checkpoint(run.last, payload)
-    if best_too:
-        save_checkpoint(run.best, payload)
-    score = state.scored[1] if state.scored and state.scored[0] == state.step else None
-    run.retain(state.step, score, config.training.keep_last, config.training.keep_best)
+    run.settle(payload, config.training.keep_last, config.training.keep_best)
 
 
 def worker_failure(exc: Exception, batches: Batches) -> str | None:

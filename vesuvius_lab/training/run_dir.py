@@ -118,6 +118,15 @@ class RunDir:
                 for old in self.best_checkpoints()[keep_best:]:
                     old.unlink(missing_ok=True)
 
+    def settle(self, checkpoint: dict, keep_last: int, keep_best: int) -> None:
+        """Redo the copies of last.pt that its save promised (best.pt, the kept recent and best
+        ones): a kill between writing last.pt and copying it leaves them missing, and a resume
+        continues after that step, so it would never make them. Each copy is idempotent."""
+        kept = checkpoint.get("kept", {})
+        if kept.get("best"):
+            _keep_copy(self.last, self.best)
+        self.retain(checkpoint["step"], kept.get("score"), keep_last, keep_best)
+
     def ensemble(self) -> list[Path]:
         """The checkpoints a run folder stands for in a checkpoint ensemble: its kept best ones, else
         best.pt, else last.pt."""
