@@ -259,3 +259,20 @@ def test_no_import_cycle_inside_the_package():
         walk(module)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
     assert "vesuvius_lab.training.engine" in graph["vesuvius_lab.training.loop"]  # the graph is read at all
+
+
+def test_the_readme_architecture_table_names_one_existing_module_per_stage():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("| stage | module | what it holds |"):].split("\n\n")[0].splitlines()[2:]
+    assert len(table) >= 10
+
+    def exists(name: str) -> bool:
+        path = PACKAGE / name.replace(".", "/")
+        return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+    for row in table:
+        stage, module, holds = (cell.strip() for cell in row.strip("|").split("|"))
+        named = re.findall(r"`([\w.]+)`", module)
+        assert len(named) == 1 and exists(named[0]), f"{stage}: one module of the package, not {module}"
+        for name in re.findall(r"`((?:training|lab)\.\w+)`", holds):
+            assert exists(name), f"{stage}: {name} is not a module of the package"

@@ -15,9 +15,9 @@ from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.compare import summarize_runs
 from vesuvius_lab.lab import compare, runs
 from vesuvius_lab.lab.evaluation import ERROR_COLORS, FN, FP, TP, error_labels
-from vesuvius_lab.lab.live import LivePanel, error_colormap
+from vesuvius_lab.lab.live_panel import LivePanel, error_colormap
 from vesuvius_lab.lab.runner import INJECTED_TAG, run_notebook
-from vesuvius_lab.training import live
+from vesuvius_lab.training import live_volume
 
 
 def _png(data: bytes, path) -> np.ndarray:
@@ -35,7 +35,7 @@ def test_error_colours_are_notebook_05s():
 @pytest.mark.slow
 def test_panel_reattaches_to_a_finished_run_and_goes_back_through_the_epochs(finished_runs, tmp_path):
     panel = LivePanel(finished_runs / "a")
-    index = live.read_index(finished_runs / "a")
+    index = live_volume.read_index(finished_runs / "a")
     assert [label for label, _ in panel.slider.options] == ["epoch 0 · step 4", "epoch 1 · step 8"]
     assert panel.slider.value == 8 and panel.follow_latest.value
     latest = index["entries"][-1]["scores"]
@@ -96,7 +96,7 @@ def test_panel_and_napari_dock_follow_a_running_run(viewer, tiny_root, tmp_path,
     assert [layer.name for layer in viewer.layers][-1].startswith("errors")
     assert dock.reloads >= 2 and not np.array_equal(layers[0], layers[1])  # the layer data was replaced
     errors = viewer.layers[-1].data
-    result = live.load_result(monitor.run_dir, next(e for e in panel.entries if e["step"] == dock.shown))
+    result = live_volume.load_result(monitor.run_dir, next(e for e in panel.entries if e["step"] == dock.shown))
     assert np.array_equal(errors, error_labels(result.mask, result.label))
     assert "epoch" in dock.status.value and "score" in dock.status.value
     assert not np.array_equal(panels[0], panels[1]) and not np.array_equal(shots[0], shots[1])

@@ -18,7 +18,7 @@ from vesuvius_lab.inference import model_from_checkpoint, predict_volume
 from vesuvius_lab.layout import Record
 from vesuvius_lab.leaderboard import volume_score
 from vesuvius_lab.losses import TERMS
-from vesuvius_lab.training import live
+from vesuvius_lab.training import live_volume
 from vesuvius_lab.training.events import EventLog, scalars
 from vesuvius_lab.training.run_dir import RunDir
 
@@ -59,13 +59,13 @@ def test_tensorboard_events_hold_every_term_at_every_logged_step(finished_runs, 
 @pytest.mark.slow
 def test_each_validation_keeps_the_prediction_it_scored(finished_runs):
     run = finished_runs / "a"
-    index = live.read_index(run)
+    index = live_volume.read_index(run)
     vals = [r for r in records(run) if r["kind"] == "val"]
     assert [e["step"] for e in index["entries"]] == [v["step"] for v in vals] == [4, 8]
     for entry, val in zip(index["entries"], vals, strict=True):  # one volume validated: its score is the mean
         assert entry["scores"] == pytest.approx({k: val[k] for k in SCORE_PARTS})
         assert entry["loop_s"] < entry["write_s"] and entry["bytes"] == (RunDir(run).live / entry["file"]).stat().st_size
-    latest = live.load_result(run)
+    latest = live_volume.load_result(run)
     model, config = model_from_checkpoint(RunDir(run).last)  # the weights of the last validation
     again = predict_volume(model, latest.image, config, "cpu")
     assert np.abs(latest.probability - again.probability).max() <= 0.5 / 255 + 1e-6  # uint8 quantized
@@ -87,37 +87,37 @@ def test_retention_keeps_the_latest_and_the_best_and_a_resume_rewrites_later_one
     run, config = RunDir(tmp_path / "run"), load_config(None, ["val.live_keep=2", "val.live_volume=v1"])
     run.create()
     for step, score in ((10, 0.2), (20, 0.9), (30, 0.3), (40, 0.4), (50, 0.1)):
-        live.keep(run, config, [VolumeResult("other", scores={}), _result("v1", score, step)], step, step // 10)
-    live.wait()
-    index = live.read_index(run.root)
+        live_volume.keep(run, config, [VolumeResult("other", scores={}), _result("v1", score, step)], step, step // 10)
+    live_volume.wait()
+    index = live_volume.read_index(run.root)
     assert [e["step"] for e in index["entries"]] == [20, 40, 50]  # the best (0.9), then the latest two
     assert sorted(p.name for p in run.live.iterdir()) == ["index.json", "step_00000020.npz", "step_00000040.npz",
                                                           "step_00000050.npz", "volume.npz"]
-    kept = live.load_result(run.root, index["entries"][1])
+    kept = live_volume.load_result(run.root, index["entries"][1])
     original = _result("v1", 0.4, 40)
     assert np.abs(kept.probability - original.probability).max() <= 0.5 / 255 + 1e-6
     assert np.array_equal(kept.mask, original.mask) and np.array_equal(kept.image, original.image)
-    live.keep(run, config, [_result("v1", 0.5, 41)], 40, 4)  # resumed at 30, validating again at 40
-    live.wait()
-    assert [e["step"] for e in live.read_index(run.root)["entries"]] == [20, 40]
+    live_volume.keep(run, config, [_result("v1", 0.5, 41)], 40, 4)  # resumed at 30, validating again at 40
+    live_volume.wait()
+    assert [e["step"] for e in live_volume.read_index(run.root)["entries"]] == [20, 40]
     assert sorted(p.name for p in run.live.glob("step_*")) == ["step_00000020.npz", "step_00000040.npz"]
-    assert live.read_index(run.root)["entries"][1]["scores"]["score"] == 0.5
+    assert live_volume.read_index(run.root)["entries"][1]["scores"]["score"] == 0.5
 
 
 def test_the_chosen_volume_by_index_or_id_and_a_missing_one_said_once(tmp_path, caplog):
     recs = [Record(id=f"r{i}", scroll_id="s", image=f"i{i}.tif", label=f"l{i}.tif") for i in range(3)]
-    assert live.volume_ids(load_config(None, ["val.live_volume=2"]), recs) == ("r2",)
-    assert live.volume_ids(load_config(None, ["val.live_volume=r1"]), recs) == ("r1",)
-    assert live.volume_ids(load_config(None, ["val.live_volume=7"]), recs) == ()
-    assert live.volume_ids(load_config(None, ["val.live_volume=null"]), recs) == ()
+    assert live_volume.volume_ids(load_config(None, ["val.live_volume=2"]), recs) == ("r2",)
+    assert live_volume.volume_ids(load_config(None, ["val.live_volume=r1"]), recs) == ("r1",)
+    assert live_volume.volume_ids(load_config(None, ["val.live_volume=7"]), recs) == ()
+    assert live_volume.volume_ids(load_config(None, ["val.live_volume=null"]), recs) == ()
     with pytest.raises(ConfigError, match=r"val.live_volume: -1 is out of range \(allowed: >= 0\)"):
         load_config(None, ["val.live_volume=-1"])
     run = RunDir(tmp_path / "run")
     config = load_config(None, ["val.live_volume=r9"])
     with caplog.at_level(logging.WARNING, logger="vesuvius_lab.train"):
         for step in (1, 2):
-            live.keep(run, config, [VolumeResult("r0", scores={"score": 0.1})], step, 0)
-    problem = live.read_index(run.root)["problem"]
+            live_volume.keep(run, config, [VolumeResult("r0", scores={"score": 0.1})], step, 0)
+    problem = live_volume.read_index(run.root)["problem"]
     assert problem.startswith("val.live_volume 'r9' is none of the validated volumes (r0)")
     assert [r.getMessage() for r in caplog.records].count(problem) == 1
 
@@ -127,8 +127,8 @@ def test_a_failing_live_write_or_event_file_never_stops_the_run(tmp_path, caplog
     run.root.mkdir()
     run.live.write_text("a file where the live folder should be")
     with caplog.at_level(logging.WARNING, logger="vesuvius_lab.train"):
-        live.keep(run, load_config(None), [_result("v1", 0.5, 1)], 5, 0)
-        live.wait()
+        live_volume.keep(run, load_config(None), [_result("v1", 0.5, 1)], 5, 0)
+        live_volume.wait()
         blocked = tmp_path / "blocked"
         blocked.write_text("a file where the run folder should be")
         run.events = EventLog(blocked)

@@ -17,7 +17,7 @@ from vesuvius_lab.errors import ConfigError, DataError
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.losses import TERMS, TopologyLoss
 from vesuvius_lab.model import as_input, build_model, parameter_count
-from vesuvius_lab.topology import nnunet_topology
+from vesuvius_lab.network_plan import nnunet_plan
 from vesuvius_lab.training import train
 from vesuvius_lab.training.run_dir import RunDir, checkpoint_sources
 
@@ -49,10 +49,10 @@ def recipe_run(tiny_root, tmp_path_factory) -> Path:
 def test_dynunet_is_planned_from_the_patch_as_nnunet_plans_it():
     """nnU-Net v2's planner (isotropic spacing, feature maps >= 4): 128^3 gets 6 stages pooled 5 times;
     72 x 136 x 136 stops pooling z one stage early and would be padded to 80 x 160 x 160."""
-    cube = nnunet_topology([128, 128, 128])
+    cube = nnunet_plan([128, 128, 128])
     assert cube.strides == [[1, 1, 1]] + [[2, 2, 2]] * 5 and cube.kernels == [[3, 3, 3]] * 6
     assert cube.divisor == [32, 32, 32] and cube.padded_patch == [128, 128, 128]
-    seed = nnunet_topology([72, 136, 136])
+    seed = nnunet_plan([72, 136, 136])
     assert seed.strides[-1] == [1, 2, 2] and seed.divisor == [16, 32, 32] and seed.padded_patch == [80, 160, 160]
     config = load_config(None, ["model.arch=dynunet", "data.patch_size=[128,128,128]"])
     model = build_model(config.model, config.data.patch_size)

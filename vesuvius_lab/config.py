@@ -1,4 +1,4 @@
-"""Typed YAML configs in the seed run's vocabulary, with ``section.key=value`` overrides.
+"""Typed YAML configs, with ``section.key=value`` overrides; the keys keep the names researchers of this task use.
 
 Unknown keys and wrong types are errors naming the key.
 
@@ -27,7 +27,7 @@ from vesuvius_lab.loss_terms import REGISTRY
 from vesuvius_lab.postprocess import RULES as POSTPROCESS_RULES
 from vesuvius_lab.postprocess import PostprocessConfig
 from vesuvius_lab.rules import COUNT, NON_NEGATIVE, POSITIVE, SHARE, Rule, at_least, check_type
-from vesuvius_lab.topology import NNUNET_MIN_EDGE, nnunet_topology
+from vesuvius_lab.network_plan import NNUNET_MIN_EDGE, nnunet_plan
 
 
 @dataclass
@@ -391,7 +391,7 @@ def _dynunet_checks(config: Config) -> list[str]:
     patch = config.data.patch_size
     if len(patch) != 3:
         return []
-    topo = nnunet_topology(patch)
+    topo = nnunet_plan(patch)
     problems = []
     if topo.stages < 3:
         problems.append(f"data.patch_size: {patch} is too small for model.arch dynunet (nnU-Net plans "

@@ -3,7 +3,7 @@
 ``unet``: a four-level 3D U-Net with deep supervision from MONAI's DynUNet building blocks (the
 widths in ``model.features``). ``dynunet``: MONAI's ``DynUNet`` (nnU-Net's dynamic U-Net) with its
 stages, kernel sizes and strides planned from the patch size the way nnU-Net's experiment planner
-does it (``nnunet_topology``), widths doubling from ``model.base_features`` up to
+does it (``nnunet_plan``), widths doubling from ``model.base_features`` up to
 ``model.max_features``; ``model.res_block: true`` gives residual blocks (the residual-encoder recipe).
 
 In training mode a network returns the full-resolution logits followed by the auxiliary heads'
@@ -20,7 +20,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from vesuvius_lab.config import ModelConfig
-from vesuvius_lab.topology import nnunet_topology, stage_widths
+from vesuvius_lab.network_plan import nnunet_plan, stage_widths
 
 
 class UNet3D(nn.Module):
@@ -81,7 +81,7 @@ _EMPTY = torch.empty(0)
 
 
 def build_dynunet(cfg: ModelConfig, patch_size: list[int]) -> DeepSupervisedDynUNet:
-    topo = nnunet_topology(patch_size)
+    topo = nnunet_plan(patch_size)
     heads = cfg.deep_supervision_heads if cfg.deep_supervision else 1
     extra = max(0, min(heads - 1, topo.stages - 2))  # MONAI: fewer auxiliary heads than upsampling layers
     return DeepSupervisedDynUNet(

@@ -1,11 +1,11 @@
 """Steps per epoch and batch size from timings measured on this machine.
 
-The seed notes chose steps per epoch by hand from a 10-step test and were far off. Here the real
-model, losses, data pipeline and config are timed for each candidate batch size (warm-up, then N
+Steps per epoch guessed from a few timed steps are far off: the real model, losses, data pipeline
+and config are timed for each candidate batch size (warm-up, then N
 steps split into data wait and compute), one validation pass and one checkpoint are timed, and the
 plan follows: the batch size with the best samples/s inside a memory headroom, steps per epoch for
 a target epoch duration, epochs for a budget, coverage, validation cadence, a forecast of the wall
-time, the seed's three presets, and a warning for each pitfall.
+time, three presets (conservative, aggressive, time-constrained), and a warning for each pitfall.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ if stop_at_end:
 # the same volume in napari, with a dock widget that reloads when a new validation lands.
 
 # %%
-from vesuvius_lab.lab.live import LivePanel
+from vesuvius_lab.lab.live_panel import LivePanel
 
 live_panel = LivePanel(monitor.run_dir)
 monitor.followers.append(live_panel.follow)  # refreshed with the curves, from the same thread

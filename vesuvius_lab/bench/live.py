@@ -2,7 +2,7 @@
 
 The baseline is one validation of one synthetic scroll chunk as training runs it (``score_records``:
 sliding-window prediction with the configured U-Net, post-processing, the leaderboard score). The
-measured extra is what the live prediction adds: ``live.keep`` on the training loop's thread (it
+measured extra is what the live prediction adds: ``live_volume.keep`` on the training loop's thread (it
 hands the arrays to a background thread), and that thread's quantize-compress-write, timed apart.
 The kept probability is a realistic one (the label perturbed as a model errs, then blurred), not
 the untrained model's flat output, since its compressibility sets the write time and the bytes.
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict:
     from vesuvius_lab.leaderboard import volume_score
     from vesuvius_lab.model import build_model
     from vesuvius_lab.synth import make_volume, scroll_style
-    from vesuvius_lab.training import live
+    from vesuvius_lab.training import live_volume
     from vesuvius_lab.training.run_dir import RunDir
 
     config = load_config(None, [f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
@@ -66,12 +66,12 @@ def run(args: argparse.Namespace) -> dict:
             scores = volume_score(pred.mask, label).as_dict()
             validation_s.append(time.perf_counter() - t0)
             result = VolumeResult("bench", image, label, probability, mask, scores)
-            loop_s.append(live.keep(run_dir, config, [result], step=i + 1, epoch=i))
-            live.wait()  # in training, the next steps run meanwhile
-            entry = live.read_index(tmp)["entries"][-1]
+            loop_s.append(live_volume.keep(run_dir, config, [result], step=i + 1, epoch=i))
+            live_volume.wait()  # in training, the next steps run meanwhile
+            entry = live_volume.read_index(tmp)["entries"][-1]
             write_s.append(entry["write_s"])
             sizes.append(entry["bytes"])
-        volume_bytes = (run_dir.live / live.VOLUME).stat().st_size
+        volume_bytes = (run_dir.live / live_volume.VOLUME).stat().st_size
     median = statistics.median
     return {
         "size": args.size, "device": str(device), "repeats": args.repeats,

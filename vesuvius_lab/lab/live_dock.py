@@ -1,4 +1,4 @@
-"""The "Live run" napari dock widget: a run's live prediction (``training.live``) in notebook 05's
+"""The "Live run" napari dock widget: a run's live prediction (``training.live_volume``) in notebook 05's
 error view, following the run: it reloads when a new validation lands.
 
 Declared in ``vesuvius_lab/napari.yaml`` (Plugins > Live run), opened by notebook 04's "Open in
@@ -17,7 +17,7 @@ from qtpy.QtCore import QTimer
 
 from vesuvius_lab.evaluate import PART_NAMES, SCORE_PARTS, VolumeResult
 from vesuvius_lab.lab.evaluation import error_labels, show_errors
-from vesuvius_lab.training import live
+from vesuvius_lab.training import live_volume
 
 POLL_MS = 1000
 
@@ -74,7 +74,7 @@ class LiveRunWidget(Container):
         step = self.validation.value
         if step is None or step == self.shown:
             return
-        entries = live.read_index(self.run_dir).get("entries") or []
+        entries = live_volume.read_index(self.run_dir).get("entries") or []
         if entries and step != entries[-1]["step"]:
             self.follow.value = False  # an earlier validation chosen by hand stays shown
         self._show(step)
@@ -90,12 +90,12 @@ class LiveRunWidget(Container):
     def _poll(self) -> None:
         if self.run_dir is None:
             return
-        index = live.read_index(self.run_dir)
+        index = live_volume.read_index(self.run_dir)
         entries = index.get("entries") or []
         if not entries:
             self.status.value = index.get("problem") or f"{self.run_dir.name}: no validation yet"
             return
-        choices = [(live.entry_label(e), e["step"]) for e in entries]
+        choices = [(live_volume.entry_label(e), e["step"]) for e in entries]
         if choices != self._choices:
             self._choices = choices
             with self.validation.changed.blocked():
@@ -107,9 +107,9 @@ class LiveRunWidget(Container):
             self._show(latest)
 
     def _show(self, step: int) -> None:
-        index = live.read_index(self.run_dir)
+        index = live_volume.read_index(self.run_dir)
         entry = next((e for e in index.get("entries") or [] if e["step"] == step), None)
-        result = live.load_result(self.run_dir, entry) if entry else None
+        result = live_volume.load_result(self.run_dir, entry) if entry else None
         if result is None:
             return  # removed by retention, or being written: the next poll sees what is there
         show_live(self.viewer, result)
@@ -118,8 +118,8 @@ class LiveRunWidget(Container):
             self.validation.value = step
         scores = ", ".join(f"{PART_NAMES[k]} {result.scores[k]:.3f}" for k in SCORE_PARTS
                            if isinstance(result.scores.get(k), int | float))
-        self.status.value = f"{live.entry_label(entry)}: {scores}"
-        self.viewer.title = f"vesuvius-lab live: {self.run_dir.name}, {live.entry_label(entry)}"
+        self.status.value = f"{live_volume.entry_label(entry)}: {scores}"
+        self.viewer.title = f"vesuvius-lab live: {self.run_dir.name}, {live_volume.entry_label(entry)}"
 
 
 def open_viewer(run_dir: str | Path) -> tuple[napari.Viewer, LiveRunWidget]:

@@ -421,7 +421,7 @@ class RunMonitor:
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
-        self.followers: list[Callable[[Path], None]] = []  # e.g. lab.live.LivePanel.follow: run dir, each refresh
+        self.followers: list[Callable[[Path], None]] = []  # e.g. lab.live_panel.LivePanel.follow: run dir, each refresh
         self.attach()
 
     # -- state --

@@ -1,11 +1,17 @@
 """Training, one room per concern, read in this order:
 
-- ``loop``: ``train()``: setup, resume, the loop (step, schedule, log line), the epoch end;
-- ``engine``: model, optimizer and precision; one step's forward-backward and update; the LR schedule
-  (the planner times this same step);
-- ``run_dir``: the run folder's layout, its log records, status, checkpoints and RNG state;
-- ``distributed``: ranks under torchrun and what they must agree on;
-- ``pace``: the step-time estimate behind every ETA, and the watch that says why a run slowed down.
+- ``loop``: ``train()``: setup, resume, the loop (step, log line, checkpoint, epoch end);
+- ``schedule``: the run's plan, clock-free: total steps, epoch ends, which steps validate and
+  checkpoint, the LR of each step; the loop, the budget and the planner count from it;
+- ``engine``: model, optimizer and precision; one step's forward-backward and update (the planner
+  times this same step);
+- ``ema``: the moving average of the weights that validation scores;
+- ``budget``: the wall-clock budget: measures the run and swaps in a re-planned schedule; the forecast;
+- ``pace``: the step-time estimate behind every ETA, and the watch that says why a run slowed down;
+- ``run_dir``: the run folder's layout, its lock, log records, status, checkpoints and RNG state;
+- ``live_volume``: one validation volume's prediction kept at each validation (notebook 04, napari);
+- ``events``: the same records as TensorBoard event files;
+- ``distributed``: ranks under torchrun and what they must agree on.
 """
 
 

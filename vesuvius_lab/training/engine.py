@@ -32,13 +32,13 @@ class Engine:
     criterion: TopologyLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    dataset: PatchDataset  # device-side augmentation happens here when it asks for it
     device: torch.device
     amp_dtype: torch.dtype | None
     grad_clip: float
     accumulate: int = 1
     world: int = 1
     ema: EMA | None = None  # the averaged weights, when optim.ema_decay is on
+    augment_patch: tuple[int, ...] | None = None  # augmentation on the device (augment.where: device): its patch
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -82,7 +82,8 @@ def build_engine(config: Config, dataset: PatchDataset, device: torch.device, wo
     raw = model.module if world > 1 else model
     ema = EMA(raw, o.ema_decay) if o.ema_decay else None
     criterion = TopologyLoss(config.loss, steps_per_epoch=dataset.layout.steps)
-    return Engine(model, criterion, optimizer, scaler, dataset, device, dtype, o.grad_clip, o.accumulate, world, ema)
+    return Engine(model, criterion, optimizer, scaler, device, dtype, o.grad_clip, o.accumulate, world, ema,
+                  dataset.patch if dataset.device_augment else None)
 
 
 def forward_backward(engine: Engine, batches: Iterator[dict], step: int) -> StepResult:
@@ -93,8 +94,8 @@ def forward_backward(engine: Engine, batches: Iterator[dict], step: int) -> Step
         t0 = time.perf_counter()
         batch = next(batches)
         batch = {k: v.to(e.device, non_blocking=True) for k, v in batch.items()}
-        if e.dataset.device_augment:
-            batch = apply_batch(batch, e.dataset.patch)
+        if e.augment_patch is not None:
+            batch = apply_batch(batch, e.augment_patch)
         data_wait += time.perf_counter() - t0
         last = micro == e.accumulate - 1
         ctx = e.model.no_sync() if (e.world > 1 and not last) else contextlib.nullcontext()

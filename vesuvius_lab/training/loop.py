@@ -30,8 +30,8 @@ from vesuvius_lab.evaluate import mean_scores, score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import Batches, build_loader
 from vesuvius_lab.losses import TERMS
-from vesuvius_lab.topology import nnunet_topology
-from vesuvius_lab.training import live
+from vesuvius_lab.network_plan import nnunet_plan
+from vesuvius_lab.training import live_volume
 from vesuvius_lab.training.budget import RunBudget, command_start
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.ema import resume_ema
@@ -46,7 +46,7 @@ log = logging.getLogger("vesuvius_lab.train")
 
 
 @dataclass
-class Progress:
+class LoopState:
     """What the loop carries from step to step, and what a checkpoint restores."""
 
     step: int = 0
@@ -149,13 +149,13 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     engine = build_engine(config, dataset, device, ddp.world, ddp.local_rank)
 
     # --- resume ---
-    state = Progress()
+    state = LoopState()
     if resume:
         engine.raw_model.load_state_dict(ckpt["model"])
         engine.optimizer.load_state_dict(ckpt["optimizer"])
         engine.scaler.load_state_dict(ckpt["scaler"])
         resume_ema(engine.ema, engine.raw_model, ckpt, log if ddp.master else None)
-        state = Progress(ckpt["step"], ckpt["best_score"], ckpt["nonfinite_total"])
+        state = LoopState(ckpt["step"], ckpt["best_score"], ckpt["nonfinite_total"])
         set_rng_state(ckpt["rng"][ddp.rank] if ddp.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if ddp.master:
             log.info("resumed at step %d", state.step)
@@ -299,7 +299,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
 
 
-def checkpoint(run: RunDir, engine: Engine, config: Config, state: Progress, ddp: Distributed, budget: RunBudget,
+def checkpoint(run: RunDir, engine: Engine, config: Config, state: LoopState, ddp: Distributed, budget: RunBudget,
                best_too: bool = False) -> None:
     """last.pt (and best.pt) as of this step. Every rank joins the gather of RNG states and weight
     digests; replicas that differ are refused, since no checkpoint of them could be trusted."""
@@ -370,7 +370,7 @@ def _check_run_folder(run: RunDir, config: Config, resume: bool) -> dict | None:
     differ = [f"model.{k} {stored.get(k, defaults[k])!r} -> {wanted[k]!r}" for k in wanted
               if stored.get(k, defaults[k]) != wanted[k]]
     before, now = ckpt.get("config", {}).get("data", {}).get("patch_size"), config.data.patch_size
-    if wanted["arch"] == "dynunet" and before and nnunet_topology(before).strides != nnunet_topology(now).strides:
+    if wanted["arch"] == "dynunet" and before and nnunet_plan(before).strides != nnunet_plan(now).strides:
         differ.append(f"data.patch_size {before!r} -> {now!r} (model.arch dynunet plans its stages from it)")
     if differ:
         raise ConfigError(f"{run.last}: cannot resume with another model ({'; '.join(differ)}); "
@@ -401,7 +401,7 @@ def _record_failure(run: RunDir, exc: BaseException) -> None:
             run.status(state="failed", step=status.get("step", 0), message=reason)
 
 
-def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, epoch: int, ddp: Distributed,
+def end_of_epoch(engine: Engine, data: Data, config: Config, state: LoopState, epoch: int, ddp: Distributed,
                  run: RunDir, progress: bool, validates: bool) -> bool:
     """Validate when the schedule says this epoch ``validates``; rank 0 scores, every rank learns
     the outcome. True when the score improved on the best so far, which makes this checkpoint the
@@ -412,10 +412,10 @@ def end_of_epoch(engine: Engine, data: Data, config: Config, state: Progress, ep
     if ddp.master:
         records = data.val[: config.val.max_volumes]
         results = score_records(engine.eval_model, records, config, data.cache, engine.device, progress,
-                                keep_ids=live.volume_ids(config, records))
+                                keep_ids=live_volume.volume_ids(config, records))
         scores = mean_scores(results)
         run.append({"kind": VAL, "step": state.step, "epoch": epoch, **scores})
-        live.keep(run, config, results, state.step, epoch)  # the live prediction, written in the background
+        live_volume.keep(run, config, results, state.step, epoch)  # the live prediction, written in the background
         log.info("epoch %d val score %.4f (topo %.4f, surface dice %.4f, voi %.4f)", epoch,
                  scores["score"], scores["topo"], scores["surface_dice"], scores["voi_score"])
         improved = scores["score"] > state.best

@@ -4,7 +4,7 @@
     checkpoints/last.pt  checkpoints/best.pt
     checkpoints/step_00001200.pt ...                  (training.keep_last > 1: the K most recent)
     checkpoints/best_step_00001000_score_0.612345.pt  (training.keep_best > 1: the M best scores)
-    live/  (the live predictions: ``training.live``)  events.out.tfevents.*  (TensorBoard: ``training.events``)
+    live/  (the live predictions: ``training.live_volume``)  events.out.tfevents.*  (TensorBoard: ``training.events``)
 
 The trainer writes it (rank 0) while it holds ``run.lock`` (``RunLock``: one writer per run folder),
 the notebook's run monitor and the planner read it; each name is spelled here only. Checkpoints are complete (model, optimizer, schedule, scaler, step, every RNG
@@ -66,7 +66,7 @@ def default_run_dir(config_path: str | os.PathLike) -> Path:
 
 
 class RunDir:
-    """A run's folder; every sub-folder is created at start (the seed run crashed on a missing one)."""
+    """A run's folder; every sub-folder is created at start, so no save hours into a run meets a missing one."""
 
     CONFIG, METRICS, TRAIN_LOG, STATUS = "config.yaml", "metrics.jsonl", "train.log", "status.json"
     CONSOLE, LAUNCH, PLAN, LOCK = "console.log", "launch.json", "plan.json", "run.lock"

@@ -28,7 +28,7 @@ class Topology:
         return len(self.strides)
 
 
-def nnunet_topology(patch_size: list[int], spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+def nnunet_plan(patch_size: list[int], spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
                     min_edge: int = NNUNET_MIN_EDGE) -> Topology:
     """Stages, strides and kernel sizes for ``patch_size``, by nnU-Net's rule (ExperimentPlanner ->
     network_topology.get_pool_and_conv_props, nnU-Net v2; our CT is isotropic, so ``spacing`` is 1).

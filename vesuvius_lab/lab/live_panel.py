@@ -1,6 +1,6 @@
 """Notebook 04's live prediction panel: what the model segments, validation after validation.
 
-The run keeps one validation volume's prediction at each validation (``training.live``); the panel
+The run keeps one validation volume's prediction at each validation (``training.live_volume``); the panel
 shows orthogonal slices of its image, label, probability and errors (true positives white, false
 positives red, false negatives cyan: notebook 05's ``evaluation.error_labels`` and
 ``ERROR_COLORS``), the volume's score and parts, and an epoch slider over the kept validations.
@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from vesuvius_lab.evaluate import PART_NAMES, SCORE_PARTS
 from vesuvius_lab.lab.evaluation import ERROR_COLORS, FN, FP, TP, error_labels
 from vesuvius_lab.lab.plots import AXES, figure_png, label_rgba
-from vesuvius_lab.training import live
+from vesuvius_lab.training import live_volume
 
 def error_colormap() -> ListedColormap:
     """notebook 05's error colours (``ERROR_COLORS``) for values 0, TP, FP, FN, in matplotlib."""
@@ -43,7 +43,7 @@ def format_scores(volume: str, entry: dict) -> str:
     scores = entry.get("scores", {})
     parts = [f"{PART_NAMES[k]} {scores[k]:.4f}" for k in SCORE_PARTS
              if isinstance(scores.get(k), int | float) and math.isfinite(scores[k])]
-    return (f"<b>{html.escape(volume)}</b> · {html.escape(live.entry_label(entry))} · "
+    return (f"<b>{html.escape(volume)}</b> · {html.escape(live_volume.entry_label(entry))} · "
             + (" · ".join(parts) if parts else "not scored"))
 
 
@@ -135,7 +135,7 @@ class LivePanel:
         """Read the index; offer each kept validation on the slider, move to the latest when
         following, and redraw when what is shown changed."""
         with self._lock:
-            index = live.read_index(self.run_dir)
+            index = live_volume.read_index(self.run_dir)
             if index.get("volume") != self.index.get("volume") or index.get("shape") != self.index.get("shape"):
                 self.volume, self._loaded = None, None
             self.index = index
@@ -145,7 +145,7 @@ class LivePanel:
                 self.scores.value = f"no live prediction in {html.escape(str(self.run_dir))} yet: one comes with each validation"
                 self._set_options([("no validation yet", -1)], -1)
                 return
-            options = [(live.entry_label(e), e["step"]) for e in self.entries]
+            options = [(live_volume.entry_label(e), e["step"]) for e in self.entries]
             latest = options[-1][1]
             keep = self.slider.value if self.slider.value in [s for _, s in options] else latest
             self._set_options(options, latest if self.follow_latest.value else keep)
@@ -171,7 +171,7 @@ class LivePanel:
     def _arrays(self, entry: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         if self.volume is None:
             try:
-                self.volume = live.load_volume(self.run_dir)
+                self.volume = live_volume.load_volume(self.run_dir)
             except (OSError, KeyError, ValueError):
                 return None
             for slider, size in zip(self.positions, self.volume[0].shape, strict=True):
@@ -179,7 +179,7 @@ class LivePanel:
                     slider.max, slider.value = size - 1, size // 2
         if self._loaded is None or self._loaded[0] != entry["file"]:
             try:
-                self._loaded = (entry["file"], live.load_entry(self.run_dir, entry, self.index["shape"]))
+                self._loaded = (entry["file"], live_volume.load_entry(self.run_dir, entry, self.index["shape"]))
             except (OSError, KeyError, ValueError):
                 return None  # removed by retention meanwhile: the next refresh offers what is there
         return (*self.volume, *self._loaded[1])
@@ -197,7 +197,7 @@ class LivePanel:
             key = (entry["file"], position)
             if key != self._drawn:  # the slices first: the score line never runs ahead of them
                 self._drawn = key
-                self.image.value = figure_png(live_figure(*arrays, position, f"{self.run_dir.name}: {live.entry_label(entry)}"))
+                self.image.value = figure_png(live_figure(*arrays, position, f"{self.run_dir.name}: {live_volume.entry_label(entry)}"))
             self.scores.value = format_scores(self.index["volume"], entry)
 
     def open_napari(self):
