@@ -211,6 +211,13 @@ def _definitions(pattern: str) -> set[str]:
     ("the loss terms", r"[\"']skeleton_recall[\"']", {"loss_terms.py", "losses.py"}),
     # the repair judges its changes by the metric's own counts
     ("the Euler characteristic and Betti numbers", r"def (euler_characteristic|label_euler|betti\w*)\(", {"_betti.py"}),
+    # status.json's states are training.run_dir.RunState; everything else names them through it
+    ("the run states", r"[\"'](finished|stopped|failed|running|preflight|not started)[\"']", {"training/run_dir.py"}),
+    ("a span as h:mm:ss", r"divmod\([^)]*, 3600\)|:02d\}:\{", {"timefmt.py"}),
+    ("reading metrics.jsonl's lines", r"json\.loads\((line|chunk)", {"training/run_dir.py"}),
+    ("the smoothing of a curve", r"def (ema|smooth\w*)\(", {"lab/plots.py"}),
+    ("the forecast band", r"step_spread_s / 2", {"training/budget.py"}),
+    ("the coverage of an epoch", r"/ (m\.|self\.)?unique_patches", {"sampling.py"}),
 ])
 def test_one_definition_each(what, pattern, home):
     assert _definitions(pattern) == home, what

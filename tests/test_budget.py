@@ -13,7 +13,7 @@ import torch
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import OptimConfig, load_config
 from vesuvius_lab.errors import ConfigError
-from vesuvius_lab.training.budget import Costs, RunBudget, fit_plan, parse_duration, remaining_s
+from vesuvius_lab.training.budget import Costs, RunBudget, fit_plan, forecast_band_s, parse_duration, remaining_s
 from vesuvius_lab.training.schedule import Schedule, decay_progress, lr_at
 
 
@@ -29,6 +29,15 @@ def test_the_rest_of_a_run_counts_steps_validations_checkpoints_and_the_exit():
     rest = remaining_s(50, run, costs)
     assert rest == pytest.approx(310 * 0.5 + (1 + 1) * 10.0 + (3 + 6 + 1) * 0.1 + 1.0)
     assert remaining_s(360, run, costs) == pytest.approx(1.0)  # done: only the exit is left
+
+
+def test_the_forecast_band_counts_the_step_spread_and_the_validations_left():
+    run = _shape(100, 2, 40).replanned(360, 300, None)  # validations left after step 50: at 200 and the final one
+    costs = Costs(step_s=0.5, val_s=10.0, checkpoint_s=0.1, step_spread_s=0.04)
+    assert forecast_band_s(50, run, costs) == pytest.approx(310 * 0.04 / 2 + 0.1 * 10.0 * 2)
+    assert forecast_band_s(50, run, costs, val_scale=2.0) == pytest.approx(310 * 0.04 / 2 + 0.1 * 20.0 * 2)
+    budget = RunBudget(run, start=time.time(), budget_s=None, costs=costs)
+    assert budget._record(50, time.time(), "forecast")["forecast_band_s"] == pytest.approx(forecast_band_s(50, run, costs))
 
 
 def test_a_plan_keeps_whole_epochs_and_gives_the_last_one_the_time_left():

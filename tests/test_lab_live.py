@@ -16,6 +16,7 @@ from vesuvius_lab.compare import summarize_runs
 from vesuvius_lab.lab import compare, runs
 from vesuvius_lab.lab.evaluation import ERROR_COLORS, FN, FP, TP, error_labels
 from vesuvius_lab.lab.live_panel import LivePanel, error_colormap
+from vesuvius_lab.lab.plots import smooth_curve
 from vesuvius_lab.lab.runner import INJECTED_TAG, run_notebook
 from vesuvius_lab.training import live_volume
 
@@ -118,7 +119,7 @@ def test_notebook_06_views_and_notebook_05_one_click_away(finished_runs, tmp_pat
     one = _png(view.plot.value, tmp_path / "one.png")
     view.runs.value = ("a", "b")
     assert not np.array_equal(one, _png(view.plot.value, tmp_path / "two.png"))
-    assert compare.smooth([1.0, float("nan"), 3.0], 0.5).tolist()[::2] == pytest.approx([1.0, 2.0 + 1 / 3])
+    assert smooth_curve([1.0, float("nan"), 3.0], 0.5)[::2] == pytest.approx([1.0, 2.0 + 1 / 3])
     assert compare.load_runs(tmp_path / "no-runs") == [] and "no runs yet" in compare.show_table([]).data
 
 

@@ -10,7 +10,10 @@ import pytest
 
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab import runs
+from vesuvius_lab.lab.plots import smooth_curve
 from vesuvius_lab.losses import TERMS
+from vesuvius_lab.timefmt import format_duration
+from vesuvius_lab.training.run_dir import MetricsReader, RunDir
 
 
 def test_train_argv_one_process_and_torchrun():
@@ -24,7 +27,7 @@ def test_train_argv_one_process_and_torchrun():
 
 def test_metrics_reader_is_incremental_and_keeps_a_torn_line_back(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    reader = runs.MetricsReader(path)
+    reader = MetricsReader(path)
     assert reader.read() == []  # no file yet
     line = json.dumps({"kind": "train", "step": 1, "loss": 0.5, "step_s": 2.0, "data_wait_s": 0.5})
     path.write_text(line + "\n" + '{"kind": "train", "st')
@@ -40,7 +43,8 @@ def test_metrics_reader_is_incremental_and_keeps_a_torn_line_back(tmp_path):
                                      "voi_score": 0.5}])
     assert history.data_wait_share == [0.25] and history.val["voi_score"] == [0.5]
     assert runs.eta_seconds({"step": 1, "total_steps": 11}, history) == 20.0
-    assert runs.format_duration(3725) == "1:02:05" and runs.format_duration(None) == "?"
+    assert format_duration(3725) == "1:02:05" and format_duration(None) == "?"
+    assert format_duration(-125) == "2:05" and format_duration(float("inf")) == "?"  # a span reads as its length
 
 
 def test_pid_alive():
@@ -139,17 +143,17 @@ def _write_run(folder, steps: int = 20, val_at: tuple[int, ...] = (20,)) -> None
     (folder / "train.log").write_text("step 20/20 loss 0.35\nfinished: 20 steps\n")
 
 
-def test_ema_is_debiased_and_skips_missing_points():
-    assert runs.ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards 0
-    smoothed = runs.ema([1.0, float("nan"), 0.0], 0.5)
+def test_smooth_curve_is_debiased_and_skips_missing_points():
+    assert smooth_curve([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards 0
+    smoothed = smooth_curve([1.0, float("nan"), 0.0], 0.5)
     assert smoothed[0] == 1.0 and smoothed[1] != smoothed[1] and smoothed[2] == pytest.approx(1 / 3)
-    assert runs.ema([3.0, 1.0], 0.0) == [3.0, 1.0]
+    assert smooth_curve([3.0, 1.0], 0.0) == [3.0, 1.0]
 
 
 def test_loss_legend_hides_no_curve_and_one_validation_point_sits_on_the_step_axis(tmp_path):
     _write_run(tmp_path / "r", steps=20, val_at=(20,))
     history = runs.History()
-    history.add(runs.MetricsReader(tmp_path / "r" / "metrics.jsonl").read())
+    history.add(RunDir(tmp_path / "r").records())
     fig = runs.history_figure(history, smoothing=0.6)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -161,7 +165,7 @@ def test_loss_legend_hides_no_curve_and_one_validation_point_sits_on_the_step_ax
     assert ax_val.get_xlim()[0] == 0 and 20 <= ax_val.get_xlim()[1] <= 21  # not 19.95..20.05
     assert ax_val.get_xlim() == ax_loss.get_xlim()
     total, raw = ax_loss.lines[1], ax_loss.lines[0]
-    assert list(raw.get_ydata()) == history.loss and list(total.get_ydata()) == runs.ema(history.loss, 0.6)
+    assert list(raw.get_ydata()) == history.loss and list(total.get_ydata()) == smooth_curve(history.loss, 0.6)
 
 
 def test_a_finished_run_shows_its_log_and_a_restarted_kernel_offers_the_last_run(tmp_path):

@@ -23,6 +23,7 @@ from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import load_config
 from vesuvius_lab.lab import runs
 from vesuvius_lab.planner import BatchTiming, Measurements
+from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.training import pace
 from vesuvius_lab.training.pace import Busy, PaceWatch, Planned
 
@@ -84,7 +85,7 @@ def test_the_cli_bar_shows_the_notebooks_eta_and_not_tqdms():
         watch.after_step(step, s, 0.0)
     history.add(train_records(steps))
     eta = runs.eta_seconds({"step": 51, "total_steps": 1051}, history)
-    shown = runs.format_duration(eta)
+    shown = format_duration(eta)
     assert watch.eta(1000) == shown and 1000 * 0.34 < eta < 1000 * 0.37  # the last step's 6 s is trimmed
     with open(os.devnull, "w") as sink, tqdm(total=1051, initial=51, bar_format=pace.BAR_FORMAT, file=sink) as bar:
         bar.set_postfix(loss="0.5", eta=watch.eta(1000))

@@ -1,6 +1,7 @@
 """The planner: recommendation logic on hand-made measurements, the CLI, and an honest forecast."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from vesuvius_lab.manifest import build_manifest
 from vesuvius_lab.planner import (
     BatchTiming, Measurements, WorkerTiming, apply_plan, forecast_lines, measure, recommend, recommend_workers,
 )
-from vesuvius_lab.training.budget import format_span, margin_s
+from vesuvius_lab.timefmt import format_duration
+from vesuvius_lab.training.budget import margin_s
 from vesuvius_lab.training import train
 
 
@@ -42,6 +44,9 @@ def test_best_throughput_within_memory_headroom_and_steps_for_the_target():
     assert plan.coverage == pytest.approx(plan.samples_per_epoch / 4000)
     assert [p.name for p in plan.presets] == ["Conservative", "Aggressive", "Time-constrained"]
     assert any("Batch size 2" in line for line in plan.explanation)
+    unknown = recommend(measurements([timing(2, 1.6)], unique=0), cfg, target_epoch_minutes=60)
+    assert math.isnan(unknown.coverage) and all(math.isnan(p.coverage) for p in unknown.presets)
+    assert not any("Too few steps" in w for w in unknown.warnings)  # unknown coverage is not too low
 
 
 def test_budget_sets_the_epochs_the_last_epoch_and_the_schedule_note():
@@ -58,7 +63,7 @@ def test_budget_sets_the_epochs_the_last_epoch_and_the_schedule_note():
     assert plan.max_epochs in (int(10 * 3600 // plan.forecast_epoch_s), int(10 * 3600 // plan.forecast_epoch_s) - 1)
     assert "step-based" in plan.lr_note and str(plan.total_steps) in plan.lr_note
     lines = forecast_lines(plan, now=0.0)
-    assert lines[0].startswith(f"Forecast end: {format_span(plan.forecast_run_s)} after the start")
+    assert lines[0].startswith(f"Forecast end: {format_duration(plan.forecast_run_s)} after the start")
     assert f"{plan.total_steps} steps" in lines[0] and "start-up 0:40" in lines[0]
     assert lines[1].startswith("Budget 10:00:00 (training.time_budget_hours=10)")
 

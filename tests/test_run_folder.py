@@ -19,7 +19,7 @@ from lab_runs_helpers import write_tiny_config
 from vesuvius_lab import cli as cli_module
 from vesuvius_lab.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_STOPPED
 from vesuvius_lab.lab import runs
-from vesuvius_lab.training.run_dir import RunDir, RunLock
+from vesuvius_lab.training.run_dir import MetricsReader, RunDir, RunLock, RunState, read_records
 
 VLAB = [sys.executable, "-m", "vesuvius_lab"]
 
@@ -122,6 +122,29 @@ def test_the_lock_holder_is_recorded_and_released(tmp_path):
         RunLock(run).acquire(wait_s=0).release()
     finally:
         os.waitpid(pid, 0)
+
+
+def test_one_reader_of_the_log_skips_a_torn_line_and_a_resume_keeps_lines_to_the_byte(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.records() == [] and read_records(run.metrics) == []  # no log yet
+    run.create()
+    for step in (1, 2, 3):
+        run.append({"kind": "train", "step": step, "loss": 0.5 / step, "lr": 1e-3, "skipped": False, "grad_norm": None})
+    complete = run.metrics.read_bytes()
+    with open(run.metrics, "ab") as fh:
+        fh.write(b'{"kind": "train", "st')  # a line torn by a kill
+    assert [r["step"] for r in run.records()] == [1, 2, 3] == [r["step"] for r in MetricsReader(run.metrics).read()]
+    run.truncate_after(2)
+    assert run.metrics.read_bytes() == b"".join(complete.splitlines(keepends=True)[:2])  # the kept lines as written
+    assert [r["step"] for r in run.records()] == [1, 2]
+
+
+def test_the_run_states_are_the_words_status_json_holds(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.status(state=RunState.STOPPED, step=3)
+    assert b'"state": "stopped"' in run.status_file.read_bytes() and run.read_status()["state"] == RunState.STOPPED
+    assert [s.value for s in RunState] == ["not started", "preflight", "running", "stopped", "finished", "failed"]
 
 
 # --- resume never changes the recipe silently -------------------------------------------------------

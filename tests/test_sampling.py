@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ import torch
 from pipeline_helpers import make_dataset, strong_augment
 from vesuvius_lab.config import AugmentConfig, load_config
 from vesuvius_lab.loader import build_loader
-from vesuvius_lab.sampling import EpochLayout, coverage, is_foreground_draw, unique_patches
+from vesuvius_lab.sampling import Coverage, EpochLayout, coverage, is_foreground_draw, unique_patches
 
 
 def _batches(loader, n):
@@ -111,6 +113,8 @@ def test_coverage_estimate():
     cov = coverage(plan, [(320, 320, 320)] * 806, (72, 136, 136))
     assert cov.unique_patches == 806 * 5 * 3 * 3 and cov.samples_per_epoch == 4000
     assert cov.ratio == pytest.approx(4000 / 36270) and 0 < cov.expected_distinct < cov.ratio
+    unknown = Coverage(4000, 0)  # shapes missing from the manifest: the planner's coverage reads the same
+    assert math.isnan(unknown.ratio) and math.isnan(unknown.expected_distinct)
 
 
 def test_spawn_workers_give_the_same_stream(tiny_root, tmp_path):

@@ -49,6 +49,17 @@ def _find(parent, v):
     return r
 
 
+@nb.njit(**_JIT)
+def _edge_end(n0, n1, n2, x, y, z, v, t):
+    """The far end (flat index) of edge (x, y, z, t) from its voxel ``v`` = (x, y, z): type 0, 1, 2
+    runs along +x, +y, +z; -1 where the edge would leave the volume."""
+    if t == 0:
+        return v + n1 * n2 if x + 1 < n0 else -1
+    if t == 1:
+        return v + n2 if y + 1 < n1 else -1
+    return v + 1 if z + 1 < n2 else -1
+
+
 # --- dimension 0 ---------------------------------------------------------------------------
 @nb.njit(**_JIT)
 def match_dim0(X, Y):
@@ -69,19 +80,8 @@ def match_dim0(X, Y):
                 v = x * s0 + y * n2 + z
                 if xf[v] | yf[v]:
                     for t in range(3):
-                        if t == 0:
-                            if x + 1 >= n0:
-                                continue
-                            w = v + s0
-                        elif t == 1:
-                            if y + 1 >= n1:
-                                continue
-                            w = v + n2
-                        else:
-                            if z + 1 >= n2:
-                                continue
-                            w = v + 1
-                        if xf[w] | yf[w]:
+                        w = _edge_end(n0, n1, n2, x, y, z, v, t)
+                        if w >= 0 and xf[w] | yf[w]:
                             rv = _find(parent, v)
                             rw = _find(parent, w)
                             if rv != rw:
@@ -95,19 +95,8 @@ def match_dim0(X, Y):
                 v = x * s0 + y * n2 + z
                 uv = xf[v] | yf[v]
                 for t in range(3):
-                    if t == 0:
-                        if x + 1 >= n0:
-                            continue
-                        w = v + s0
-                    elif t == 1:
-                        if y + 1 >= n1:
-                            continue
-                        w = v + n2
-                    else:
-                        if z + 1 >= n2:
-                            continue
-                        w = v + 1
-                    if uv and (xf[w] | yf[w]):
+                    w = _edge_end(n0, n1, n2, x, y, z, v, t)
+                    if w < 0 or (uv and (xf[w] | yf[w])):
                         continue
                     rv = _find(parent, v)
                     rw = _find(parent, w)
@@ -390,19 +379,8 @@ def random_cycles(F, words, seed):
         z = v % n2
         cv = cid[v]
         for t in range(3):
-            if t == 0:
-                if x + 1 >= n0:
-                    continue
-                w = v + s0
-            elif t == 1:
-                if y + 1 >= n1:
-                    continue
-                w = v + n2
-            else:
-                if z + 1 >= n2:
-                    continue
-                w = v + 1
-            if not ff[w]:
+            w = _edge_end(n0, n1, n2, x, y, z, v, t)
+            if w < 0 or not ff[w]:
                 continue
             cw = cid[w]
             if par[cw] == v or par[cv] == w:

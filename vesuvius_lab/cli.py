@@ -136,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
     from vesuvius_lab.config import load_config
     from vesuvius_lab.training import train
     from vesuvius_lab.training.budget import parse_duration
-    from vesuvius_lab.training.run_dir import default_run_dir, resume_config
+    from vesuvius_lab.training.run_dir import RunState, default_run_dir, resume_config
 
     overrides = [*args.overrides, *([f"training.time_budget_hours={parse_duration(args.budget)!r}"] if args.budget else [])]
     if args.config is None and (not args.resume or args.run_dir is None):
@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         print(f"{run_dir}: {result['message']}")
-    return EXIT_OK if result["state"] == "finished" else EXIT_STOPPED
+    return EXIT_OK if result["state"] == RunState.FINISHED else EXIT_STOPPED
 
 
 # --- plan ------------------------------------------------------------------------------------

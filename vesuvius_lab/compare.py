@@ -17,9 +17,10 @@ import yaml
 from vesuvius_lab.config import load_yaml
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.evaluate import SCORE_PARTS
-from vesuvius_lab.training.run_dir import EPOCH, TRAIN, VAL, RunDir, same_process
-
-ALIVE_STATES = ("preflight", "running")
+from vesuvius_lab.timefmt import format_duration
+from vesuvius_lab.training.run_dir import (
+    ALIVE_STATES, EPOCH, TRAIN, VAL, RunDir, RunState, process_gone, same_process,
+)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class RunSummary:
 
     name: str
     path: Path
-    state: str  # finished, stopped, failed, running, or "running? (process gone)" for a killed one
+    state: str  # a RunState, or ``process_gone`` of one for a killed run
     step: int
     total_steps: int | None
     wall_s: float  # training and validation time, summed over the run's sessions (not the downtime)
@@ -62,21 +63,6 @@ def find_runs(runs_dir: str | os.PathLike) -> list[Path]:
     if is_run(root):
         return [root]
     return sorted((p for p in root.iterdir() if not p.name.startswith(".") and is_run(p)), key=lambda p: p.name)
-
-
-def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line torn by a kill is skipped."""
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
 
 
 def wall_seconds(records: Sequence[dict]) -> float:
@@ -114,15 +100,15 @@ def flat_config(path: Path) -> dict:
 
 def run_state(status: dict) -> str:
     """The state status.json says; a running run whose process is gone (killed) says so."""
-    state = status.get("state") or "not started"
+    state = status.get("state") or RunState.NOT_STARTED
     if state in ALIVE_STATES and not same_process(status.get("pid"), status.get("process_start")):
-        return f"{state}? (process gone)"
+        return process_gone(state)
     return state
 
 
 def summarize(folder: str | os.PathLike) -> RunSummary:
     run = RunDir(folder)
-    records, status = read_records(run.metrics), run.read_status()
+    records, status = run.records(), run.read_status()
     steps = [r["step"] for r in records if r.get("kind") == TRAIN and isinstance(r.get("step"), int)]
     return RunSummary(
         name=run.root.name, path=run.root, state=run_state(status),
@@ -148,15 +134,6 @@ def differing_keys(summaries: Sequence[RunSummary]) -> dict[str, dict[str, objec
         if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
             out[key] = values
     return out
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _num(value) -> str:

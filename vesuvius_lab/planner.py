@@ -31,8 +31,10 @@ from vesuvius_lab.device import default_device, memory_capacity_mb, memory_mb
 from vesuvius_lab.evaluate import score_records
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import build_loader
+from vesuvius_lab.sampling import Coverage
+from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.training.budget import (
-    Costs, command_start, epoch_forecast_s, fit_plan, format_span, margin_s, remaining_s,
+    Costs, command_start, epoch_forecast_s, fit_plan, forecast_band_s, margin_s, remaining_s,
 )
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
 from vesuvius_lab.training.engine import build_engine, forward_backward, optimizer_update
@@ -420,7 +422,7 @@ def recommend(
         epoch_s = _epoch_seconds(steps, best, m, config, 1) - m.val_s + m.val_s / val_every
     layout = _layout_for(config, m, best.batch_size, steps)
     samples = layout.samples_per_epoch
-    coverage = samples / m.unique_patches if m.unique_patches else math.nan
+    coverage = Coverage(samples, m.unique_patches).ratio
     first_epoch_s = epoch_s + best.first_batch_s
     # the whole command as the trainer plans it (training/budget.py): start-up, whole epochs, and with a
     # budget a last epoch that takes the time left before the aim
@@ -435,7 +437,7 @@ def recommend(
     total, last = schedule.total, schedule.last_start
     epochs = last // steps + 1
     run_s = lead + remaining_s(0, schedule, costs)
-    band = total * best.step_spread_s / 2 + 0.1 * m.val_s * schedule.count_validations(0, total)
+    band = forecast_band_s(0, schedule, costs)
     last_epoch_s = epoch_forecast_s(schedule, last, total, costs, bool(val_every))
 
     explanation = [
@@ -499,7 +501,7 @@ def recommend(
     def preset(name: str, s: int, e: int, reason: str) -> Preset:
         s = max(1, s)
         return Preset(name, s, e, _epoch_seconds(s, best, m, config, val_every),
-                      s * layout.global_batch / m.unique_patches if m.unique_patches else math.nan, reason)
+                      Coverage(s * layout.global_batch, m.unique_patches).ratio, reason)
 
     def same_total(s: int) -> int:
         """Epochs that keep the recommendation's total steps at ``s`` steps per epoch."""
@@ -536,16 +538,16 @@ def forecast_lines(plan: Plan, now: float | None = None) -> list[str]:
     epochs = (f"{plan.max_epochs - 1} epochs of {plan.train_iterations_per_epoch} steps and a last one of "
               f"{plan.last_epoch_steps}" if plan.last_epoch_steps != plan.train_iterations_per_epoch
               else f"{plan.max_epochs} epochs of {plan.train_iterations_per_epoch} steps")
-    lines = [f"Forecast end: {format_span(plan.forecast_run_s)} after the start (± {format_span(plan.forecast_band_s)}), "
+    lines = [f"Forecast end: {format_duration(plan.forecast_run_s)} after the start (± {format_duration(plan.forecast_band_s)}), "
              f"{time.strftime('%H:%M', time.localtime(end))} if started now: start-up "
-             f"{format_span(plan.measurements.startup_s)}, {epochs} ({plan.total_steps} steps), "
-             f"{format_span(plan.forecast_epoch_s)} per epoch"
-             + (f", {format_span(plan.forecast_last_epoch_s)} the last" if plan.last_epoch_steps != plan.train_iterations_per_epoch else "")
+             f"{format_duration(plan.measurements.startup_s)}, {epochs} ({plan.total_steps} steps), "
+             f"{format_duration(plan.forecast_epoch_s)} per epoch"
+             + (f", {format_duration(plan.forecast_last_epoch_s)} the last" if plan.last_epoch_steps != plan.train_iterations_per_epoch else "")
              + ", the final validation and checkpoint included."]
     if plan.budget_hours:
         budget_s = plan.budget_hours * 3600
-        lines.append(f"Budget {format_span(budget_s)} (training.time_budget_hours={plan.budget_hours:g}): the forecast ends "
-                     f"{format_span(budget_s - plan.forecast_run_s)} before the deadline; the trainer measures as it "
+        lines.append(f"Budget {format_duration(budget_s)} (training.time_budget_hours={plan.budget_hours:g}): the forecast ends "
+                     f"{format_duration(budget_s - plan.forecast_run_s)} before the deadline; the trainer measures as it "
                      "runs and re-plans the remaining epochs so that the run ends inside it.")
     return lines
 

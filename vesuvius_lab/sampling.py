@@ -273,8 +273,9 @@ class Coverage:
 
     @property
     def ratio(self) -> float:
-        """Samples per epoch over unique patches: the seed notes' coverage (target 0.5-1.0)."""
-        return self.samples_per_epoch / max(self.unique_patches, 1)
+        """Samples per epoch over unique patches: the seed notes' coverage (target 0.5-1.0); NaN
+        when the unique patches are unknown (0: shapes missing from the manifest)."""
+        return self.samples_per_epoch / self.unique_patches if self.unique_patches else math.nan
 
     @property
     def expected_distinct(self) -> float:

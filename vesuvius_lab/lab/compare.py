@@ -7,23 +7,21 @@ linked from the table; the line to paste into notebook 05 itself is shown too).
 from __future__ import annotations
 
 import html
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import ipywidgets as w
 import nbformat
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from vesuvius_lab.compare import RunSummary, differing_keys, summarize_runs, table_rows
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.evaluate import SCORE_PARTS
-from vesuvius_lab.lab.plots import figure_png
+from vesuvius_lab.lab.plots import figure_png, smooth_curve
 from vesuvius_lab.lab.runner import inject_parameters
-from vesuvius_lab.lab.runs import History, MetricsReader
+from vesuvius_lab.lab.runs import History
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.run_dir import RunDir
 
@@ -94,21 +92,9 @@ def histories(summaries: Sequence[RunSummary]) -> dict[str, History]:
     out = {}
     for s in summaries:
         history = History()
-        history.add(MetricsReader(RunDir(s.path).metrics).read())
+        history.add(RunDir(s.path).records())
         out[s.name] = history
     return out
-
-
-def smooth(values: Sequence[float], weight: float) -> np.ndarray:
-    """TensorBoard's smoothing: an exponential moving average, debiased, skipping gaps."""
-    out, last, n = [], 0.0, 0
-    for v in values:
-        if v != v:
-            out.append(math.nan)
-            continue
-        last, n = last * weight + (1 - weight) * v, n + 1
-        out.append(last / (1 - weight**n) if weight else v)
-    return np.asarray(out)
 
 
 def compare_figure(runs: dict[str, History], smoothing: float = 0.6) -> Figure:
@@ -128,7 +114,7 @@ def compare_figure(runs: dict[str, History], smoothing: float = 0.6) -> Figure:
                 if points:
                     steps, ys = zip(*points, strict=True)
                     ax.plot(steps, ys, color=colour, alpha=0.25, lw=0.8)
-                    ax.plot(steps, smooth(ys, smoothing), color=colour, lw=1.5, label=run)
+                    ax.plot(steps, smooth_curve(ys, smoothing), color=colour, lw=1.5, label=run)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -17,7 +17,7 @@ import ipywidgets as w
 from matplotlib.figure import Figure
 
 from vesuvius_lab.lab.plots import figure_png
-from vesuvius_lab.training.budget import format_clock, format_span
+from vesuvius_lab.timefmt import format_clock, format_duration
 
 DEVIATION = 0.10  # an epoch this far off its forecast is worth a look
 
@@ -56,8 +56,8 @@ def epoch_checks(plans: Sequence[dict], epochs: Sequence[dict]) -> list[EpochChe
 
 def warnings(plans: Sequence[dict], epochs: Sequence[dict]) -> list[str]:
     """One line per epoch that ran more than 10 % longer or shorter than its forecast."""
-    return [f"epoch {c.epoch} took {format_span(c.actual_s)}, {abs(c.deviation):.0%} "
-            f"{'more' if c.deviation > 0 else 'less'} than its forecast {format_span(c.forecast_s)}"
+    return [f"epoch {c.epoch} took {format_duration(c.actual_s)}, {abs(c.deviation):.0%} "
+            f"{'more' if c.deviation > 0 else 'less'} than its forecast {format_duration(c.forecast_s)}"
             for c in epoch_checks(plans, epochs) if abs(c.deviation) > DEVIATION]
 
 
@@ -86,7 +86,7 @@ def forecast_figure(plans: Sequence[dict], epochs: Sequence[dict], times: Sequen
     latest = plans[-1]
     end, band = latest["forecast_end"], latest["forecast_band_s"]
     ax.plot([minutes(latest["time"]), minutes(end)], [latest["step"], latest["total_steps"]], color="tab:blue",
-            lw=1.5, ls="--", label=f"forecast: ends {format_clock(end)} ± {format_span(band)}")
+            lw=1.5, ls="--", label=f"forecast: ends {format_clock(end)} ± {format_duration(band)}")
     ax.axvspan(minutes(end - band), minutes(end + band), color="tab:blue", alpha=0.15)
     replans = [p for p in plans if p["reason"] != "forecast"]
     if replans:
@@ -94,7 +94,7 @@ def forecast_figure(plans: Sequence[dict], epochs: Sequence[dict], times: Sequen
                    zorder=3, label=f"re-plans ({len(replans)})")
     if latest.get("deadline"):
         ax.axvline(minutes(latest["deadline"]), color="tab:red", lw=1.5,
-                   label=f"deadline {format_clock(latest['deadline'])} ({format_span(latest['budget_s'])} budget)")
+                   label=f"deadline {format_clock(latest['deadline'])} ({format_duration(latest['budget_s'])} budget)")
         ax.axvline(minutes(latest["aim"]), color="tab:red", lw=1, ls=":", label="aim")
     if now is not None:
         ax.axvline(minutes(now), color="grey", lw=0.8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +23,20 @@ def label_rgba(label: np.ndarray) -> np.ndarray:
     for value, rgba in LABEL_COLORS.items():
         lut[value] = rgba
     return lut[np.asarray(label)]
+
+
+def smooth_curve(values: Sequence[float], weight: float) -> list[float]:
+    """A curve smoothed as TensorBoard smooths it: an exponential moving average of weight ``weight``,
+    debiased (the first points are not pulled towards 0); NaN points (a skipped step, a term not
+    computed at that step) stay NaN and do not enter the average."""
+    out, mean, norm = [], 0.0, 0.0
+    for value in values:
+        if value != value:
+            out.append(math.nan)
+            continue
+        mean, norm = weight * mean + (1 - weight) * value, weight * norm + (1 - weight)
+        out.append(mean / norm)
+    return out
 
 
 def figure_png(fig: Figure) -> bytes:

@@ -27,16 +27,17 @@ import ipywidgets as w
 import psutil
 from matplotlib.figure import Figure
 
-from vesuvius_lab.compare import format_duration
 from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.lab.forecast import ForecastPanel
-from vesuvius_lab.lab.plots import figure_png
+from vesuvius_lab.lab.plots import figure_png, smooth_curve
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.budget import PLAN
 from vesuvius_lab.training.pace import eta_s, step_time
+from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.training.run_dir import (  # noqa: F401 (pid_alive)
-    EPOCH, TRAIN, VAL, RunDir, describe_holder, pid_alive, same_process,
+    ALIVE_STATES, EPOCH, TRAIN, VAL, MetricsReader, RunDir, RunState, describe_holder, pid_alive, process_gone,
+    same_process,
 )
 
 
@@ -63,39 +64,6 @@ def train_argv(config: str | Path, run_dir: str | Path, devices: int = 1, resume
 def read_status(run_dir: str | Path) -> dict:
     """status.json, or {} when it is absent or being replaced."""
     return RunDir(run_dir).read_status()
-
-
-class MetricsReader:
-    """Reads metrics.jsonl incrementally: only bytes not read before, and never a torn last line.
-
-    A line without its newline yet is kept back until it is complete. When the file shrinks (a
-    resumed run truncates lines written after its last checkpoint), it is read again from the start
-    and ``reset`` is set so the caller can drop what it had.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path, self.offset, self.reset = Path(path), 0, False
-
-    def read(self) -> list[dict]:
-        self.reset = False
-        try:
-            size = self.path.stat().st_size
-        except OSError:
-            return []
-        if size < self.offset:
-            self.offset, self.reset = 0, True
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            chunk = fh.read()
-        end = chunk.rfind(b"\n") + 1
-        self.offset += end
-        out = []
-        for line in chunk[:end].splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
 
 
 @dataclass
@@ -289,30 +257,17 @@ class RunProcess:
 # --- the plot --------------------------------------------------------------------------------------
 
 
-def ema(values: Sequence[float], weight: float) -> list[float]:
-    """Exponential moving average as TensorBoard smooths a curve (debiased, so the first points are
-    not pulled towards 0); NaN points (a skipped step) stay NaN and do not enter the average."""
-    out, mean, norm = [], 0.0, 0.0
-    for value in values:
-        if value != value:
-            out.append(math.nan)
-            continue
-        mean, norm = weight * mean + (1 - weight) * value, weight * norm + (1 - weight)
-        out.append(mean / norm)
-    return out
-
-
 def plot_losses(ax, history: History, smoothing: float = 0.0) -> None:
     """The total loss and every term, smoothed by an EMA of weight ``smoothing`` (the raw total
     stays as a faint line); the legend sits outside the axes, where it hides no curve."""
     s = history.steps
     if smoothing > 0 and s:
         ax.plot(s, history.loss, color="black", lw=1, alpha=0.25)
-    ax.plot(s, ema(history.loss, smoothing) if smoothing > 0 else history.loss, color="black", lw=2, label="total")
+    ax.plot(s, smooth_curve(history.loss, smoothing) if smoothing > 0 else history.loss, color="black", lw=2, label="total")
     starts = history.term_starts()
     for term, values in history.terms.items():
         if any(v == v for v in values):  # topo: only every topo_every steps
-            line, = ax.plot(s, ema(values, smoothing) if smoothing > 0 else values, lw=1, marker=".", ms=3, label=term)
+            line, = ax.plot(s, smooth_curve(values, smoothing) if smoothing > 0 else values, lw=1, marker=".", ms=3, label=term)
             if term in starts:  # a term that starts late (loss.<term>_start): where it comes in
                 ax.axvline(starts[term], color=line.get_color(), ls=":", lw=1, label=f"{term} starts")
     ax.set_title(f"loss and terms (EMA {smoothing:.2f})" if smoothing > 0 else "loss and terms")
@@ -498,27 +453,27 @@ class RunMonitor:
             status = read_status(self.run_dir)
             alive = self.process.alive()
             holder = self.process.elsewhere()
-            state = status.get("state", "not started")
+            state = status.get("state", RunState.NOT_STARTED)
             message = status.get("message", "")
             if holder:  # another process trains in this folder: show it, offer no Start
                 state, message = "training elsewhere", describe_holder(holder)
-            if not alive and state in ("not started", "preflight", "running"):
+            if not alive and state in (RunState.NOT_STARTED, *ALIVE_STATES):
                 refused = launch_error(self.run_dir)  # e.g. a bad override: the CLI refused before training
-                if refused and state == "not started":
+                if refused and state == RunState.NOT_STARTED:
                     state, message = "failed to start", refused
-                elif state != "not started":
-                    state = f"{state}? (process gone)"
+                elif state != RunState.NOT_STARTED:
+                    state = process_gone(state)
                     message = refused or message
             total, step = status.get("total_steps") or 0, max(status.get("step") or 0, self.history.last_step)
             self.progress.max = max(total, 1)
             self.progress.value = min(step, self.progress.max)
-            eta = eta_seconds({"step": step, "total_steps": total}, self.history) if alive or state == "stopped" else None
+            eta = eta_seconds({"step": step, "total_steps": total}, self.history) if alive or state == RunState.STOPPED else None
             parts = [f"<b>{html.escape(state)}</b>", f"step {step} / {total or '?'}"]
             if eta is not None:  # a stopped run: what resuming it would still take
                 parts.append(f"ETA {format_duration(eta)}" if alive else f"{format_duration(eta)} left when resumed")
             if message:
                 text = html.escape(message.replace("resume with --resume", "press Resume"))
-                failed = state.startswith(("failed", "preflight?", "running?"))
+                failed = state.startswith((RunState.FAILED, *(process_gone(s) for s in ALIVE_STATES)))
                 parts.append(f"<span style='color:#c00'>{text}</span>" if failed else text)
             self.status.value = " · ".join(parts)
             self.start_button.disabled = alive or bool(holder)

@@ -34,6 +34,7 @@ import torch
 
 from vesuvius_lab.config import Config
 from vesuvius_lab.errors import ConfigError
+from vesuvius_lab.timefmt import format_clock, format_duration
 from vesuvius_lab.training.schedule import Schedule, decay_progress
 
 PLAN = "plan"  # the kind of the plan records in metrics.jsonl
@@ -133,23 +134,19 @@ def fit_plan(step: int, epoch_start: int, available_s: float, costs: Costs, sche
         best = (total, last)
 
 
+def forecast_band_s(step: int, schedule: Schedule, costs: Costs, val_scale: float = 1.0) -> float:
+    """The spread of the forecast end from just after ``step``: half the interquartile range of a step
+    for each step left, and a tenth of a validation for each validation left."""
+    return ((schedule.total - step) * costs.step_spread_s / 2
+            + 0.1 * costs.val_s * val_scale * schedule.count_validations(step, schedule.total))
+
+
 def epoch_forecast_s(schedule: Schedule, start: int, end: int, costs: Costs, validates: bool,
                      val_scale: float = 1.0) -> float:
     """The epoch of ``schedule`` over the steps (start, end]: the steps, its checkpoints, and its
     validation when ``validates``."""
     return ((end - start) * costs.step_s + schedule.count_checkpoints(start, end) * costs.checkpoint_s
             + (costs.val_s * val_scale if validates else 0.0))
-
-
-def format_clock(ts: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts))
-
-
-def format_span(seconds: float) -> str:
-    seconds = int(round(abs(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _windows(shape: tuple[int, ...], patch: list[int], overlap: float) -> int:
@@ -230,9 +227,9 @@ class RunBudget:
         now = time.time() if now is None else now
         if now > b.deadline:
             raise ConfigError(f"training.time_budget_hours: the budget of this run ended at {format_clock(b.deadline)} "
-                              f"({format_span(now - b.deadline)} ago); raise it to continue")
+                              f"({format_duration(now - b.deadline)} ago); raise it to continue")
         down = start - float(saved.get("saved_at", start))
-        b.resumed = f"resumed after {format_span(max(down, 0.0))} of downtime and {format_span(now - start)} of start-up"
+        b.resumed = f"resumed after {format_duration(max(down, 0.0))} of downtime and {format_duration(now - start)} of start-up"
         return b
 
     def guess_validation(self, model: torch.nn.Module, data, config: Config, device: torch.device, ddp) -> None:
@@ -396,7 +393,7 @@ class RunBudget:
         p, c = self.planned, self.costs
         later = "later" if drift > 0 else "earlier"
         if p is None:
-            return f"the forecast end moved {format_span(drift)} {later}"
+            return f"the forecast end moved {format_duration(drift)} {later}"
         step = (c.step_s - p.step_s) / max(p.step_s, 1e-9)
         val = (c.val_s * self._val_scale() - p.val_s) / max(p.val_s, 1e-9) if p.val_s else 0.0
         if abs(val) > abs(step) and abs(val) > 0.05:
@@ -405,7 +402,7 @@ class RunBudget:
             what = f"steps {'slower' if step > 0 else 'faster'} ({c.step_s:.3f} s, planned {p.step_s:.3f} s)"
         else:
             what = "checkpoints and logging took other times than planned"
-        return f"{what}: the forecast end moved {format_span(drift)} {later}"
+        return f"{what}: the forecast end moved {format_duration(drift)} {later}"
 
     def _replan(self, step: int, now: float) -> bool:
         """The largest total that ends by the aim; the decay anchored where the LR is now."""
@@ -425,7 +422,6 @@ class RunBudget:
         c, s, scale = self.costs, self.schedule, self._val_scale()
         self.planned = replace(c, val_s=c.val_s * scale)
         e, last = s.steps_per_epoch, s.last_start
-        band = (s.total - step) * c.step_spread_s / 2 + 0.1 * c.val_s * scale * s.count_validations(step, s.total)
         return {
             "kind": PLAN, "step": step, "reason": reason, "total_steps": s.total,
             "epochs": last // e + 1, "steps_per_epoch": e, "last_epoch_start": last, "last_epoch_steps": s.total - last,
@@ -435,7 +431,7 @@ class RunBudget:
             "time": now, "start": self.start, "elapsed_s": now - self.start,
             "budget_s": self.budget_s, "deadline": self.deadline if self.active else None,
             "aim": self.aim if self.active else None,
-            "forecast_end": now + remaining_s(step, s, c, scale), "forecast_band_s": band,
+            "forecast_end": now + remaining_s(step, s, c, scale), "forecast_band_s": forecast_band_s(step, s, c, scale),
             "step_s": c.step_s, "val_s": c.val_s * scale, "checkpoint_s": c.checkpoint_s,
             "forecast_epoch_s": epoch_forecast_s(s.replanned(e, 0, s.anchor), 0, e, c, bool(s.val_every), scale),
             "forecast_last_epoch_s": epoch_forecast_s(s, last, s.total, c, bool(s.val_every), scale),
@@ -447,6 +443,6 @@ class RunBudget:
             return ""
         now = time.time()
         early = self.deadline - now
-        return (f"; budget {format_span(self.budget_s)}: ended after {format_span(now - self.start)} "
-                f"({format_span(early)} {'before' if early >= 0 else 'after'} the deadline {format_clock(self.deadline)}), "
+        return (f"; budget {format_duration(self.budget_s)}: ended after {format_duration(now - self.start)} "
+                f"({format_duration(early)} {'before' if early >= 0 else 'after'} the deadline {format_clock(self.deadline)}), "
                 f"{self.replans} re-plans, LR {self.schedule.lr(step - 1):.3g} at the last step")

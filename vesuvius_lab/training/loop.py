@@ -39,7 +39,8 @@ from vesuvius_lab.training.engine import Engine, build_engine, forward_backward,
 from vesuvius_lab.training.events import event_log
 from vesuvius_lab.training.pace import BAR_FORMAT, PaceWatch
 from vesuvius_lab.training.run_dir import (
-    EPOCH, TRAIN, VAL, RunDir, RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state, weights_digest,
+    EPOCH, TRAIN, VAL, RunDir, RunLock, RunState, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    weights_digest,
 )
 
 log = logging.getLogger("vesuvius_lab.train")
@@ -96,7 +97,7 @@ class StopSignals:
     """SIGTERM and SIGINT, from ``install`` to ``restore``, only ask the loop to stop at its next
     step boundary. They stay so until the run folder's last status is written: under torchrun a
     rank gets the signal twice (the group's, then the one torchrun forwards), and the second must
-    not kill it between its checkpoint and its "stopped"."""
+    not kill it between its checkpoint and its last status (stopped)."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -135,7 +136,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                   file=sys.stderr)
         save_config(config, run.config)
         run.events = event_log(run, config)  # TensorBoard: every record appended is also an event
-        run.status(state="preflight", step=0)
+        run.status(state=RunState.PREFLIGHT, step=0)
         prepare_demo_data(config, progress)  # the embedded demo's volumes, when a fresh clone lacks them
     ddp.barrier()
     data = open_data(config, check=True)
@@ -189,7 +190,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     bar = tqdm(total=schedule.total, initial=state.step, desc="train", unit="step", disable=not (progress and ddp.master),
                bar_format=BAR_FORMAT)
     pace = PaceWatch.for_run(run.plan, config, device, ddp.world)  # the ETA, and one line when the run slows down
-    consecutive_nonfinite, epoch_start, outcome = 0, time.perf_counter(), "running"
+    consecutive_nonfinite, epoch_start, outcome = 0, time.perf_counter(), RunState.RUNNING
 
     # --- the loop ---
     try:
@@ -235,7 +236,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                     "nonfinite_total": state.nonfinite_total,
                     "time": time.time(),  # wall clock: the forecast panel's actual progress
                 })
-                run.status(state="running", step=state.step, epoch=epoch, total_steps=schedule.total,
+                run.status(state=RunState.RUNNING, step=state.step, epoch=epoch, total_steps=schedule.total,
                            steps_per_epoch=schedule.steps_per_epoch)
                 pace.after_step(state.step, step_s, fb.data_wait_s)
                 bar.set_postfix(loss=f"{fb.loss:.3f}" if finite else "skip", lr=f"{lr:.2e}",
@@ -245,7 +246,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 what = "gradient norm" if loss_finite else "loss"
                 log.warning("step %d: non-finite %s, step skipped (%d in a row)", state.step, what, consecutive_nonfinite)
                 if consecutive_nonfinite >= config.optim.max_nonfinite:
-                    outcome = "failed"
+                    outcome = RunState.FAILED
                     break
 
             # checkpoint; at the epoch's end also validation (when due) and the epoch line
@@ -267,10 +268,10 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             if stop.signal is not None:
                 if state.saved != state.step:
                     write_checkpoint()
-                outcome = "stopped"
+                outcome = RunState.STOPPED
                 break
         else:
-            outcome = "finished"
+            outcome = RunState.FINISHED
     except RuntimeError as exc:  # a worker's death reported between fetches: this step may be half applied
         cause = worker_failure(exc, batches)
         if cause is None:
@@ -280,12 +281,12 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
         bar.close()
-    if outcome == "failed":
+    if outcome == RunState.FAILED:
         kept = (f"{run.last} holds them as of step {state.saved}" if state.saved is not None
                 else "no checkpoint had been written yet")
         message = (f"stopped: {consecutive_nonfinite} non-finite {'gradients' if loss_finite else 'losses'} "
                    f"in a row at step {state.step}; no bad step reached the weights; {kept}")
-    elif outcome == "stopped":
+    elif outcome == RunState.STOPPED:
         message = f"stopped by {stop.signal} at step {state.step}; resume with --resume"
     else:
         message = f"finished {schedule.total} steps; best validation score {state.best:.4f}" + budget.closing_note(state.step)
@@ -294,7 +295,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         log.info(message)
         log.removeHandler(log_handler)
         log_handler.close()
-    if outcome == "failed":
+    if outcome == RunState.FAILED:
         raise VLabError(message)
     return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
 
@@ -397,8 +398,8 @@ def _record_failure(run: RunDir, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
     with contextlib.suppress(OSError, VLabError):
         status = run.read_status()
-        if status.get("state") != "failed":  # the loop's own final word stands
-            run.status(state="failed", step=status.get("step", 0), message=reason)
+        if status.get("state") != RunState.FAILED:  # the loop's own final word stands
+            run.status(state=RunState.FAILED, step=status.get("step", 0), message=reason)
 
 
 def end_of_epoch(engine: Engine, data: Data, config: Config, state: LoopState, epoch: int, ddp: Distributed,

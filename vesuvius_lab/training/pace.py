@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 from tqdm.auto import tqdm
 
-from vesuvius_lab.compare import format_duration
+from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.config import Config
 
 log = logging.getLogger("vesuvius_lab.train")

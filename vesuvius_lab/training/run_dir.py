@@ -15,6 +15,7 @@ links), made atomically; older ones are pruned only once the new one is on disk.
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import functools
@@ -44,6 +45,71 @@ from vesuvius_lab.io import atomic_path, atomic_write_text, stale_temp_files
 
 # kinds of the records in metrics.jsonl
 TRAIN, VAL, EPOCH = "train", "val", "epoch"
+
+
+class RunState(enum.StrEnum):
+    """status.json's ``state``: what the trainer says of its run (the value is the word written)."""
+
+    NOT_STARTED = "not started"  # no status.json yet: never written by the trainer, only shown
+    PREFLIGHT = "preflight"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+ALIVE_STATES = (RunState.PREFLIGHT, RunState.RUNNING)  # the states only a live trainer writes
+
+
+def process_gone(state: str) -> str:
+    """How a state of a live trainer reads once its process is gone (killed without a last word)."""
+    return f"{state}? (process gone)"
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Every record of a metrics.jsonl (none when it is absent); a line torn by a kill is skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return []
+    return _parse_lines(data)
+
+
+def _parse_lines(data: bytes) -> list[dict]:
+    records = []
+    for line in data.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill
+    return records
+
+
+class MetricsReader:
+    """Reads metrics.jsonl incrementally: only bytes not read before, and never a torn last line.
+
+    A line without its newline yet is kept back until it is complete. When the file shrinks (a
+    resumed run truncates lines written after its last checkpoint), it is read again from the start
+    and ``reset`` is set so the caller can drop what it had.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.offset, self.reset = Path(path), 0, False
+
+    def read(self) -> list[dict]:
+        self.reset = False
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size < self.offset:
+            self.offset, self.reset = 0, True
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        return _parse_lines(chunk[:end])
 
 
 def json_line(record: dict) -> str:
@@ -165,15 +231,12 @@ class RunDir:
         """Drop log lines beyond a resumed checkpoint; the resumed run writes them again."""
         if not self.metrics.is_file():
             return
-        keep = []
-        for line in self.metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a kill
-            if rec.get("step", 0) <= step:
-                keep.append(line)
+        keep = [json_line(r) for r in self.records() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics, "".join(k + "\n" for k in keep))
+
+    def records(self) -> list[dict]:
+        """metrics.jsonl's records (``read_records``)."""
+        return read_records(self.metrics)
 
     def status(self, **fields) -> None:
         """status.json: the state, and this process (pid and start time, so that the launcher
