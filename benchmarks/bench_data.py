@@ -1,4 +1,4 @@
-"""Input-pipeline benchmark; same as `vesuvius-lab bench data --json` (see vesuvius_lab/bench/data.py)."""
+"""Input-pipeline benchmark; same as `vesuvius-lab bench data --json` (see vesuvius_lab/bench/input_pipeline.py)."""
 
 import sys
 

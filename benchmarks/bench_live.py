@@ -1,4 +1,4 @@
-"""Live-prediction cost benchmark; same as `vesuvius-lab bench live --json` (see vesuvius_lab/bench/live.py)."""
+"""Live-prediction cost benchmark; same as `vesuvius-lab bench live --json` (see vesuvius_lab/bench/live_prediction.py)."""
 
 import sys
 

@@ -13,7 +13,7 @@ import vesuvius_lab
 from conftest_gui import assert_rendered
 from vesuvius_lab.augment import patch_corners
 from vesuvius_lab.config import AugmentConfig, SamplerConfig
-from vesuvius_lab.lab import data, views
+from vesuvius_lab.lab import records, views
 from vesuvius_lab.lab.live_dock import LiveRunWidget
 from vesuvius_lab.lab.napari_widget import RecordPatchesWidget
 from vesuvius_lab.manifest import load_manifest
@@ -58,10 +58,10 @@ def _colour_share(rgb: np.ndarray, rgb_ref, tol: int = 40) -> float:
 def test_record_patches_and_prediction_render_in_2d_and_3d(viewer, tiny_manifest, artifacts, tmp_path):
     manifest = load_manifest(tiny_manifest)
     rid = manifest.records[0].id
-    volume = data.open_record(manifest, rid)
+    volume = records.open_record(manifest, rid)
     prediction = (np.asarray(volume.label) == 1).astype(np.float32) * 0.9
     layers = views.show_record(viewer, volume, prediction)
-    patches = data.sample_patches(manifest, rid, (24, 24, 24), 6, sampler=SamplerConfig(fg_fraction=0.5),
+    patches = records.sample_patches(manifest, rid, (24, 24, 24), 6, sampler=SamplerConfig(fg_fraction=0.5),
                                   augment=AugmentConfig(enabled=False))
     boxes, outlines = views.show_patch_boxes(viewer, patches)
     assert [layer.name for layer in viewer.layers] == ["image", "surface", "ignored", "prediction", "patch boxes",
@@ -81,7 +81,7 @@ def test_record_patches_and_prediction_render_in_2d_and_3d(viewer, tiny_manifest
 @pytest.mark.gui
 def test_label_map_prediction_and_an_ndisplay_toggle_bound_both_ways(viewer, tiny_manifest):
     manifest = load_manifest(tiny_manifest)
-    volume = data.open_record(manifest, manifest.records[0].id)
+    volume = records.open_record(manifest, manifest.records[0].id)
     views.show_record(viewer, volume, (np.asarray(volume.label) == 1).astype(np.uint8))
     assert [layer.name for layer in viewer.layers] == ["image", "surface", "ignored", "prediction"]
     assert isinstance(viewer.layers["prediction"], napari.layers.Labels)  # integers: a label map
@@ -110,14 +110,14 @@ def test_dock_widget_from_the_plugin_manifest_opens_record_and_patches(viewer, t
     _dock, widget = viewer.window.add_plugin_dock_widget("vesuvius-lab", "Record patches")
     assert isinstance(widget, RecordPatchesWidget)
     widget.manifest_file.value = tiny_manifest
-    records = load_manifest(tiny_manifest).records
-    assert list(widget.record.choices) == [r.id for r in records]
-    widget.record.value = records[2].id
+    listed = load_manifest(tiny_manifest).records
+    assert list(widget.record.choices) == [r.id for r in listed]
+    widget.record.value = listed[2].id
     widget.patch_size.value, widget.n_patches.value, widget.seed.value = 20, 5, 7
     widget.open_button.native.click()
     assert {"image", "surface", "ignored", "patch boxes", "patch outlines"} <= {layer.name for layer in viewer.layers}
     assert viewer.layers["image"].data.shape == (48, 48, 48) and len(viewer.layers["patch boxes"].data) == 5
-    assert widget.status.value.startswith(f"{records[2].id}: 5 patches")
+    assert widget.status.value.startswith(f"{listed[2].id}: 5 patches")
     for path in views.save_views(viewer, artifacts, "dock-widget"):
         assert_rendered(path)
     widget.manifest_file.value = tiny_manifest.parent / "missing.yaml"
@@ -173,7 +173,7 @@ def test_another_record_from_a_widget_thread_keeps_the_3d_view_and_the_layers(vi
     from qtpy.QtWidgets import QApplication
 
     manifest = load_manifest(tiny_manifest)
-    first, second = (data.open_record(manifest, r.id) for r in manifest.records[:2])
+    first, second = (records.open_record(manifest, r.id) for r in manifest.records[:2])
     before = views.show_record(viewer, first, (np.asarray(first.label) == 1).astype(np.float32))
     views.set_ndisplay(viewer, 3)
     shown, threads = [], []
@@ -232,7 +232,7 @@ def test_notebook_view_shows_a_snapshot_that_follows_the_viewer(viewer, tiny_man
     from qtpy.QtWidgets import QApplication
 
     manifest = load_manifest(tiny_manifest)
-    views.show_record(viewer, data.open_record(manifest, manifest.records[0].id))
+    views.show_record(viewer, records.open_record(manifest, manifest.records[0].id))
     viewer.dims.axis_labels = ("0", "1", "2")
     box = views.notebook_view(viewer)
     toggle, image = box.children

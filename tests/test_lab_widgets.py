@@ -5,7 +5,7 @@ import pytest
 
 from vesuvius_lab.config import AugmentConfig, SamplerConfig, TrainingConfig
 from vesuvius_lab.lab import widgets
-from vesuvius_lab.lab.data import LABEL_COLORS
+from vesuvius_lab.lab.records import LABEL_COLORS
 from vesuvius_lab.lab.plots import OrthoSlices, label_rgba
 from vesuvius_lab.manifest import load_manifest
 

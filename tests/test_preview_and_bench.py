@@ -38,7 +38,7 @@ def test_montage_has_orthogonal_slices_for_each_sample(tiny_root, tmp_path):
     """Labels in notebook 01's colours with a legend; the distance column with its colour bar."""
     from matplotlib.colors import to_rgba
 
-    from vesuvius_lab.lab.data import LABEL_COLORS
+    from vesuvius_lab.lab.records import LABEL_COLORS
     from vesuvius_lab.lab.plots import montage
 
     ds = make_dataset(tiny_root, tmp_path / "c", augment=strong_augment())

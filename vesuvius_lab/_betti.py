@@ -34,6 +34,7 @@ import numpy as np
 
 _JIT = {"nogil": True, "cache": True}
 INF_BIRTH = 2  # the dual "outside" vertex is born at +inf
+NO_KEYS = np.zeros(0, dtype=np.uint8)  # dim2_sweep without a comparison to match
 
 
 # --- union-find helpers --------------------------------------------------------------------
@@ -169,17 +170,22 @@ def cube_births(F: np.ndarray) -> np.ndarray:
 
 
 @nb.njit(**_JIT)
-def dim2_input_keys(F, birthF, birthU, parent, eldF, eldU, start_phase):
-    """Reverse sweep of input F's squares: its dim-2 pair count, and the comparison image's younger
-    roots at those pairs (the keys Betti-Matching-3D looks the comparison pairs up by).
+def dim2_sweep(F, birthF, birthU, parent, eldF, eldU, start_phase, keysX, keysY):
+    """Reverse sweep of F's squares, pairing dim-2 classes under F's births while tracking each
+    root's elder under U's (the comparison image's) births too.
 
-    ``parent``/``eldF``/``eldU`` hold the union-find state (elder vertex per root under F's and
-    U's births); with ``start_phase=1`` they already hold the state after all value-1 squares.
+    Returns (pairs, keys, matched): F's dim-2 pair count; the comparison image's younger roots at
+    those pairs (the keys Betti-Matching-3D looks the comparison pairs up by); and, when sweeping
+    the comparison image itself (F = U, ``eldF is eldU``) with both inputs' keys, how many of its
+    pairs both inputs recorded. ``parent``/``eldF``/``eldU`` hold the union-find state; with
+    ``start_phase=1`` they already hold the state after all value-1 squares (``dual_start``).
     """
     n0, n1, n2 = F.shape
     inf = birthF.size - 1
     keys = np.zeros(inf + 1, dtype=np.uint8)
+    matching = keysX.size > 0
     pairs = 0
+    matched = 0
     for phase in range(start_phase, 2):
         want = 1 - phase  # value-1 squares first (they come last in the filtration)
         for x in range(n0 - 1, -1, -1):
@@ -204,44 +210,14 @@ def dim2_input_keys(F, birthF, birthU, parent, eldF, eldU, start_phase):
                         young_f = fb if _older(birthF, fa, fb) else fa
                         if birthF[young_f] != want:
                             pairs += 1
-                            keys[ub if _older(birthU, ua, ub) else ua] = 1
+                            young_u = ub if _older(birthU, ua, ub) else ua
+                            keys[young_u] = 1
+                            if matching and keysX[young_u] and keysY[young_u]:
+                                matched += 1
                         parent[rb] = ra
                         eldF[ra] = fa if _older(birthF, fa, fb) else fb
                         eldU[ra] = ua if _older(birthU, ua, ub) else ub
-    return pairs, keys
-
-
-@nb.njit(**_JIT)
-def match_dim2(U, birthU, keysX, keysY, parent, eld, start_phase):
-    """Comparison pairs of dim 2 whose younger root both inputs recorded as a key."""
-    n0, n1, n2 = U.shape
-    inf = birthU.size - 1
-    matched = 0
-    for phase in range(start_phase, 2):
-        want = 1 - phase
-        for x in range(n0 - 1, -1, -1):
-            for y in range(n1 - 1, -1, -1):
-                for z in range(n2 - 1, -1, -1):
-                    if want == 0 and not U[x, y, z]:
-                        continue
-                    for t in range(2, -1, -1):
-                        if not _square_exists(n0, n1, n2, x, y, z, t):
-                            continue
-                        if _square_value(U, x, y, z, t) != want:
-                            continue
-                        a, b = _dual_ends(n0, n1, n2, x, y, z, t, inf)
-                        ra = _find(parent, a)
-                        rb = _find(parent, b)
-                        if ra == rb:
-                            continue
-                        ea = eld[ra]
-                        eb = eld[rb]
-                        young = eb if _older(birthU, ea, eb) else ea
-                        if birthU[young] != want and keysX[young] and keysY[young]:
-                            matched += 1
-                        parent[rb] = ra
-                        eld[ra] = ea if _older(birthU, ea, eb) else eb
-    return matched
+    return pairs, keys, matched
 
 
 def dual_start(F: np.ndarray, birthF: np.ndarray, birthU: np.ndarray, fast: bool = True):
@@ -688,7 +664,7 @@ def match_counts(X: np.ndarray, Y: np.ndarray, fast: bool = True) -> tuple[tuple
             return zero, np.zeros(bU.size, dtype=np.uint8)
         b0 = int(cc3d.connected_components(F, connectivity=6, return_N=True)[1])
         bF = cube_births(F)
-        b2, keys = dim2_input_keys(F, bF, bU, *dual_start(F, bF, bU, fast))
+        b2, keys, _ = dim2_sweep(F, bF, bU, *dual_start(F, bF, bU, fast), NO_KEYS, NO_KEYS)
         b2 = int(b2)
         return (b0 - 1, b0 + b2 - euler_characteristic(F), b2), keys
 
@@ -700,7 +676,7 @@ def match_counts(X: np.ndarray, Y: np.ndarray, fast: bool = True) -> tuple[tuple
         return p, p, g
     m0 = int(match_dim0(X, Y))
     parent, _, eld, start = dual_start(U, bU, bU, fast)
-    m2 = int(match_dim2(U, bU, keys_x, keys_y, parent, eld, start))
+    m2 = int(dim2_sweep(U, bU, bU, parent, eld, eld, start, keys_x, keys_y)[2])
     m1 = 0
     if p[1] > 0 and g[1] > 0:
         # only the image of H1(K_F) in H1(K_U) can die later, and its dimension is at most

@@ -279,14 +279,22 @@ def _sections() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
 
 
+def _unknown(name: object, known, qualified: str, listed: bool) -> str:
+    """The one line for a misspelt section or key: the known name it most likely meant and, for a
+    section, all the known ones."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    meant = f"did you mean {qualified.format(close[0])}?" if close else ""
+    if listed:
+        return f"({meant + ' ' if meant else ''}known: {', '.join(known)})"
+    return f"({meant})" if meant else ""
+
+
 def _apply(config: Config, doc: dict, origin: str) -> list[str]:
     problems = []
     sections = {f.name: f for f in _sections()}
     for name, values in doc.items():
         if name not in sections:
-            close = difflib.get_close_matches(str(name), list(sections), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(f"{origin}: unknown section {name!r} ({hint}known: {', '.join(sections)})")
+            problems.append(f"{origin}: unknown section {name!r} {_unknown(name, sections, '{!r}', listed=True)}")
             continue
         if not isinstance(values, dict):
             problems.append(f"{origin}: section {name!r} must be a mapping")
@@ -294,9 +302,8 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
         hints = typing.get_type_hints(type(getattr(config, name)))
         for key, value in values.items():
             if key not in hints:
-                close = difflib.get_close_matches(str(key), list(hints), n=1)
-                hint = f" (did you mean {name}.{close[0]}?)" if close else ""
-                problems.append(f"{origin}: unknown key {name}.{key}{hint}")
+                problems.append(f"{origin}: unknown key {name}.{key} {_unknown(key, hints, name + '.{}', listed=False)}"
+                                .rstrip())
                 continue
             try:
                 value = check_type(value, hints[key], f"{name}.{key}")

@@ -39,9 +39,9 @@ from vesuvius_lab.lab.qt import start_qt
 start_qt()
 
 # %%
-from vesuvius_lab.lab import data, views, widgets
+from vesuvius_lab.lab import records, views, widgets
 
-manifest = data.open_manifest(manifest_path)
+manifest = records.open_manifest(manifest_path)
 picker = widgets.RecordPicker(manifest, record_id, cache_dir)
 picker.widget
 
@@ -64,7 +64,7 @@ slices.widget
 import napari
 
 viewer = napari.Viewer()
-views.show_record(viewer, picker.volume, data.open_prediction(prediction_path, picker.volume.image.shape))
+views.show_record(viewer, picker.volume, records.open_prediction(prediction_path, picker.volume.image.shape))
 picker.on_change(lambda volume: views.show_record(viewer, volume))
 views.notebook_view(viewer)  # 2D/3D and a live snapshot of the canvas
 

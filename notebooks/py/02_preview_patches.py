@@ -44,10 +44,10 @@ start_qt()
 
 # %%
 from vesuvius_lab.config import load_config
-from vesuvius_lab.lab import data, views, widgets
+from vesuvius_lab.lab import records, views, widgets
 
 config = load_config(config_path)
-manifest = data.open_manifest(manifest_path)
+manifest = records.open_manifest(manifest_path)
 picker = widgets.RecordPicker(manifest, record_id, cache_dir)
 form = widgets.SamplerForm(patch_size or config.data.patch_size, config.sampler, config.augment, n_patches, seed)
 preview = widgets.PatchPreview(picker, form, config.training, montage_samples)

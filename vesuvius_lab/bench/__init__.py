@@ -10,10 +10,10 @@ import importlib
 
 # name -> module path; each module has add_args(parser) and run(args)
 BENCHES: dict[str, str] = {
-    "data": "vesuvius_lab.bench.data",
+    "data": "vesuvius_lab.bench.input_pipeline",
     "losses": "vesuvius_lab.bench.losses",
     "metric": "vesuvius_lab.bench.metric",
-    "live": "vesuvius_lab.bench.live",
+    "live": "vesuvius_lab.bench.live_prediction",
     "repair": "vesuvius_lab.bench.repair",
     "scale": "vesuvius_lab.bench.scale",
 }

@@ -49,7 +49,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def bench_records(shape: int, volumes: int):
     """N synthetic volumes, written once under the cache directory and reused; a complete larger
     set serves a smaller N with its first records."""
-    from vesuvius_lab.bench.data import bench_records as records
+    from vesuvius_lab.bench.input_pipeline import bench_records as records
     from vesuvius_lab.cache import default_cache_dir
     from vesuvius_lab.layout import discover
     from vesuvius_lab.synth import MARKER
@@ -137,7 +137,7 @@ def child(kind: str, patch: int, n: int, warmup: int, shape: int, volumes: int, 
     """patches/s of one single-threaded worker over the first ``volumes`` records."""
     import torch
 
-    from vesuvius_lab.bench.data import peak_rss_mb
+    from vesuvius_lab.bench.input_pipeline import peak_rss_mb
 
     torch.set_num_threads(1)
     records = bench_records(shape, volumes)

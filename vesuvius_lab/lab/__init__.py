@@ -1,6 +1,6 @@
 """The notebooks' logic, importable and tested, so that notebooks stay a few lines per cell.
 
-``data`` (records, lazy volumes, predictions, sampled patches, coverage; no GUI imports), ``plots``
+``records`` (records, lazy volumes, predictions, sampled patches, coverage; no GUI imports), ``plots``
 (matplotlib), ``widgets`` (ipywidgets forms), ``views`` (napari layers), ``napari_widget`` (the
 napari dock widget), ``qt`` (the Qt event loop a notebook's napari needs), ``runner`` (executes a
 notebook with injected parameters), ``planning`` (notebook 03's planner form), ``runs`` (notebook

@@ -12,7 +12,7 @@ import napari
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
 
 from vesuvius_lab.errors import VLabError
-from vesuvius_lab.lab import data, views
+from vesuvius_lab.lab import records, views
 from vesuvius_lab.manifest import DEMO_MANIFEST, load_manifest
 
 
@@ -43,7 +43,7 @@ class RecordPatchesWidget(Container):
             self.record.choices = []
             self.status.value = "\n".join(exc.lines)
             return
-        self.record.choices = [(info.title, info.id) for info in data.record_infos(manifest)]
+        self.record.choices = [(info.title, info.id) for info in records.record_infos(manifest)]
         self.status.value = f"{manifest.name}: {len(manifest.records)} records"
 
     def open(self) -> None:
@@ -52,9 +52,9 @@ class RecordPatchesWidget(Container):
             self.status.value = "choose a manifest with records first"
             return
         try:
-            manifest = data.open_manifest(self.manifest_file.value)
-            volume = data.open_record(manifest, self.record.value)
-            patches = data.sample_patches(manifest, self.record.value, (self.patch_size.value,) * 3,
+            manifest = records.open_manifest(self.manifest_file.value)
+            volume = records.open_record(manifest, self.record.value)
+            patches = records.sample_patches(manifest, self.record.value, (self.patch_size.value,) * 3,
                                           self.n_patches.value, self.seed.value)
         except VLabError as exc:
             self.status.value = "\n".join(exc.lines)

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from vesuvius_lab.lab.data import LABEL_COLORS
+from vesuvius_lab.lab.records import LABEL_COLORS
 from vesuvius_lab.layout import IGNORE_LABEL
 from vesuvius_lab.targets import DISTANCE_CLIP
 

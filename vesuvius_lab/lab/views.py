@@ -22,7 +22,7 @@ from napari.utils.colormaps import DirectLabelColormap
 
 from vesuvius_lab.cache import CachedVolume
 from vesuvius_lab.layout import IGNORE_LABEL
-from vesuvius_lab.lab.data import LABEL_COLORS
+from vesuvius_lab.lab.records import LABEL_COLORS
 from vesuvius_lab.lab.qt import on_qt_thread
 from vesuvius_lab.preview import box_edges
 

@@ -15,7 +15,7 @@ import ipywidgets as w
 
 from vesuvius_lab.cache import CachedVolume
 from vesuvius_lab.config import AugmentConfig, SamplerConfig, TrainingConfig
-from vesuvius_lab.lab import data
+from vesuvius_lab.lab import records
 from vesuvius_lab.lab.plots import OrthoSlices, figure_png, montage
 from vesuvius_lab.manifest import Manifest
 
@@ -34,7 +34,7 @@ class RecordPicker:
 
     def __init__(self, manifest: Manifest, record_id: str | None = None, cache_dir: str | Path | None = None):
         self.manifest, self.cache_dir = manifest, cache_dir
-        self.infos = {info.id: info for info in data.record_infos(manifest)}
+        self.infos = {info.id: info for info in records.record_infos(manifest)}
         if not self.infos:
             raise ValueError(f"manifest {manifest.name!r} has no records")
         self.dropdown = w.Dropdown(
@@ -50,17 +50,17 @@ class RecordPicker:
         self.dropdown.observe(self._changed, names="value")
 
     @property
-    def info(self) -> data.RecordInfo:
+    def info(self) -> records.RecordInfo:
         return self.infos[self.dropdown.value]
 
     def on_change(self, callback: Callable[[CachedVolume], None]) -> None:
         self._callbacks.append(callback)
 
     def _open(self) -> CachedVolume:
-        volume = data.open_record(self.manifest, self.dropdown.value, self.cache_dir)
+        volume = records.open_record(self.manifest, self.dropdown.value, self.cache_dir)
         info = self.info
         head = f"<b>{html.escape(info.id)}</b>: scroll {html.escape(info.scroll_id)}, {info.split} split, shape {volume.image.shape}"
-        table = html_table(data.histogram_rows(self.manifest, info), ("label", "voxels", "share"))
+        table = html_table(records.histogram_rows(self.manifest, info), ("label", "voxels", "share"))
         self.summary.value = f"{head}{table}"
         return volume
 
@@ -184,7 +184,7 @@ class PatchPreview:
 
     def sample(self) -> list[dict]:
         form = self.form
-        self.patches = data.sample_patches(
+        self.patches = records.sample_patches(
             self.picker.manifest, self.picker.dropdown.value, form.patch_size, form.n_patches.value,
             form.seed.value, form.sampler(), form.augment(), self.picker.cache_dir,
         )
@@ -193,8 +193,8 @@ class PatchPreview:
             f"{len(self.patches)} patches of {self.picker.dropdown.value}: "
             f"{n_fg} foreground draws, {len(self.patches) - n_fg} uniform draws"
         )
-        cov = data.epoch_coverage(self.picker.manifest, form.patch_size, self.training)
-        self.coverage.value = html_table(data.coverage_rows(cov), ("training split, one epoch", ""))
+        cov = records.epoch_coverage(self.picker.manifest, form.patch_size, self.training)
+        self.coverage.value = html_table(records.coverage_rows(cov), ("training split, one epoch", ""))
         self.montage.value = figure_png(montage(self.patches, self.montage_samples))
         for callback in self._callbacks:
             callback(self.patches)

@@ -153,7 +153,7 @@ def child(kind: str, patch: tuple[int, int, int], n: int, warmup: int, shape: in
 
 def _spawn(kind, patch, n, args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "vesuvius_lab.bench.data", kind, "x".join(map(str, patch)),
+    cmd = [sys.executable, "-m", "vesuvius_lab.bench.input_pipeline", kind, "x".join(map(str, patch)),
            str(n), str(args.warmup), str(args.shape), str(args.volumes)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
