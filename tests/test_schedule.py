@@ -14,7 +14,7 @@ import pytest
 
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import load_config
-from vesuvius_lab.planner import BatchTiming, Measurements, _epoch_seconds
+from vesuvius_lab.planner import BatchTiming, Measurements, epoch_seconds
 from vesuvius_lab.training import train
 from vesuvius_lab.training.budget import Costs, remaining_s
 from vesuvius_lab.training.run_dir import RunDir
@@ -66,7 +66,7 @@ def test_the_planner_counts_the_checkpoints_the_loop_writes():
     config = load_config(None, ["training.checkpoint_every_steps=50"])
     m = Measurements(device="cpu", timings=[], val_s=0.0, checkpoint_s=1.0, memory_capacity_mb=1.0,
                      train_records=1, val_records=0, unique_patches=1, workers=0)
-    assert _epoch_seconds(100, BatchTiming(1, step_s=0.0), m, config, val_every=0) == 2.0
+    assert epoch_seconds(100, BatchTiming(1, step_s=0.0), m, config, val_every=0) == 2.0
 
 
 # -- a real tiny run does what the schedule forecasts --

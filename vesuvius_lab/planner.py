@@ -385,7 +385,7 @@ def _time_validation(model: torch.nn.Module, records: list, config: Config, data
     return time.perf_counter() - t0
 
 
-def _epoch_seconds(steps: int, t: BatchTiming, m: Measurements, config: Config, val_every: int) -> float:
+def epoch_seconds(steps: int, t: BatchTiming, m: Measurements, config: Config, val_every: int) -> float:
     """A whole epoch of ``steps`` steps (the first of a run), its validation when ``val_every``."""
     one = Schedule(steps, steps, 0, checkpoint_every=config.training.checkpoint_every_steps)
     return epoch_forecast_s(one, 0, steps, Costs(t.step_s, m.val_s, m.checkpoint_s), bool(val_every))
@@ -413,13 +413,13 @@ def recommend(
     overhead = m.val_s + m.checkpoint_s
     steps = max(1, int((target_s - overhead) // best.step_s))
     if config.training.checkpoint_every_steps:  # checkpoints inside the epoch cost time too
-        while steps > 1 and _epoch_seconds(steps, best, m, config, val_every) > target_s:
+        while steps > 1 and epoch_seconds(steps, best, m, config, val_every) > target_s:
             steps -= 1
-    epoch_s = _epoch_seconds(steps, best, m, config, val_every)
+    epoch_s = epoch_seconds(steps, best, m, config, val_every)
     # Validation should not eat more than a quarter of the training time.
     if val_every and m.val_s > 0.25 * max(epoch_s - m.val_s, 1e-9):
         val_every = max(val_every, math.ceil(m.val_s / (0.25 * (epoch_s - m.val_s))))
-        epoch_s = _epoch_seconds(steps, best, m, config, 1) - m.val_s + m.val_s / val_every
+        epoch_s = epoch_seconds(steps, best, m, config, 1) - m.val_s + m.val_s / val_every
     layout = _layout_for(config, m, best.batch_size, steps)
     samples = layout.samples_per_epoch
     coverage = Coverage(samples, m.unique_patches).ratio
@@ -500,7 +500,7 @@ def recommend(
 
     def preset(name: str, s: int, e: int, reason: str) -> Preset:
         s = max(1, s)
-        return Preset(name, s, e, _epoch_seconds(s, best, m, config, val_every),
+        return Preset(name, s, e, epoch_seconds(s, best, m, config, val_every),
                       Coverage(s * layout.global_batch, m.unique_patches).ratio, reason)
 
     def same_total(s: int) -> int:

@@ -68,7 +68,7 @@ def config_epoch_minutes(m: planner.Measurements, config: Config) -> float:
     timing = next((t for t in ok if t.batch_size == config.training.train_batch_size),
                   max(ok, key=lambda t: t.samples_per_s))
     steps = epoch_layout(config, max(m.train_records, 1), m.world_size).steps
-    seconds = planner._epoch_seconds(steps, timing, m, config, config.training.val_every_epochs)
+    seconds = planner.epoch_seconds(steps, timing, m, config, config.training.val_every_epochs)
     return max(0.1, math.ceil(seconds / 6) / 10)  # up to the next tenth of a minute
 
 
