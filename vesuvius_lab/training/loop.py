@@ -31,6 +31,7 @@ from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import Batches, build_loader
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.network_plan import nnunet_plan
+from vesuvius_lab.sampling import PatchDataset
 from vesuvius_lab.training import live_volume
 from vesuvius_lab.training.budget import RunBudget, command_start
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
@@ -117,61 +118,16 @@ class StopSignals:
 
 def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, progress: bool,
            stop: StopSignals) -> dict:
-    # --- setup: run folder, data (the preflight of `vesuvius-lab validate` first), engine ---
+    # --- setup: run folder, data (the preflight of `vesuvius-lab validate` first), engine, resume ---
     device = default_device(ddp.local_rank)
-    resume = ckpt is not None
-    log_handler = None
-    if ddp.master:
-        for stale in run.create():
-            print(f"removed {stale}: a temp file left by a save that was killed", file=sys.stderr)
-        moved = run.start_fresh() if not resume else None
-        log_handler = _log_to(run)
-        if moved:
-            log.warning("the earlier run in %s died before its first checkpoint; its log is now %s", run.root, moved)
-        changed = _changed_keys(run, config) if resume else []
-        if changed:
-            os.replace(run.config, run.previous_config)  # kept: resuming never silently replaces it
-            log.warning("resumed with changed keys: %s (the earlier config is %s)", "; ".join(changed), run.previous_config)
-            print(f"resuming with changed keys: {'; '.join(changed)} (the earlier config is {run.previous_config})",
-                  file=sys.stderr)
-        save_config(config, run.config)
-        run.events = event_log(run, config)  # TensorBoard: every record appended is also an event
-        run.status(state=RunState.PREFLIGHT, step=0)
-        prepare_demo_data(config, progress)  # the embedded demo's volumes, when a fresh clone lacks them
-    ddp.barrier()
-    data = open_data(config, check=True)
-    dataset = data.patch_dataset(config, world_size=ddp.world)
-    if ddp.master:
-        for note in data.notes:  # volumes smaller than the patch, which the sampler pads
-            log.info(note)
-        data.prepare(config, progress=progress, say=log.info)  # cache (+ targets) of every record once, all cores
-    ddp.barrier()
+    log_handler = _open_run_folder(run, config, ckpt is not None, ddp, progress)
+    data, dataset = _open_data(config, ddp, progress)
     layout = dataset.layout
     engine = build_engine(config, dataset, device, ddp.world, ddp.local_rank)
+    state = _resume(engine, ckpt, run, config, ddp) if ckpt is not None else LoopState()
 
-    # --- resume ---
-    state = LoopState()
-    if resume:
-        engine.raw_model.load_state_dict(ckpt["model"])
-        engine.optimizer.load_state_dict(ckpt["optimizer"])
-        engine.scaler.load_state_dict(ckpt["scaler"])
-        resume_ema(engine.ema, engine.raw_model, ckpt, log if ddp.master else None)
-        state = LoopState(ckpt["step"], ckpt["best_score"], ckpt["nonfinite_total"])
-        set_rng_state(ckpt["rng"][ddp.rank] if ddp.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if ddp.master:
-            log.info("resumed at step %d", state.step)
-    if resume and ddp.master:
-        run.truncate_after(state.step)  # lines a killed run wrote after its last checkpoint
-        run.settle(ckpt, config.training.keep_last, config.training.keep_best)  # copies a kill cut short
-    state.saved = state.step if resume else None
-
-    # --- the time budget (training.time_budget_hours): the plan the loop follows, re-planned as it runs ---
-    (started,) = ddp.broadcast([command_start()])
-    budget = RunBudget.begin(config, layout.steps, bool(data.val), (ckpt or {}).get("plan"), started)
-    budget.guess_validation(engine.raw_model, data, config, device, ddp)
-    if budget.active and ddp.master:
-        log.info("time budget %.4g h: the run ends by %s; epochs follow the clock", config.training.time_budget_hours,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)))
+    # --- the schedule the loop follows; under a time budget (training.time_budget_hours) re-planned as it runs ---
+    budget = _begin_budget(config, layout.steps, data, engine, ckpt, device, ddp)
     schedule = budget.schedule
 
     def write_checkpoint(best_too: bool = False) -> None:
@@ -290,6 +246,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
         message = f"stopped by {stop.signal} at step {state.step}; resume with --resume"
     else:
         message = f"finished {schedule.total} steps; best validation score {state.best:.4f}" + budget.closing_note(state.step)
+
+    # --- the run folder's last word ---
     if ddp.master:
         run.status(state=outcome, step=state.step, total_steps=schedule.total, message=message, best_score=state.best)
         log.info(message)
@@ -298,6 +256,74 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     if outcome == RunState.FAILED:
         raise VLabError(message)
     return {"state": outcome, "step": state.step, "best_score": state.best, "message": message}
+
+
+def _open_run_folder(run: RunDir, config: Config, resume: bool, ddp: Distributed, progress: bool
+                     ) -> logging.Handler | None:
+    """Rank 0 readies the folder: stale temp files gone, an earlier unfinished log moved aside, the
+    config saved (a changed one beside the old, never silently), the log and the events opened.
+    Returns the log handler to close at the end."""
+    handler = None
+    if ddp.master:
+        for stale in run.create():
+            print(f"removed {stale}: a temp file left by a save that was killed", file=sys.stderr)
+        moved = run.start_fresh() if not resume else None
+        handler = _log_to(run)
+        if moved:
+            log.warning("the earlier run in %s died before its first checkpoint; its log is now %s", run.root, moved)
+        changed = _changed_keys(run, config) if resume else []
+        if changed:
+            os.replace(run.config, run.previous_config)  # kept: resuming never silently replaces it
+            log.warning("resumed with changed keys: %s (the earlier config is %s)", "; ".join(changed), run.previous_config)
+            print(f"resuming with changed keys: {'; '.join(changed)} (the earlier config is {run.previous_config})",
+                  file=sys.stderr)
+        save_config(config, run.config)
+        run.events = event_log(run, config)  # TensorBoard: every record appended is also an event
+        run.status(state=RunState.PREFLIGHT, step=0)
+        prepare_demo_data(config, progress)  # the embedded demo's volumes, when a fresh clone lacks them
+    ddp.barrier()
+    return handler
+
+
+def _open_data(config: Config, ddp: Distributed, progress: bool) -> tuple[Data, PatchDataset]:
+    """The checked data and this rank's patch dataset; rank 0 prepares every record's cache first."""
+    data = open_data(config, check=True)
+    dataset = data.patch_dataset(config, world_size=ddp.world)
+    if ddp.master:
+        for note in data.notes:  # volumes smaller than the patch, which the sampler pads
+            log.info(note)
+        data.prepare(config, progress=progress, say=log.info)  # cache (+ targets) of every record once, all cores
+    ddp.barrier()
+    return data, dataset
+
+
+def _begin_budget(config: Config, steps_per_epoch: int, data: Data, engine: Engine, ckpt: dict | None,
+                  device, ddp: Distributed) -> RunBudget:
+    """The run's schedule and its clock: the configured one, or under a budget the plan a resumed
+    run continues; every rank counts time from the command's start on rank 0."""
+    (started,) = ddp.broadcast([command_start()])
+    budget = RunBudget.begin(config, steps_per_epoch, bool(data.val), (ckpt or {}).get("plan"), started)
+    budget.guess_validation(engine.raw_model, data, config, device, ddp)
+    if budget.active and ddp.master:
+        log.info("time budget %.4g h: the run ends by %s; epochs follow the clock", config.training.time_budget_hours,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.deadline)))
+    return budget
+
+
+def _resume(engine: Engine, ckpt: dict, run: RunDir, config: Config, ddp: Distributed) -> LoopState:
+    """Weights, optimizer, scaler, EMA and this rank's RNG as of the checkpoint; rank 0 drops the
+    log lines written after it and makes the copies a kill may have cut short."""
+    engine.raw_model.load_state_dict(ckpt["model"])
+    engine.optimizer.load_state_dict(ckpt["optimizer"])
+    engine.scaler.load_state_dict(ckpt["scaler"])
+    resume_ema(engine.ema, engine.raw_model, ckpt, log if ddp.master else None)
+    set_rng_state(ckpt["rng"][ddp.rank] if ddp.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    state = LoopState(ckpt["step"], ckpt["best_score"], ckpt["nonfinite_total"], saved=ckpt["step"])
+    if ddp.master:
+        log.info("resumed at step %d", state.step)
+        run.truncate_after(state.step)  # lines a killed run wrote after its last checkpoint
+        run.settle(ckpt, config.training.keep_last, config.training.keep_best)  # copies a kill cut short
+    return state
 
 
 def checkpoint(run: RunDir, engine: Engine, config: Config, state: LoopState, ddp: Distributed, budget: RunBudget,
