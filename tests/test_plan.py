@@ -1,5 +1,6 @@
 """The planner: recommendation logic on hand-made measurements, the CLI, and an honest forecast."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,8 @@ import yaml
 from vesuvius_lab.config import load_config
 from vesuvius_lab.manifest import build_manifest
 from vesuvius_lab.planner import (
-    BatchTiming, Measurements, WorkerTiming, apply_plan, forecast_lines, measure, recommend, recommend_workers,
+    BatchTiming, Measurements, WorkerTiming, apply_plan, epoch_seconds, forecast_lines, measure, recommend,
+    recommend_workers,
 )
 from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.training.budget import margin_s
@@ -181,6 +183,14 @@ def test_forecast_accounts_for_everything_an_epoch_contains(plan_config, tmp_pat
               f"({abs(measured - planned_s) / measured:.1%} off), rebuilt from its steps {rebuilt:.1f} s")
         assert abs(rebuilt - measured) / measured < 0.10, (epoch, measured, rebuilt)
     assert plan.forecast_epoch_s == pytest.approx(steps * best.step_s + m.val_s + checkpoints * m.checkpoint_s)
+    # the trainer's own first forecast is the planner's, counted from the same schedule: given the
+    # costs it measured, the planner's epoch is its epoch to the microsecond
+    first = next(r for r in lines if r["kind"] == "plan")
+    assert (first["steps_per_epoch"], first["total_steps"]) == (steps, 2 * steps)
+    own = dataclasses.replace(m, val_s=first["val_s"], checkpoint_s=first["checkpoint_s"])
+    print(f"first epoch forecast: planner {plan.forecast_epoch_s:.1f} s, trainer {first['forecast_epoch_s']:.1f} s")
+    assert epoch_seconds(steps, dataclasses.replace(best, step_s=first["step_s"]), own, config,
+                         plan.val_every_epochs) == pytest.approx(first["forecast_epoch_s"], abs=1e-6)
 
 
 def test_memory_cap_ends_the_sweep_and_nothing_fits_is_a_clear_error(plan_config):
