@@ -15,6 +15,15 @@ from vesuvius_lab import __version__
 from vesuvius_lab.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_STOPPED, Stopped, VLabError
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: list[Command] = []  # (name, help, add its arguments, run it), in the order of the help
+
+
+def command(name: str, help_text: str, add_args: Callable[[argparse.ArgumentParser], None]):
+    """Registers the function below as ``vesuvius-lab NAME``: its help and arguments sit beside it."""
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS.append((name, help_text, add_args, run))
+        return run
+    return register
 
 
 def _patch_size(text: str) -> tuple[int, int, int]:
@@ -37,6 +46,7 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset at OUT")
 
 
+@command("synth", "write a synthetic dataset in the Kaggle layout", _synth_args)
 def _synth(args: argparse.Namespace) -> int:
     from vesuvius_lab.synth import parse_shape, synth
 
@@ -53,6 +63,7 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None, help="decoding threads")
 
 
+@command("validate", "check a data root or manifest before training", _validate_args)
 def _validate(args: argparse.Namespace) -> int:
     from vesuvius_lab.preflight import preflight
 
@@ -84,6 +95,7 @@ def _manifest_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--root", type=Path, help="data root (overrides the manifest's)")
 
 
+@command("manifest", "build or check a dataset manifest", _manifest_args)
 def _manifest(args: argparse.Namespace) -> int:
     from vesuvius_lab.manifest import build_manifest, load_manifest
 
@@ -109,6 +121,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", type=Path, default=DEMO_MANIFEST, help="synthetic dataset manifest")
 
 
+@command("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args)
 def _demo(args: argparse.Namespace) -> int:
     from vesuvius_lab.manifest import ensure_demo_data
 
@@ -132,6 +145,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
+@command("train", "train the topology-aware 3D U-Net (also under torchrun)", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from vesuvius_lab.config import load_config
     from vesuvius_lab.training import train
@@ -168,6 +182,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
+@command("plan", "measure this machine and plan batch size and steps per epoch", _plan_args)
 def _plan(args: argparse.Namespace) -> int:
     import json
 
@@ -228,6 +243,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. val.tta=true postprocess.threshold=0.6")
 
 
+@command("predict", "predict masks with a checkpoint; writes submission.zip", _predict_args)
 def _predict(args: argparse.Namespace) -> int:
     from vesuvius_lab.io import ZarrRef, is_zarr_path, parse_crop
     from vesuvius_lab.predict import parse_part, predict
@@ -259,6 +275,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (with a config)")
 
 
+@command("cache", "prepare a dataset's cache with all cores ahead of training", _cache_args)
 def _cache(args: argparse.Namespace) -> int:
     import yaml
 
@@ -303,6 +320,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         module.add_args(b)
 
 
+@command("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
     import json
 
@@ -328,6 +346,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="also each volume's Betti-0/1/2 of prediction and label and the matched feature counts")
 
 
+@command("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args)
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -351,6 +370,7 @@ def _runs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+@command("runs", "every run side by side: state, steps, wall time, best score, differing config keys", _runs_args)
 def _runs(args: argparse.Namespace) -> int:
     import json
 
@@ -387,6 +407,7 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
                    help="the run's probabilities with mirror test-time augmentation (val.tta=true; --apply writes it too)")
 
 
+@command("tune-postprocess", "choose post-processing and repair settings by the exact score", _tune_args)
 def _tune(args: argparse.Namespace) -> int:
     import json
 
@@ -424,22 +445,6 @@ def _tune(args: argparse.Namespace) -> int:
         if args.apply:
             print(f"wrote {args.apply}")
     return EXIT_OK
-
-
-COMMANDS: list[Command] = [
-    ("synth", "write a synthetic dataset in the Kaggle layout", _synth_args, _synth),
-    ("validate", "check a data root or manifest before training", _validate_args, _validate),
-    ("manifest", "build or check a dataset manifest", _manifest_args, _manifest),
-    ("demo-data", "prepare the embedded synthetic demo dataset if absent", _demo_args, _demo),
-    ("train", "train the topology-aware 3D U-Net (also under torchrun)", _train_args, _train),
-    ("plan", "measure this machine and plan batch size and steps per epoch", _plan_args, _plan),
-    ("predict", "predict masks with a checkpoint; writes submission.zip", _predict_args, _predict),
-    ("cache", "prepare a dataset's cache with all cores ahead of training", _cache_args, _cache),
-    ("bench", "measure speed against a same-run baseline; JSON with --json", _bench_args, _bench),
-    ("evaluate", "score predictions against labels with the leaderboard metric", _evaluate_args, _evaluate),
-    ("runs", "every run side by side: state, steps, wall time, best score, differing config keys", _runs_args, _runs),
-    ("tune-postprocess", "choose post-processing and repair settings by the exact score", _tune_args, _tune),
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
