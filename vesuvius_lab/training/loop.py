@@ -3,7 +3,7 @@
 Setup (run folder, data with its preflight, the engine) -> resume -> the loop, which follows the
 run's ``Schedule`` (the time budget may swap in a re-planned one after any step): the LR, the step,
 the log line, the periodic checkpoint, and at each epoch's end ``end_of_epoch`` (validation when
-due, checkpoint, epoch line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
+due, early stopping's count of it, checkpoint, epoch line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
 checkpoints hold every RNG state, so a resumed run ends bitwise where an uninterrupted one would
 (on CPU). Rank 0 writes the run folder (``run_dir``).
 """
