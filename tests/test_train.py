@@ -272,3 +272,18 @@ def test_early_stopping_ends_at_the_right_validation_and_a_killed_run_stops_ther
     assert json.loads((killed / "status.json").read_text())["message"] == status["message"]
     again = train(load_config(cfg), killed, resume=True, progress=False)  # a finished early stop stays finished
     assert again["step"] == stop and again["message"].startswith(f"finished (early stop at step {stop})")
+
+
+def test_a_budget_run_that_stops_early_says_so_in_its_plan(tiny_config, tmp_path):
+    """No score rises by 1.0: the third validation (patience 2) ends a run that the clock would run on."""
+    cfg = load_config(tiny_config(training={"train_iterations_per_epoch": 3, "max_epochs": 50, "workers": 0,
+                                            "time_budget_hours": 0.05, "early_stop_patience": 2,
+                                            "early_stop_min_delta": 1.0}))
+    run = tmp_path / "run"
+    outcome = train(cfg, run, progress=False)
+    assert outcome["state"] == "finished" and outcome["message"].startswith("finished (early stop at step 9)")
+    plans = [r for r in records(run) if r["kind"] == "plan"]
+    assert plans[-1]["early_stop"] and plans[-1]["total_steps"] == 9 and plans[-1]["deadline"]
+    assert all(p["total_steps"] > 9 and not p.get("early_stop") for p in plans[:-1]) and len(plans) > 1
+    assert plans[-1]["reason"].startswith("early stop at step 9: no validation improved the score by more than 1")
+    assert max(r["step"] for r in records(run) if r["kind"] == "train") == 9 == final_state(run)["step"]
