@@ -53,6 +53,7 @@ def test_a_diverging_range_stops_early(tiny_root, tmp_path):
     engine, batches = tiny_engine(tiny_root, tmp_path, steps)
     r = run_range_test(engine, batches, min_lr=1e-3, max_lr=1e8, steps=steps)
     assert r.stopped_early and len(r.lrs) < steps, r.smoothed
+    json.dumps(r.to_dict(), allow_nan=False)  # --json stays JSON when the loss was not finite
     finite = [s for s in r.smoothed if math.isfinite(s)]
     assert not math.isfinite(r.smoothed[-1]) or r.smoothed[-1] > 4 * min(finite[:-1])
 

@@ -54,7 +54,11 @@ class RangeTest:
     config_lr: float | None = None  # optim.lr of the config tested, for comparison
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As JSON takes it: a loss that was not finite is null."""
+        doc = asdict(self)
+        for key in ("losses", "smoothed"):
+            doc[key] = [x if math.isfinite(x) else None for x in doc[key]]
+        return doc
 
     def summary(self) -> str:
         head = (f"suggested optim.lr {self.suggested_lr:.3g}" if self.suggested_lr is not None

@@ -190,7 +190,8 @@ class PlanForm:
         def on_step(done: int, total: int) -> None:
             self.progress.max, self.progress.value = total, done
 
-        self.lr_message.value = "LR range test running: the config's step, the LR rising from 1e-8 to 1"
+        self.lr_message.value = (f"LR range test running: the config's step, the LR rising from {lr_range.MIN_LR:g} "
+                                 f"to {lr_range.MAX_LR:g} over {lr_range.STEPS} steps")
         r = self.lr_result = lr_range.lr_range_test(load_config(self.config_path), progress=False, on_step=on_step)
         self.lr_message.value = html.escape(r.summary()) + (
             "; Apply writes it as optim.lr" if r.suggested_lr is not None else "")
