@@ -18,6 +18,7 @@ import torch
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import OptimConfig, load_config
 from vesuvius_lab.io import read_volume
+from vesuvius_lab.lab.runs import History, history_figure
 from vesuvius_lab.training import train
 from vesuvius_lab.training.schedule import lr_at
 
@@ -215,3 +216,74 @@ def test_torchrun_two_processes_on_cpu(tiny_config, tmp_path):
     assert len([r for r in lines if r["kind"] == "val"]) == 1
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # TensorBoard events: rank 0 alone
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+def expected_early_stop(scores: list[tuple[int, float]], patience: int, min_delta: float) -> int | None:
+    """The step an early-stopped run ends at, from an unstopped run's validation scores (Lightning's rule)."""
+    best, since = -float("inf"), 0
+    for step, score in scores:
+        best, since = (score, 0) if score > best + min_delta else (best, since + 1)
+        if since >= patience:
+            return step
+    return None
+
+
+def test_early_stopping_ends_at_the_right_validation_and_a_killed_run_stops_there_too(tiny_config, tmp_path):
+    """Validations every 2 steps; the stop is computed from the unstopped run's own scores, and a
+    run SIGKILLed between validations and resumed ends at the same step with the same weights."""
+    sections = {"training": {"train_iterations_per_epoch": 2, "max_epochs": 12, "workers": 0, "checkpoint_every_steps": 1},
+                "optim": {"lr": 0.03}}
+    full = tmp_path / "full"
+    assert train(load_config(tiny_config(**sections)), full, progress=False)["state"] == "finished"
+    scores = [(r["step"], r["score"]) for r in records(full) if r["kind"] == "val"]
+    assert len(scores) == 12
+    gains = sorted(b - a for (_, a), (_, b) in zip(scores, scores[1:]) if b > a)
+    min_delta = gains[len(gains) // 2] if gains else 0.0  # some improvements count, some do not
+    patience = 2
+    stop = expected_early_stop(scores, patience, min_delta)
+    assert stop is not None and stop < 24, (scores, min_delta)
+    sections["training"] |= {"early_stop_patience": patience, "early_stop_min_delta": min_delta}
+    cfg = tiny_config(**sections)
+
+    stopped = tmp_path / "stopped"
+    outcome = train(load_config(cfg), stopped, progress=False)
+    assert outcome["state"] == "finished" and outcome["step"] == stop
+    status = json.loads((stopped / "status.json").read_text())
+    assert status["state"] == "finished" and status["message"].startswith(f"finished (early stop at step {stop})")
+    assert final_state(stopped)["step"] == stop and final_state(stopped)["early_stop"]["stopped_at"] == stop
+    assert [(r["step"], r["score"]) for r in records(stopped) if r["kind"] == "val"] == [s for s in scores if s[0] <= stop]
+    plans = [r for r in records(stopped) if r["kind"] == "plan" and r.get("early_stop")]
+    assert len(plans) == 1 and plans[0]["step"] == plans[0]["total_steps"] == stop and "early stop" in plans[0]["reason"]
+    history = History()
+    history.add(records(stopped))
+    marks = [line for ax in history_figure(history).axes for line in ax.lines if line.get_label().startswith("early stop")]
+    assert history.early_stop == stop and len(marks) == 2 and all(m.get_xdata()[0] == stop for m in marks)  # notebook 04
+
+    killed = tmp_path / "killed"
+    proc = start(cfg, killed)
+    wait_for_step(killed, stop - 3, proc)  # after an earlier validation: its state must come back from the checkpoint
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = start(cfg, killed, "--resume")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    a, b = final_state(stopped), final_state(killed)
+    assert b["step"] == stop and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert json.loads((killed / "status.json").read_text())["message"] == status["message"]
+    again = train(load_config(cfg), killed, resume=True, progress=False)  # a finished early stop stays finished
+    assert again["step"] == stop and again["message"].startswith(f"finished (early stop at step {stop})")
+
+
+def test_a_budget_run_that_stops_early_says_so_in_its_plan(tiny_config, tmp_path):
+    """No score rises by 1.0: the third validation (patience 2) ends a run that the clock would run on."""
+    cfg = load_config(tiny_config(training={"train_iterations_per_epoch": 3, "max_epochs": 50, "workers": 0,
+                                            "time_budget_hours": 0.05, "early_stop_patience": 2,
+                                            "early_stop_min_delta": 1.0}))
+    run = tmp_path / "run"
+    outcome = train(cfg, run, progress=False)
+    assert outcome["state"] == "finished" and outcome["message"].startswith("finished (early stop at step 9)")
+    plans = [r for r in records(run) if r["kind"] == "plan"]
+    assert plans[-1]["early_stop"] and plans[-1]["total_steps"] == 9 and plans[-1]["deadline"]
+    assert all(p["total_steps"] > 9 and not p.get("early_stop") for p in plans[:-1]) and len(plans) > 1
+    assert plans[-1]["reason"].startswith("early stop at step 9: no validation improved the score by more than 1")
+    assert max(r["step"] for r in records(run) if r["kind"] == "train") == 9 == final_state(run)["step"]

@@ -179,6 +179,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--apply", type=Path, metavar="OUT.yaml", help="write the config with the plan applied")
     p.add_argument("--plan-file", type=Path, help="where to save plan.json (default: the config's run directory)")
+    p.add_argument("--lr-range", action="store_true",
+                   help="instead of the batch-size plan: the LR range test on the config's real step (LR rising "
+                        "exponentially, stopped when the loss diverges); --apply writes the suggested optim.lr")
+    p.add_argument("--lr-range-steps", type=int, default=100, help="steps of the LR range test (default 100)")
+    p.add_argument("--lr-min", type=float, default=1e-8, help="the range test's first LR (default 1e-8)")
+    p.add_argument("--lr-max", type=float, default=1.0, help="the range test's last LR (default 1)")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="with --lr-range: save the loss-against-LR plot")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
@@ -192,6 +199,8 @@ def _plan(args: argparse.Namespace) -> int:
     from vesuvius_lab.training.run_dir import RunDir, default_run_dir
 
     config = load_config(args.config, args.overrides)
+    if args.lr_range:
+        return _lr_range(args, config)
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
     m = measure(config, sizes, warmup=args.warmup, steps=args.steps, memory_cap_mb=args.memory_cap_mb,
                 progress=not args.json, max_seconds=args.max_seconds)
@@ -217,6 +226,33 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"preset {p.name}: {p.train_iterations_per_epoch} steps x {p.max_epochs} epochs, "
               f"{p.forecast_epoch_s / 60:.1f} min/epoch, coverage {p.coverage:.0%} - {p.reason}")
     print(f"saved {plan_file}" + (f"; wrote {args.apply}" if args.apply else ""))
+    return EXIT_OK
+
+
+def _lr_range(args: argparse.Namespace, config) -> int:
+    import json
+
+    from vesuvius_lab.errors import ConfigError
+    from vesuvius_lab.lab.plots import figure_png
+    from vesuvius_lab.lr_range import apply_lr, lr_range_test, range_figure
+
+    if not 0 < args.lr_min < args.lr_max:
+        raise ConfigError(f"--lr-min {args.lr_min:g} and --lr-max {args.lr_max:g}: need 0 < min < max")
+    if args.lr_range_steps < 2:
+        raise ConfigError(f"--lr-range-steps {args.lr_range_steps}: need at least 2")
+    result = lr_range_test(config, args.lr_min, args.lr_max, args.lr_range_steps, progress=not args.json)
+    if args.plot:
+        args.plot.write_bytes(figure_png(range_figure(result)))
+    if args.apply:
+        if result.suggested_lr is None:
+            raise VLabError(f"{result.summary()}; {args.apply} not written")
+        apply_lr(args.config, result.suggested_lr, args.apply)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.summary())
+        if args.plot or args.apply:
+            print("wrote " + ", ".join(str(p) for p in (args.plot, args.apply) if p))
     return EXIT_OK
 
 

@@ -158,6 +158,8 @@ class TrainingConfig:
     keep_best: int = 1  # best-scoring checkpoints kept (best.pt is the best; more are kept as best_step_N_score_S.pt)
     tensorboard: bool = True  # also write metrics.jsonl's records as TensorBoard events in the run folder
     time_budget_hours: float | None = None  # wall time of the whole command; the trainer re-plans to end inside it
+    early_stop_patience: int | None = None  # end the run after this many validations without improvement; None: off
+    early_stop_min_delta: float = 0.0  # an improvement is a validation score above the best by more than this
 
 
 @dataclass
@@ -249,6 +251,7 @@ RULES: dict[str, Rule] = {
     "val.live_volume": NON_NEGATIVE,  # an index; a record id (a string) is checked against the data at validation
     "val.live_keep": NON_NEGATIVE,
     "training.time_budget_hours": POSITIVE,
+    "training.early_stop_patience": COUNT, "training.early_stop_min_delta": NON_NEGATIVE,
 }
 
 

@@ -555,10 +555,15 @@ def forecast_lines(plan: Plan, now: float | None = None) -> list[str]:
 def apply_plan(config_path: str | Path, plan: Plan, out: str | Path) -> None:
     """Write the config to ``out`` with the plan's training keys set; the other keys stay as the
     user wrote them, relative paths rebased so that they reach the same files from ``out``."""
+    rewrite_config(config_path, out, {"training": plan_keys(plan)})
+
+
+def plan_keys(plan: Plan) -> dict:
+    """The training keys a plan sets."""
     keys = {"train_batch_size": plan.train_batch_size, "train_iterations_per_epoch": plan.train_iterations_per_epoch,
             "max_epochs": plan.max_epochs, "val_every_epochs": plan.val_every_epochs, "patches_per_volume": None}
     if plan.workers is not None:
         keys["workers"] = plan.workers
     if plan.budget_hours:
         keys["time_budget_hours"] = plan.budget_hours
-    rewrite_config(config_path, out, {"training": keys})
+    return keys

@@ -19,7 +19,11 @@
 # How many steps per epoch, at which batch size, for how many epochs: set the wanted epoch
 # duration, the total budget and the coverage target, press "Measure" (the real training step and
 # loader are timed at each batch size, in the background), and read the recommendation, its
-# warnings and the presets. "Apply" writes the config with the plan's training keys. Until you set
+# warnings and the presets. "LR range test" runs the config's real step for about 100 steps with
+# the LR rising exponentially (Smith's range test, as Lightning's `lr_find`), stops when the loss
+# diverges, and plots the smoothed loss against the LR with the suggested LR and the rule that chose
+# it; the model is left as it was. "Apply" writes the config with the plan's training keys and the
+# suggested `optim.lr`. Until you set
 # a target, the epoch planned is the config's own (the demo's takes minutes); a plan that
 # `vesuvius-lab plan` saved for this config shows here at once.
 
@@ -34,6 +38,7 @@ batch_sizes = None  # None: 1, 2, 4, ... until memory or speed stops growing
 warmup = 2
 steps = 8
 measure_now = False  # True for unattended runs: measure and apply here
+lr_range_now = False  # True for unattended runs: the LR range test here (minutes on the demo), applied with the plan
 screenshot_dir = None  # a folder: save the timings plot there as 03_plan_epoch-timings.png
 
 # %%
@@ -46,8 +51,11 @@ form = PlanForm(config_path, out_path, target_epoch_minutes, budget_hours, cover
 form.widget
 
 # %%
+if lr_range_now:
+    print(form.lr_range().summary())
 if measure_now:
     form.measure()
+if measure_now or lr_range_now:
     print(form.apply())
 if screenshot_dir and form.plot.value:
     shot = Path(screenshot_dir) / "03_plan_epoch-timings.png"

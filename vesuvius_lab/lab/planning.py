@@ -1,6 +1,7 @@
 """The epoch planner of notebook 03 as a form: targets, Measure (in a background thread, with a
-progress bar), the timings table and plots, the recommendation with its warnings and presets, and
-Apply (writes the config). Callbacks are plain methods, so tests drive it without a browser.
+progress bar), the timings table and plots, the recommendation with its warnings and presets, the
+LR range test (``lr_range``: its plot and suggested LR), and Apply (writes the config: the plan's
+training keys and the suggested ``optim.lr``, whichever there are). Callbacks are plain methods, so tests drive it without a browser.
 
 Its defaults come from the config: without a target, the epoch to plan is the config's own (its
 steps per epoch at the measured speed), so a demo config is planned at demo size; a ``plan.json``
@@ -19,8 +20,8 @@ from pathlib import Path
 import ipywidgets as w
 from matplotlib.figure import Figure
 
-from vesuvius_lab import planner
-from vesuvius_lab.config import Config, load_config
+from vesuvius_lab import lr_range, planner
+from vesuvius_lab.config import Config, load_config, rewrite_config
 from vesuvius_lab.data import epoch_layout
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.lab.widgets import html_table
@@ -90,19 +91,26 @@ class PlanForm:
                                           "training.time_budget_hours and the trainer re-plans to end inside it")
         self.coverage = w.FloatText(value=coverage_target, description="coverage")
         self.measure_button = w.Button(description="Measure", button_style="info")
+        self.lr_button = w.Button(description="LR range test", button_style="info",
+                                  tooltip="the config's real step for ~100 steps, the LR rising exponentially; "
+                                          "stops when the loss diverges; suggests optim.lr (Apply writes it)")
+        self.lr_plot = w.Image(format="png", layout=w.Layout(display="none"))
+        self.lr_message = w.HTML()
         self.apply_button = w.Button(description="Apply", button_style="success", disabled=True)
         self.progress = w.IntProgress(value=0, min=0, max=1, description="measuring")
         self.table, self.recommendation, self.message = w.HTML(), w.HTML(), w.HTML()
         self.plot = w.Image(format="png", layout=w.Layout(display="none"))  # shown once there is a plot
         self.measure_button.on_click(lambda _b: self.measure_async())
+        self.lr_button.on_click(lambda _b: self.lr_range_async())
         self.apply_button.on_click(lambda _b: self.apply())
         for field_ in (self.target, self.budget, self.coverage):
             field_.observe(lambda _c: self.recommend(), names="value")
         self.widget = w.VBox([w.HBox([self.target, self.budget, self.coverage]),
-                              w.HBox([self.measure_button, self.progress, self.apply_button]),
-                              self.message, self.table, self.plot, self.recommendation])
+                              w.HBox([self.measure_button, self.lr_button, self.progress, self.apply_button]),
+                              self.message, self.table, self.plot, self.recommendation, self.lr_message, self.lr_plot])
         self.measurements: planner.Measurements | None = None
         self.plan: planner.Plan | None = None
+        self.lr_result: lr_range.RangeTest | None = None
         self.thread: threading.Thread | None = None
         if self.plan_path is not None and self.plan_path.is_file():
             self.show_saved(self.plan_path)
@@ -177,9 +185,42 @@ class PlanForm:
         self.apply_button.disabled = False
         return p
 
+    def lr_range(self) -> lr_range.RangeTest:
+        """The LR range test on the config's step (the progress bar follows its steps), its plot and suggestion."""
+        def on_step(done: int, total: int) -> None:
+            self.progress.max, self.progress.value = total, done
+
+        self.lr_message.value = (f"LR range test running: the config's step, the LR rising from {lr_range.MIN_LR:g} "
+                                 f"to {lr_range.MAX_LR:g} over {lr_range.STEPS} steps")
+        r = self.lr_result = lr_range.lr_range_test(load_config(self.config_path), progress=False, on_step=on_step)
+        self.lr_message.value = html.escape(r.summary()) + (
+            "; Apply writes it as optim.lr" if r.suggested_lr is not None else "")
+        self.lr_plot.value = figure_png(lr_range.range_figure(r))
+        self.lr_plot.layout.display = None
+        self.apply_button.disabled = self.plan is None and r.suggested_lr is None
+        return r
+
+    def lr_range_async(self) -> threading.Thread:
+        def run() -> None:
+            try:
+                self.lr_range()
+            except Exception as exc:
+                self.lr_message.value = f"<b>the LR range test failed</b>: {html.escape(repr(exc))}"
+            finally:
+                self.lr_button.disabled = False
+
+        self.lr_button.disabled = True
+        self.thread = threading.Thread(target=run, name="plan lr range", daemon=True)
+        self.thread.start()
+        return self.thread
+
     def apply(self) -> Path:
-        if self.plan is None:
-            raise RuntimeError("measure first")
-        planner.apply_plan(self.config_path, self.plan, self.out_path)
-        self.message.value = f"wrote {html.escape(str(self.out_path))}"
+        """Write the config with the plan's training keys and the range test's suggested optim.lr."""
+        changes = {"training": planner.plan_keys(self.plan)} if self.plan is not None else {}
+        if self.lr_result is not None and self.lr_result.suggested_lr is not None:
+            changes |= lr_range.lr_change(self.lr_result.suggested_lr)
+        if not changes:
+            raise RuntimeError("measure or run the LR range test first")
+        rewrite_config(self.config_path, self.out_path, changes)
+        self.message.value = f"wrote {html.escape(str(self.out_path))} ({', '.join(changes)} keys)"
         return self.out_path

@@ -83,11 +83,14 @@ class History:
     times: list[float | None] = field(default_factory=list)  # wall time of each step (lab.forecast)
     plans: list[dict] = field(default_factory=list)  # the plan records: forecasts and re-plans
     epochs: list[dict] = field(default_factory=list)
+    early_stop: int | None = None  # the step whose validation ended the run (training.early_stop_patience)
 
     def add(self, records: Sequence[dict]) -> None:
         for r in records:
             if r.get("kind") in (PLAN, EPOCH):
                 (self.plans if r["kind"] == PLAN else self.epochs).append(r)
+                if r.get("early_stop"):
+                    self.early_stop = r["step"]
             if r.get("kind") == TRAIN:
                 self.steps.append(r["step"])
                 self.times.append(r.get("time"))
@@ -303,13 +306,19 @@ def history_figure(history: History, title: str = "", smoothing: float = 0.0) ->
     ax_val.set_title("validation")
     if ax_val.lines:
         ax_val.legend(fontsize=7, loc="best")
+    if history.early_stop is not None:  # where early stopping ended the run
+        for ax in (ax_loss, ax_val):
+            ax.axvline(history.early_stop, color="tab:red", ls="--", lw=1.5, label=f"early stop (step {history.early_stop})")
+        ax_val.legend(fontsize=7, loc="best")
     for ax in (ax_loss, ax_lr, ax_speed, ax_wait, ax_val):
         ax.set_xlabel("step")
         ax.set_xlim(step_limits(history))
         ax.grid(alpha=0.3)
     ax_info.axis("off")
     ax_info.text(0.0, 1.0, f"steps logged: {len(s)}\nlast step: {history.last_step}\n"
-                 f"validations: {len(history.val_steps)}", va="top", family="monospace")
+                 f"validations: {len(history.val_steps)}"
+                 + (f"\nearly stop at step {history.early_stop}" if history.early_stop is not None else ""),
+                 va="top", family="monospace")
     return fig
 
 

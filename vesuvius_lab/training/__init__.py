@@ -6,6 +6,7 @@
 - ``engine``: model, optimizer and precision; one step's forward-backward and update (the planner
   times this same step);
 - ``ema``: the moving average of the weights that validation scores;
+- ``early_stop``: the run ends when its validation score stops improving (state kept in checkpoints);
 - ``budget``: the wall-clock budget: measures the run and swaps in a re-planned schedule; the forecast;
 - ``pace``: the step-time estimate behind every ETA, and the watch that says why a run slowed down;
 - ``run_dir``: the run folder's layout, its lock, log records, status, checkpoints and RNG state;

@@ -304,7 +304,7 @@ class RunBudget:
                 self.must_plan = True
             else:
                 self.costs.val_s = val_s
-            self.step_at_val = self._step_time()
+            self.step_at_val = self._step_time() if self.recent else seen  # a resume's first step may validate
         if self.costs is None and len(self.recent) >= MIN_SAMPLES:  # first measurement; validation not yet
             tau = self._step_time()
             val_guess = self.probe() if self.probe and self.schedule.val_every else 0.0
@@ -342,6 +342,13 @@ class RunBudget:
             return self._record(step, now, reason + "; no time for one more step and a final validation: the run ends here")
         changed = self._replan(step, now)
         return self._record(step, now, reason) if changed or first else None
+
+    def end_early(self, step: int, reason: str) -> dict | None:
+        """The run ends at ``step`` (early stopping): the schedule ends there, and the ``plan``
+        record (None before the first measurements) says why."""
+        s = self.schedule
+        self.schedule = s.replanned(step, min(s.last_start, step), s.anchor)
+        return {**self._record(step, time.time(), reason), "early_stop": True} if self.costs is not None else None
 
     def sync(self, ddp) -> Schedule:
         """Every rank follows rank 0's schedule; returns it."""

@@ -3,7 +3,7 @@
 Setup (run folder, data with its preflight, the engine) -> resume -> the loop, which follows the
 run's ``Schedule`` (the time budget may swap in a re-planned one after any step): the LR, the step,
 the log line, the periodic checkpoint, and at each epoch's end ``end_of_epoch`` (validation when
-due, checkpoint, epoch line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
+due, early stopping's count of it, checkpoint, epoch line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
 checkpoints hold every RNG state, so a resumed run ends bitwise where an uninterrupted one would
 (on CPU). Rank 0 writes the run folder (``run_dir``).
 """
@@ -35,6 +35,7 @@ from vesuvius_lab.sampling import PatchDataset
 from vesuvius_lab.training import live_volume
 from vesuvius_lab.training.budget import RunBudget, command_start
 from vesuvius_lab.training.distributed import Distributed, setup_distributed
+from vesuvius_lab.training.early_stop import EarlyStop
 from vesuvius_lab.training.ema import resume_ema
 from vesuvius_lab.training.engine import Engine, build_engine, forward_backward, optimizer_update
 from vesuvius_lab.training.events import event_log
@@ -126,13 +127,15 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     engine = build_engine(config, dataset, device, ddp.world, ddp.local_rank)
     state = _resume(engine, ckpt, run, config, ddp) if ckpt is not None else LoopState()
 
+    early_stop = EarlyStop.for_run(config.training, (ckpt or {}).get("early_stop"))
+
     # --- the schedule the loop follows; under a time budget (training.time_budget_hours) re-planned as it runs ---
     budget = _begin_budget(config, layout.steps, data, engine, ckpt, device, ddp)
     schedule = budget.schedule
 
     def write_checkpoint(best_too: bool = False) -> None:
         with budget.timing_checkpoint():
-            checkpoint(run, engine, config, state, ddp, budget, best_too)
+            checkpoint(run, engine, config, state, ddp, budget, early_stop, best_too)
 
     stop.install()
     batches = Batches(build_loader(dataset, config, start_step=state.step, rank=ddp.rank,
@@ -150,7 +153,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
 
     # --- the loop ---
     try:
-        while state.step < schedule.total:
+        while state.step < schedule.total and not early_stop.stopped:
             epoch = schedule.epoch_of(state.step)
             t_step = time.perf_counter()
             lr = schedule.lr(state.step)
@@ -207,7 +210,12 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
 
             # checkpoint; at the epoch's end also validation (when due) and the epoch line
             if schedule.epoch_end(state.step):
-                improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress, schedule.validates(state.step))
+                validates = schedule.validates(state.step)
+                improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress, validates)
+                if validates and early_stop.after_validation(state.step, state.scored[1]):  # the run ends here
+                    ended = budget.end_early(state.step, f"early stop at step {state.step}: {early_stop.reason()}")
+                    if ended and ddp.master:
+                        run.append(ended)
                 write_checkpoint(best_too=improved)
                 if ddp.master:
                     run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
@@ -244,6 +252,8 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                    f"in a row at step {state.step}; no bad step reached the weights; {kept}")
     elif outcome == RunState.STOPPED:
         message = f"stopped by {stop.signal} at step {state.step}; resume with --resume"
+    elif early_stop.stopped:
+        message = f"finished (early stop at step {early_stop.stopped_at}): {early_stop.reason()}; best validation score {state.best:.4f}"
     else:
         message = f"finished {schedule.total} steps; best validation score {state.best:.4f}" + budget.closing_note(state.step)
 
@@ -327,7 +337,7 @@ def _resume(engine: Engine, ckpt: dict, run: RunDir, config: Config, ddp: Distri
 
 
 def checkpoint(run: RunDir, engine: Engine, config: Config, state: LoopState, ddp: Distributed, budget: RunBudget,
-               best_too: bool = False) -> None:
+               early_stop: EarlyStop, best_too: bool = False) -> None:
     """last.pt (and best.pt) as of this step. Every rank joins the gather of RNG states and weight
     digests; replicas that differ are refused, since no checkpoint of them could be trusted."""
     ranks = ddp.gather((rng_state(), weights_digest(engine.raw_model)))
@@ -349,6 +359,7 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: LoopState, dd
         "epoch": state.step // max(budget.schedule.steps_per_epoch, 1),
         "best_score": state.best,
         "nonfinite_total": state.nonfinite_total,
+        "early_stop": early_stop.state_dict(),  # a resumed run stops where an unbroken one does
         "rng": states,
         "rank_weights": digests,  # one digest per rank, all equal
         "config": config.to_dict(),  # paths absolute: it resolves from wherever it is read
