@@ -277,7 +277,7 @@ def test_early_stopping_ends_at_the_right_validation_and_a_killed_run_stops_ther
 def test_a_budget_run_that_stops_early_says_so_in_its_plan(tiny_config, tmp_path):
     """No score rises by 1.0: the third validation (patience 2) ends a run that the clock would run on."""
     cfg = load_config(tiny_config(training={"train_iterations_per_epoch": 3, "max_epochs": 50, "workers": 0,
-                                            "time_budget_hours": 0.05, "early_stop_patience": 2,
+                                            "time_budget_hours": 0.5, "early_stop_patience": 2,
                                             "early_stop_min_delta": 1.0}))
     run = tmp_path / "run"
     outcome = train(cfg, run, progress=False)
