@@ -132,7 +132,7 @@ def test_save_config_rebases_relative_paths_and_keeps_env_paths(tiny_root, tmp_p
 def test_predict_and_notebook_05_on_a_checkpoint_made_elsewhere(tiny_root, tmp_path, x_display):
     """Notebook 05 with its own defaults (the checkpoint's manifest, the default cache), from
     notebooks/, on a checkpoint trained in another folder and then copied away."""
-    from vesuvius_lab.lab.runner import run_notebook
+    from conftest_gui import run_notebook
 
     config = relative_config(tiny_root, tmp_path / "project")
     run = tmp_path / "project" / "runs" / "tiny"

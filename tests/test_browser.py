@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from conftest import require
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab import runs
-from vesuvius_lab.lab.runner import inject_parameters
 from vesuvius_lab.training.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,8 +72,7 @@ def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, 
 
     root = tmp_path / "lab"
     root.mkdir()
-    nb = nbformat.read(notebook, as_version=4)
-    inject_parameters(nb, parameters)
+    nb = papermill.execute_notebook(notebook, None, parameters=parameters, prepare_only=True, progress_bar=False)
     nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
     nbformat.write(nb, root / notebook.name)
     port = _free_port()

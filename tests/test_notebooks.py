@@ -10,12 +10,11 @@ import jupytext
 import nbformat
 import numpy as np
 import pytest
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest_gui import assert_rendered
+from conftest_gui import assert_rendered, run_notebook
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.io import read_volume
-from vesuvius_lab.lab.runner import INJECTED_TAG, inject_parameters, run_notebook
 from vesuvius_lab.manifest import load_manifest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -68,18 +67,6 @@ def test_notebook_is_paired_clean_and_parameterised(path):
         qt = [i for i, s in enumerate(sources) if "start_qt()" in s]
         assert qt and qt[0] < viewer_cells[0] and "%gui qt" not in "".join(sources)
         assert "close_viewer" in sources[0] and "viewer.close()" in sources[-1]
-
-
-def test_inject_parameters_goes_after_the_parameters_cell_and_replaces_itself():
-    nb = new_notebook(cells=[new_markdown_cell("# t"), new_code_cell("a = 1\nb = 'x'", metadata={"tags": ["parameters"]}),
-                             new_code_cell("print(a, b)")])
-    inject_parameters(nb, {"a": 2, "p": None, "s": "it's"})
-    assert _tags(nb.cells[2]) == [INJECTED_TAG]
-    assert nb.cells[2].source == "# Injected parameters\na = 2\np = None\ns = \"it's\"\n"
-    inject_parameters(nb, {"a": [3, 4]})
-    assert len(nb.cells) == 4 and nb.cells[2].source.endswith("a = [3, 4]\n") and nb.cells[3].source == "print(a, b)"
-    with pytest.raises(ValueError, match="parameters"):
-        inject_parameters(new_notebook(cells=[new_code_cell("a = 1")]), {"a": 2})
 
 
 @pytest.mark.gui
@@ -167,14 +154,22 @@ def _nbconvert(notebook: Path, cwd: Path, out: Path, *extra: str) -> subprocess.
                           text=True, timeout=900)
 
 
+def _papermill(notebook: Path, cwd: Path, out: Path) -> subprocess.CompletedProcess:
+    """The other standard runner, for parameterised notebooks: `papermill IN OUT` (no -p: the defaults)."""
+    papermill = Path(sys.executable).with_name("papermill")
+    return subprocess.run([str(papermill), str(notebook), str(out), "--cwd", str(cwd), "--no-progress-bar",
+                           "--execution-timeout", "600"], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.gui
 @pytest.mark.slow
+@pytest.mark.parametrize("runner", [_nbconvert, _papermill], ids=["nbconvert", "papermill"])
 @pytest.mark.parametrize("name", ["01_inspect_volumes", "02_preview_patches", "03_plan_epoch", "04_train_live",
                                   "06_compare_runs"])
-def test_notebook_runs_with_its_own_defaults_under_nbconvert(name, x_display, tmp_path):
+def test_notebook_runs_with_its_own_defaults(name, runner, x_display, tmp_path):
     """From notebooks/, as shipped: the demo data is prepared where it is missing, nothing is injected."""
     out = tmp_path / f"{name}.ipynb"
-    done = _nbconvert(NOTEBOOK_DIR / f"{name}.ipynb", NOTEBOOK_DIR, out)
+    done = runner(NOTEBOOK_DIR / f"{name}.ipynb", NOTEBOOK_DIR, out)
     assert done.returncode == 0, done.stderr[-3000:]
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
