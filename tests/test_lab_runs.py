@@ -10,7 +10,7 @@ import pytest
 
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab import runs
-from vesuvius_lab.lab.plots import smooth_curve
+from vesuvius_lab.lab.plots import figure_png, smooth_curve
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.training.run_dir import MetricsReader, RunDir
@@ -166,6 +166,21 @@ def test_loss_legend_hides_no_curve_and_one_validation_point_sits_on_the_step_ax
     assert ax_val.get_xlim() == ax_loss.get_xlim()
     total, raw = ax_loss.lines[1], ax_loss.lines[0]
     assert list(raw.get_ydata()) == history.loss and list(total.get_ydata()) == smooth_curve(history.loss, 0.6)
+
+
+def test_the_plot_title_follows_the_state_when_no_record_comes_with_it(tmp_path):
+    """A run writes its last records, then its final state: the title must not stay at "running"."""
+    runs_dir = tmp_path / "runs"
+    _write_run(runs_dir / "budget5m")
+    run = RunDir(runs_dir / "budget5m")
+    monitor = runs.RunMonitor("c.yaml", runs_dir, "budget5m")
+    assert monitor.plot_title == "budget5m: not started"
+    shown = monitor.plot.value
+    run.status(state="finished", step=20, total_steps=20)  # as the trainer writes it
+    monitor.refresh()
+    assert monitor.plot_title == "budget5m: finished" and monitor.plot.value != shown
+    expected = runs.history_figure(monitor.history, "budget5m: finished", monitor.smoothing.value)
+    assert monitor.plot.value == figure_png(expected)
 
 
 def test_a_finished_run_shows_its_log_and_a_restarted_kernel_offers_the_last_run(tmp_path):

@@ -408,7 +408,7 @@ class RunMonitor:
             self.process = RunProcess(self.run_dir)
             self.reader = MetricsReader(RunDir(self.run_dir).metrics)
             self.history = History()
-            self._drawn, self._state = -1, ""
+            self._drawn, self._state = None, ""
             if self.run_dir.is_dir():
                 remember_run(self.runs_dir, self.run_name.value)
         self.refresh()
@@ -480,19 +480,27 @@ class RunMonitor:
             self.resume_button.disabled = alive or bool(holder)
             self.stop_button.disabled = not alive
             self._state = state
-            if len(self.history.steps) + len(self.history.val_steps) != self._drawn:
+            if self._drawing_key() != self._drawn:  # new records, or a new state for the title
                 self.redraw()
             for follow in self.followers:
                 follow(self.run_dir)
             self.forecast.show(self.history, time.time() if alive else None)
             return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
 
+    def _drawing_key(self) -> tuple[int, str]:
+        """What the plot shows: the records drawn and the state in its title (a run finishes, or
+        its process goes, after its last record: the title must follow)."""
+        return len(self.history.steps) + len(self.history.val_steps), self._state
+
+    @property
+    def plot_title(self) -> str:
+        return f"{self.run_name.value}: {self._state}"
+
     def redraw(self) -> None:
         """Draw the plot from the history read so far (a new smoothing needs no new records)."""
         with self._lock:
-            self._drawn = len(self.history.steps) + len(self.history.val_steps)
-            title = f"{self.run_name.value}: {self._state}"
-            self.plot.value = figure_png(history_figure(self.history, title, self.smoothing.value))
+            self._drawn = self._drawing_key()
+            self.plot.value = figure_png(history_figure(self.history, self.plot_title, self.smoothing.value))
 
     def watch(self, interval: float | None = None) -> None:
         """Refresh from a background thread until ``unwatch()``."""
