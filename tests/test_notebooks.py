@@ -89,6 +89,7 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
     if path.stem == "03_plan_epoch":
         parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg"))
         parameters["out_path"] = str(tmp_path / "planned.yaml")
+        parameters["runs_dir"] = str(tmp_path / "runs")  # Measure saves the plan there, never in the repo's runs/
     if path.stem == "05_evaluate":  # a checkpoint trained a few steps
         run = tmp_path / "run"
         subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--config",
