@@ -287,11 +287,21 @@ class ViewerSnapshot:
         return self.image.value
 
 
+@on_qt_thread
+def name_axes(viewer: napari.Viewer) -> None:
+    """z/y/x on the canvas itself: the axes of napari's canvas overlay (bottom left), labelled from
+    ``dims.axis_labels``, so a canvas snapshot says which way is which (the dims sliders that also
+    carry the names are not part of the canvas)."""
+    if viewer.dims.ndim == len(AXIS_LABELS):
+        viewer.dims.axis_labels = AXIS_LABELS
+    axes = viewer.canvas.overlays.axes
+    axes.visible, axes.labels, axes.colored = True, True, True
+
+
 def notebook_view(viewer: napari.Viewer) -> ipywidgets.VBox:
     """What a napari cell shows under it: the 2D/3D buttons and a live snapshot of the canvas (axes
     named z/y/x), so the notebook reads without the desktop window."""
-    if viewer.dims.ndim == len(AXIS_LABELS):
-        viewer.dims.axis_labels = AXIS_LABELS
+    name_axes(viewer)
     snapshot = ViewerSnapshot(viewer)
     box = ipywidgets.VBox([ndisplay_toggle(viewer), snapshot.widget])
     box.snapshot = snapshot  # alive as long as its widget: napari holds event callbacks weakly
