@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -321,6 +322,43 @@ def kill_run(run_dir: Path) -> None:
         _kill_group(json.loads((run_dir / RunDir.LAUNCH).read_text())["pgid"])
     except (OSError, ValueError, KeyError):
         pass
+
+
+@pytest.mark.slow
+def test_a_notebook_saved_in_the_lab_gets_its_twin_in_py(tmp_path):
+    """`make lab` as shipped (the server's root is notebooks/): a notebook saved through the server,
+    as JupyterLab saves it, is paired into py/ by the notebooks' jupytext.toml (a hidden
+    .jupytext.toml is ignored by the server: "Ignoring config file ... Jupytext issue #964")."""
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    for name in (p.name for p in (REPO / "notebooks").iterdir() if p.is_file() and not p.suffix == ".ipynb"):
+        shutil.copy(REPO / "notebooks" / name, root)  # the folder's own config files, whatever they are
+    port = _free_port()
+    log = open(tmp_path / "jupyter.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
+    )
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", server)
+        model = {"type": "notebook", "format": "json",
+                 "content": nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")],
+                                                     metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                                              "display_name": "Python 3"}})}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/contents/07_new.ipynb?token={TOKEN}",
+                                         data=json.dumps(model).encode(), method="PUT",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert reply.status in (200, 201)
+    finally:
+        _stop_server(server, log)
+    text = (tmp_path / "jupyter.log").read_text(errors="replace")
+    assert "Ignoring config file" not in text, text[-2000:]
+    twin = root / "py" / "07_new.py"
+    assert twin.is_file() and not (root / "07_new.py").exists(), sorted(p.name for p in root.rglob("*"))
+    assert twin.read_text().endswith("# %%\nx = 1\n")
 
 
 def _stop_server(server: subprocess.Popen, log) -> None:

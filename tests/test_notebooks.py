@@ -19,7 +19,7 @@ from vesuvius_lab.manifest import load_manifest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-TWIN_DIR = NOTEBOOK_DIR / "py"  # the py:percent twins, kept out of the notebooks' file browser (.jupytext.toml)
+TWIN_DIR = NOTEBOOK_DIR / "py"  # the py:percent twins, kept out of the notebooks' file browser (jupytext.toml)
 FORMATS = "ipynb,py//py:percent"
 # Small parameters per notebook, on top of the tiny manifest, cache, screenshot folder and close_viewer.
 SMALL = {
@@ -208,9 +208,9 @@ def test_a_cell_that_awaits_is_not_starved_by_the_qt_loop(x_display, tmp_path):
 
 
 def test_a_new_notebook_gets_its_twin_in_py_and_jupyterlab_has_no_news_pop_up(tmp_path):
-    """The file browser lists each notebook once: .jupytext.toml pairs a new one into py/ as well.
+    """The file browser lists each notebook once: jupytext.toml pairs a new one into py/ as well.
     JupyterLab reads the workbench's overrides (installed by `make install`): no news pop-up."""
-    shutil.copy(NOTEBOOK_DIR / ".jupytext.toml", tmp_path)
+    shutil.copy(NOTEBOOK_DIR / "jupytext.toml", tmp_path)
     nbformat.write(new_notebook(cells=[new_code_cell("x = 1")]), tmp_path / "06_new.ipynb")
     jupytext_cli = Path(sys.executable).with_name("jupytext")
     done = subprocess.run([str(jupytext_cli), "--sync", str(tmp_path / "06_new.ipynb")], capture_output=True, text=True)
