@@ -60,7 +60,7 @@ from vesuvius_lab.lab import views
 
 viewer = napari.Viewer()
 evaluation.show_errors(viewer, results[show_volume])
-views.notebook_view(viewer)  # 2D/3D and a live snapshot of the canvas
+views.notebook_view(viewer, evaluation.ERROR_LEGEND)  # 2D/3D, a live snapshot of the canvas, its colours
 
 # %%
 if screenshot_dir:
@@ -90,13 +90,16 @@ comparisons = evaluation.compare_repair(results, before, after)
 evaluation.repair_table(comparisons)
 
 # %%
-evaluation.show_repair(viewer, results[show_volume], comparisons[show_volume])
+repair_viewer = napari.Viewer()  # a viewer of its own: the errors view above stays as its cell made it
+evaluation.show_repair(repair_viewer, results[show_volume], comparisons[show_volume])
+views.notebook_view(repair_viewer, evaluation.REPAIR_LEGEND)
 
 # %%
 if screenshot_dir:
-    for path in views.save_views(viewer, screenshot_dir, "05_evaluate_repair"):
+    for path in views.save_views(repair_viewer, screenshot_dir, "05_evaluate_repair"):
         print(path)
 
 # %%
 if close_viewer:
+    repair_viewer.close()
     viewer.close()

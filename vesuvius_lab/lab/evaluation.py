@@ -20,6 +20,8 @@ from vesuvius_lab.postprocess import PostprocessConfig, postprocess
 
 TP, FP, FN = 1, 2, 3
 ERROR_COLORS = {0: "transparent", TP: "white", FP: "red", FN: "cyan", None: "transparent"}
+ERROR_LEGEND = {"true positive": ERROR_COLORS[TP], "false positive": ERROR_COLORS[FP],
+                "false negative": ERROR_COLORS[FN]}  # notebook 05's errors view (views.notebook_view)
 
 
 def require_checkpoint(path: str | Path) -> Path:
@@ -77,6 +79,8 @@ def topology_table(results: list[VolumeResult]) -> pd.DataFrame:
 
 ADDED, REMOVED = 1, 2
 REPAIR_COLORS = {0: "transparent", ADDED: "lime", REMOVED: "magenta", None: "transparent"}
+REPAIR_LEGEND = {"added by the repair": REPAIR_COLORS[ADDED], "removed by the repair": REPAIR_COLORS[REMOVED],
+                 "prediction before repair": "white"}
 
 
 @dataclasses.dataclass
