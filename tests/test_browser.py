@@ -213,12 +213,46 @@ def test_notebook_runs_all_in_jupyterlab(name, x_display, tiny_root, tiny_manife
         outputs = _saved_outputs(page, tmp_path / "lab" / f"{name}.ipynb")
         assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], outputs
         assert not _kernel_died(page)
+        if name == "05_evaluate":
+            _notebook_05_views_and_tables(page, artifacts)
         snapshot.scroll_into_view_if_needed()
         page.screenshot(path=str(shot))
         print(shot)
     from conftest_gui import assert_rendered
 
     assert_rendered(shot)
+
+
+def _notebook_05_views_and_tables(page, artifacts: Path) -> None:
+    """After Run All: the errors snapshot still shows the errors' colours (not the repair's), each
+    view has its legend, and no table runs off the right of the notebook."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest_gui import assert_rendered
+
+    errors = page.locator("img.widget-image").first
+    errors.scroll_into_view_if_needed()
+    shot = artifacts / "05_evaluate-browser-errors.png"
+    errors.screenshot(path=str(shot))
+    print(shot)
+    rgb = assert_rendered(shot, min_std=5.0, min_colours=3).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    red, cyan = (r > 150) & (g < 80) & (b < 80), (r < 110) & (g > 150) & (b > 150)
+    lime = (r < 100) & (g > 180) & (b < 100)  # the repair's "added", drawn over the errors before
+    assert (red | cyan).mean() > 0.001 and not lime.any(), (red.mean(), cyan.mean(), lime.mean())
+    for words in ("false positive", "false negative", "added by the repair"):
+        assert page.get_by_text(words).count() == 1, words
+    page.locator(".jp-Notebook").first.evaluate("e => e.scrollTop = 0")
+    widths = page.locator(".jp-OutputArea-output table").evaluate_all(
+        "ts => ts.map(t => [t.scrollWidth, t.getBoundingClientRect().right,"
+        " t.closest('.jp-Notebook').getBoundingClientRect().right])")
+    assert len(widths) == 3 and all(right <= edge for _, right, edge in widths), widths
+    tables = artifacts / "05_evaluate-browser-tables.png"
+    page.locator(".jp-OutputArea-output table").last.scroll_into_view_if_needed()
+    page.screenshot(path=str(tables))
+    print(tables)
+    assert Image.open(tables).size[0] > 0 and np.asarray(Image.open(tables)).std() > 5
 
 
 @pytest.mark.browser

@@ -129,8 +129,8 @@ def test_the_linked_notebook_05_evaluates_the_best_checkpoint(finished_runs, x_d
     (summary,) = summarize_runs(tmp_path / "runs")
     path = compare.evaluation_notebook(summary, tmp_path / "evaluations")
     nb = run_notebook(path, timeout=300)  # as it is written: only the checkpoint was set
-    tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "text/plain" in o.get("data", {})]
+    tables = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "text/html" in o.get("data", {})]
     assert any("surface_dice" in t and "mean" in t for t in tables)
 
 

@@ -114,8 +114,8 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
     assert not red, f"a napari cell printed warnings (PyQt5, Qt6 theme, XDG_RUNTIME_DIR): {red}"
     shown = _widget_texts(nb)
     if path.stem == "05_evaluate":
-        tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                  if "text/plain" in o.get("data", {})]
+        tables = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if "text/html" in o.get("data", {})]
         assert any("surface_dice" in t and "mean" in t for t in tables)
         return
     if path.stem == "03_plan_epoch":

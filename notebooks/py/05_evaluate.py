@@ -42,7 +42,7 @@ from vesuvius_lab.lab import evaluation
 results = evaluate_checkpoint(evaluation.require_checkpoint(checkpoint_path), manifest_path, cache_dir, max_volumes,
                               overrides)
 table = evaluation.score_table(results)
-table
+evaluation.fitted(table)
 
 # %% [markdown]
 # napari needs the Qt event loop in the kernel (`%gui qt`, made safe for unattended runs); this
@@ -75,7 +75,7 @@ if screenshot_dir:
 # Predicted tunnels (`pred 1`) with none in the label drop the Betti-1 F1 to 0.5 / (p + 0.5).
 
 # %%
-evaluation.topology_table(results)
+evaluation.fitted(evaluation.topology_table(results))
 
 # %% [markdown]
 # ## Repair: what it adds and removes
@@ -87,7 +87,7 @@ evaluation.topology_table(results)
 # %%
 before, after = evaluation.repair_settings(checkpoint_path, [*overrides, *repair_overrides])
 comparisons = evaluation.compare_repair(results, before, after)
-evaluation.repair_table(comparisons)
+evaluation.fitted(evaluation.repair_table(comparisons))
 
 # %%
 repair_viewer = napari.Viewer()  # a viewer of its own: the errors view above stays as its cell made it

@@ -41,6 +41,17 @@ def score_table(results: list[VolumeResult]) -> pd.DataFrame:
     return table
 
 
+def fitted(table: pd.DataFrame):
+    """A wide table as notebook 05 shows it, inside JupyterLab's default width: numbers to 3
+    decimals, column names wrapped onto several lines and the whole in a smaller font (pandas'
+    own HTML keeps every name on one line and runs off the right of the output area)."""
+    return table.style.format(precision=3, na_rep="–").set_table_styles([
+        {"selector": "", "props": "font-size: 0.85em;"},
+        {"selector": "th.col_heading", "props": "white-space: normal; max-width: 5.5em; text-align: right;"},
+        {"selector": "td, th", "props": "padding: 0.2em 0.4em;"},
+    ])
+
+
 def error_labels(mask: np.ndarray, label: np.ndarray, ignore: int = 2) -> np.ndarray:
     """uint8: 1 true positive, 2 false positive, 3 false negative, 0 elsewhere or ignored."""
     pred, truth = np.asarray(mask) > 0, np.asarray(label) == 1
