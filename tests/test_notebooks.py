@@ -1,5 +1,6 @@
 """Notebooks: paired with py:percent twins, stored without outputs, and run top to bottom small."""
 
+import ast
 import json
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import jupytext
 import nbformat
 import numpy as np
+import papermill
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -61,6 +63,9 @@ def test_notebook_is_paired_clean_and_parameterised(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code), f"{path.name} has outputs"
     assert [i for i, c in enumerate(code) if "parameters" in _tags(c)] == [0]
+    assigned = [t.id for node in ast.parse(code[0].source).body for t in getattr(node, "targets", [])]
+    inferred = list(papermill.inspect_notebook(str(path)))  # papermill's own reading of that cell
+    assert inferred == assigned, f"{path.name}: papermill reads {inferred} of {assigned} (one '=' a line)"
     sources = [c.source for c in code]
     viewer_cells = [i for i, s in enumerate(sources) if "napari.Viewer(" in s]
     if viewer_cells:  # the Qt event loop, in a cell of its own, before any viewer; closed when asked

@@ -40,7 +40,7 @@ planned_config_path = "../configs/demo_planned.yaml"  # where notebook 03's Appl
 runs_dir = "../runs"  # run directories go here, one per run name
 run_name = None  # None: the run this notebook attached to last, else "demo"; an existing run's name reattaches
 devices = 1  # 1: one process; N > 1: torchrun with one process per GPU
-overrides = []  # config overrides, "section.key=value"
+overrides = []  # config overrides as on the command line: "section.key", an equals sign, the value
 refresh_s = 2.0  # seconds between plot refreshes
 start = False  # True for unattended runs: press Start (or Resume, if the run has a checkpoint) now
 wait_steps = 0  # > 0: wait here until that many steps are logged (unattended runs)

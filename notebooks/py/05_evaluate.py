@@ -28,12 +28,13 @@ checkpoint_path = "../runs/demo/checkpoints/best.pt"  # a vesuvius_lab checkpoin
 manifest_path = None  # None: the manifest the checkpoint was trained on
 cache_dir = None  # None: $VLAB_CACHE_DIR, else ~/.cache/vesuvius_lab
 max_volumes = None  # None: every validation volume
-overrides = []  # change the stored inference settings, e.g. ["val.tta=true", "postprocess.threshold=0.4"]
+overrides = []  # changes to the stored inference settings, as on the command line (e.g. val.tta to true)
 show_volume = 0  # which validation volume napari shows
 close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
-# the repair to compare (tune-postprocess's choice for the demo, configs/demo_repair.yaml, less its threshold)
-repair_overrides = ["postprocess.repair=[plug_pinholes, fill_sheet_holes]", "postprocess.hole_window=40"]
+# the repair to compare, config keys and values (tune-postprocess's choice for the demo, configs/demo_repair.yaml,
+# less its threshold)
+repair = {"postprocess.repair": ["plug_pinholes", "fill_sheet_holes"], "postprocess.hole_window": 40}
 
 # %%
 from vesuvius_lab.evaluate import evaluate_checkpoint
@@ -80,12 +81,12 @@ evaluation.fitted(evaluation.topology_table(results))
 # %% [markdown]
 # ## Repair: what it adds and removes
 #
-# The same probabilities post-processed without and with `repair_overrides` (on top of the
+# The same probabilities post-processed without and with `repair` (on top of the
 # checkpoint's settings), each part of the score before and after, and the changes in napari:
 # voxels added green, removed magenta, over the image, the ground truth and the prediction.
 
 # %%
-before, after = evaluation.repair_settings(checkpoint_path, [*overrides, *repair_overrides])
+before, after = evaluation.repair_settings(checkpoint_path, overrides, repair)
 comparisons = evaluation.compare_repair(results, before, after)
 evaluation.fitted(evaluation.repair_table(comparisons))
 

@@ -7,6 +7,7 @@ repair adds and removes, and what that does to each part of the score."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,9 +106,12 @@ class RepairComparison:
     scores_after: dict
 
 
-def repair_settings(checkpoint: str | Path, overrides: Sequence[str] = ()) -> tuple[PostprocessConfig, PostprocessConfig]:
-    """(without repair, with repair): the checkpoint's post-processing with ``overrides`` applied,
-    and the same with an empty repair list."""
+def repair_settings(checkpoint: str | Path, overrides: Sequence[str] = (), repair: dict | None = None
+                    ) -> tuple[PostprocessConfig, PostprocessConfig]:
+    """(without repair, with repair): the checkpoint's post-processing with ``overrides`` and then
+    ``repair`` (dotted config keys and their values, a notebook parameter papermill can read: its
+    parser takes one equals sign a line) applied, and the same with an empty repair list."""
+    overrides = [*overrides, *(f"{key}={json.dumps(value)}" for key, value in (repair or {}).items())]
     from vesuvius_lab.config import config_from_dict
     from vesuvius_lab.training.run_dir import load_checkpoint
 
