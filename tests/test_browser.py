@@ -242,7 +242,7 @@ def _notebook_05_views_and_tables(page, artifacts: Path) -> None:
     lime = (r < 100) & (g > 180) & (b < 100)  # the repair's "added", drawn over the errors before
     assert (red | cyan).mean() > 0.001 and not lime.any(), (red.mean(), cyan.mean(), lime.mean())
     for words in ("false positive", "false negative", "added by the repair"):
-        assert page.get_by_text(words).count() == 1, words
+        assert page.get_by_text(words, exact=True).count() == 1, words  # the legend, not the prose
     page.locator(".jp-Notebook").first.evaluate("e => e.scrollTop = 0")
     widths = page.locator(".jp-OutputArea-output table").evaluate_all(
         "ts => ts.map(t => [t.scrollWidth, t.getBoundingClientRect().right,"

@@ -48,7 +48,8 @@ def fitted(table: pd.DataFrame):
     own HTML keeps every name on one line and runs off the right of the output area)."""
     return table.style.format(precision=3, na_rep="–").set_table_styles([
         {"selector": "", "props": "font-size: 0.85em;"},
-        {"selector": "th.col_heading", "props": "white-space: normal; max-width: 5.5em; text-align: right;"},
+        {"selector": "th.col_heading", "props": "white-space: normal; overflow-wrap: anywhere; max-width: 5.5em;"
+                                                " text-align: right;"},
         {"selector": "td, th", "props": "padding: 0.2em 0.4em;"},
     ])
 

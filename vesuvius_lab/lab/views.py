@@ -301,8 +301,8 @@ def name_axes(viewer: napari.Viewer) -> None:
 
 def legend_html(colours: dict[str, str]) -> str:
     """A row of colour swatches with their meaning (CSS colours, as the layers' colormaps name them)."""
-    swatch = ("<span style='display:inline-block;width:14px;height:14px;margin:0 4px 0 12px;vertical-align:middle;"
-              "border:1px solid #888;background:{}'></span>{}")
+    swatch = ("<span style='margin-left:12px'><span style='display:inline-block;width:14px;height:14px;"
+              "margin-right:4px;vertical-align:middle;border:1px solid #888;background:{}'></span>{}</span>")
     return "".join(swatch.format(html.escape(c), html.escape(name)) for name, c in colours.items())
 
 
