@@ -335,6 +335,10 @@ def _drive(page, run_dir: Path, shot: Path) -> None:
     plot = page.locator("img.widget-image").first
     plot.wait_for(timeout=30_000)
     before = plot.get_attribute("src")
+    # the config Start starts, said above the buttons, and the budget field (the config's own: none)
+    page.get_by_text(re.compile(r"^Start starts .*tiny_run\.yaml")).first.wait_for(timeout=10_000)
+    budget = page.locator(".widget-text", has_text="budget (h)").locator("input")
+    assert float(budget.input_value()) == 0.0
     start.click()
     # the status line of the widget, updated by the kernel's background refresh
     page.get_by_text(re.compile(r"step ([2-9]|\d{2,}) / 400")).first.wait_for(timeout=90_000)
@@ -345,6 +349,7 @@ def _drive(page, run_dir: Path, shot: Path) -> None:
     assert sum(r["kind"] == "train" for r in steps) >= 2
     page.screenshot(path=str(shot), full_page=True)
     print(shot)
+    page.get_by_text(re.compile(r"^started config .*tiny_run\.yaml")).first.wait_for(timeout=10_000)
     page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Stop\s*$")).click()
     page.get_by_text(re.compile(r"^stopped$")).first.wait_for(timeout=90_000)
     assert runs.read_status(run_dir)["state"] == "stopped"
