@@ -280,6 +280,12 @@ def test_notebook_03_plans_the_config_own_epoch_by_default(tiny_root, tmp_path, 
         assert 0 < target < 5, target  # the config's own epoch (30 steps), not the CLI's 60 minutes
         assert float(re.search(r"run ≈ ([\d.]+) h", text).group(1)) < 1.0, text
         assert re.search(r"× 3 epochs", text) and (tmp_path / "planned.yaml").exists()
+        epoch = re.search(r"epoch ≈ (\d+:\d\d) \(target \d+:\d\d\)", text).group(1)  # one figure, one way
+        plan_text = page.locator(".widget-html", has_text="Forecast:").first.inner_text()
+        assert f"Forecast: {epoch} per epoch" in plan_text and f"{epoch} per epoch, the final" in plan_text
+        assert "the step time this plan uses" in plan_text
+        assert page.get_by_text(re.compile(r"saved the plan to .*plan\.json")).count() >= 1
+        assert (tmp_path / "runs" / config.stem / "plan.json").is_file()
         assert load_config(tmp_path / "planned.yaml").training.max_epochs == 3
         field.evaluate("e => e.scrollIntoView({block: 'start'})")  # the form, its timings and the plan
         page.screenshot(path=str(shot))
