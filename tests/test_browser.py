@@ -64,6 +64,15 @@ def _kill_group(pgid: int | None, sig: int = signal.SIGTERM) -> None:
             pass
 
 
+def _overrides(tmp_path: Path) -> str:
+    """A JupyterLab settings folder with this checkout's defaults (jupyterlab-overrides.json, as
+    `make install` puts it in the environment), so the lab under test has the workbench's settings."""
+    folder = tmp_path / "lab-settings"
+    (folder / "overrides.d").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "jupyterlab-overrides.json", folder / "overrides.d" / "vesuvius-lab.json")
+    return str(folder)
+
+
 @contextmanager
 def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, extra_cells: tuple[str, ...] = ()):
     """A JupyterLab server on ``notebook`` (parameters injected, extra cells appended) and a Chromium
@@ -81,7 +90,8 @@ def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, 
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         f"--LabApp.app_settings_dir={_overrides(tmp_path)}"],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
     )
@@ -314,6 +324,50 @@ def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
 
     assert_rendered(shot)
     assert_rendered(failed, min_std=10.0)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_notebook_04_reopened_after_a_kernel_restart_shows_its_widgets(tiny_root, tmp_path, artifacts):
+    """Run All, save, restart the kernel (its widget models are gone), reopen: the saved widget
+    state (jupyterlab-overrides.json: saveState) shows the form, never "model not found"."""
+    require(CHROMIUM.exists(), "chromium")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=400)
+    shot = artifacts / "04_train_live-browser-reopened.png"
+    with jupyterlab(tmp_path, NOTEBOOK, {"config_path": str(config), "runs_dir": str(tmp_path / "runs"),
+                                         "run_name": "reopen", "refresh_s": 0.5},
+                    artifacts / "04_train_live-browser-reopen-failure.png") as page:
+        _all_cells_ran(page)
+        page.locator(".jp-Notebook").first.click()
+        page.keyboard.press("Control+s")
+        page.get_by_text("Saving completed").first.wait_for(timeout=30_000)
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Kernel$")).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Restart Kernel")).first.click()
+        page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Restart\s*$")).click()
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+            state="attached", timeout=60_000)
+        page.reload()  # the tab reopened: a fresh widget manager, a kernel without the models
+        page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+        select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
+        try:
+            select.wait_for(timeout=10_000)
+            select.click()
+        except PlaywrightTimeout:
+            pass
+        form = page.locator(".jp-CodeCell", has_text="monitor.widget").first  # the cell that shows the form
+        form.scroll_into_view_if_needed()
+        form.locator(".jp-OutputArea-output").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(5000)  # the widget manager restores what it can
+        form.scroll_into_view_if_needed()
+        assert page.get_by_text("Error displaying widget").count() == 0
+        form.locator("button.jupyter-button", has_text=re.compile(r"^\s*Start\s*$")).wait_for(timeout=10_000)
+        page.screenshot(path=str(shot))
+        print(shot)
+    from conftest_gui import assert_rendered
+
+    assert_rendered(shot, min_std=10.0)
 
 
 def _failed_launch(page, shot: Path) -> None:

@@ -226,11 +226,15 @@ def test_a_new_notebook_gets_its_twin_in_py_and_jupyterlab_has_no_news_pop_up(tm
     installed = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "vesuvius-lab.json"
     assert installed.is_file(), "make install puts jupyterlab-overrides.json there"
     assert json.loads(installed.read_text()) == ours
-    schemas = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas"
-    for plugin, settings in ours.items():  # real settings of this JupyterLab, with allowed values
+    share = Path(sys.prefix) / "share" / "jupyter"
+    for plugin, settings in ours.items():  # real settings of this JupyterLab and its extensions, with allowed values
         package, name = plugin.split(":")
-        schema = json.loads((schemas / package / f"{name}.json").read_text())["properties"]
+        found = [p for p in (share / "lab" / "schemas" / package / f"{name}.json",
+                             share / "labextensions" / package / "schemas" / package / f"{name}.json") if p.is_file()]
+        assert found, f"{plugin}: no such settings schema in this environment"
+        schema = json.loads(found[0].read_text())["properties"]
         for key, value in settings.items():
             allowed = [o["const"] for o in schema[key].get("oneOf", [])] or [value]
             assert value in allowed, (plugin, key, value)
     assert ours["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    assert ours["@jupyter-widgets/jupyterlab-manager:plugin"]["saveState"] is True  # a reopened notebook shows its widgets
