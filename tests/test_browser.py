@@ -225,6 +225,9 @@ def test_notebook_runs_all_in_jupyterlab(name, x_display, tiny_root, tiny_manife
         assert not _kernel_died(page)
         if name == "05_evaluate":
             _notebook_05_views_and_tables(page, artifacts)
+        else:  # the sampler form starts at configs/demo.yaml's own fg 0.33, not a slider step's 0.35
+            readout = page.locator(".widget-slider", has_text="fg_fraction").locator(".widget-readout").first
+            assert readout.text_content().strip() == "0.33", readout.text_content()
         snapshot.scroll_into_view_if_needed()
         page.screenshot(path=str(shot))
         print(shot)
