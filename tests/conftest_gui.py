@@ -131,6 +131,19 @@ def assert_rendered(path: Path, min_std: float = 20.0, min_colours: int = 64) ->
     return rgb
 
 
+def run_notebook(path: Path, parameters: dict | None = None, timeout: int = 120, cwd: Path | None = None,
+                 output: Path | None = None):
+    """Execute a notebook with papermill, as a researcher runs a parameterised notebook: the
+    caller's values go in papermill's ``injected-parameters`` cell after the ``parameters`` cell.
+    Runs in the notebook's own folder unless ``cwd`` says otherwise; a failing cell raises
+    ``papermill.PapermillExecutionError`` naming the cell and its error."""
+    import papermill
+
+    return papermill.execute_notebook(path, output, parameters=parameters or {}, kernel_name="python3",
+                                      cwd=cwd or Path(path).parent, execution_timeout=timeout,
+                                      progress_bar=False)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if _SCREENSHOTS:
         terminalreporter.section("screenshots")

@@ -132,7 +132,7 @@ def test_save_config_rebases_relative_paths_and_keeps_env_paths(tiny_root, tmp_p
 def test_predict_and_notebook_05_on_a_checkpoint_made_elsewhere(tiny_root, tmp_path, x_display):
     """Notebook 05 with its own defaults (the checkpoint's manifest, the default cache), from
     notebooks/, on a checkpoint trained in another folder and then copied away."""
-    from vesuvius_lab.lab.runner import run_notebook
+    from conftest_gui import run_notebook
 
     config = relative_config(tiny_root, tmp_path / "project")
     run = tmp_path / "project" / "runs" / "tiny"
@@ -149,8 +149,8 @@ def test_predict_and_notebook_05_on_a_checkpoint_made_elsewhere(tiny_root, tmp_p
 
     notebook = PACKAGE.parent / "notebooks" / "05_evaluate.ipynb"
     nb = run_notebook(notebook, {"checkpoint_path": str(moved), "max_volumes": 1, "close_viewer": True}, timeout=300)
-    tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "text/plain" in o.get("data", {})]
+    tables = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "text/html" in o.get("data", {})]
     assert any("surface_dice" in t and "mean" in t for t in tables)
 
 

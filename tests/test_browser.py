@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from conftest import require
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab import runs
-from vesuvius_lab.lab.runner import inject_parameters
 from vesuvius_lab.training.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +64,15 @@ def _kill_group(pgid: int | None, sig: int = signal.SIGTERM) -> None:
             pass
 
 
+def _overrides(tmp_path: Path) -> str:
+    """A JupyterLab settings folder with this checkout's defaults (jupyterlab-overrides.json, as
+    `make install` puts it in the environment), so the lab under test has the workbench's settings."""
+    folder = tmp_path / "lab-settings"
+    (folder / "overrides.d").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "jupyterlab-overrides.json", folder / "overrides.d" / "vesuvius-lab.json")
+    return str(folder)
+
+
 @contextmanager
 def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, extra_cells: tuple[str, ...] = ()):
     """A JupyterLab server on ``notebook`` (parameters injected, extra cells appended) and a Chromium
@@ -72,8 +82,7 @@ def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, 
 
     root = tmp_path / "lab"
     root.mkdir()
-    nb = nbformat.read(notebook, as_version=4)
-    inject_parameters(nb, parameters)
+    nb = papermill.execute_notebook(notebook, None, parameters=parameters, prepare_only=True, progress_bar=False)
     nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
     nbformat.write(nb, root / notebook.name)
     port = _free_port()
@@ -81,7 +90,8 @@ def jupyterlab(tmp_path: Path, notebook: Path, parameters: dict, failure: Path, 
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         f"--LabApp.app_settings_dir={_overrides(tmp_path)}"],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
     )
@@ -213,12 +223,49 @@ def test_notebook_runs_all_in_jupyterlab(name, x_display, tiny_root, tiny_manife
         outputs = _saved_outputs(page, tmp_path / "lab" / f"{name}.ipynb")
         assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], outputs
         assert not _kernel_died(page)
+        if name == "05_evaluate":
+            _notebook_05_views_and_tables(page, artifacts)
+        else:  # the sampler form starts at configs/demo.yaml's own fg 0.33, not a slider step's 0.35
+            readout = page.locator(".widget-slider", has_text="fg_fraction").locator(".widget-readout").first
+            assert readout.text_content().strip() == "0.33", readout.text_content()
         snapshot.scroll_into_view_if_needed()
         page.screenshot(path=str(shot))
         print(shot)
     from conftest_gui import assert_rendered
 
     assert_rendered(shot)
+
+
+def _notebook_05_views_and_tables(page, artifacts: Path) -> None:
+    """After Run All: the errors snapshot still shows the errors' colours (not the repair's), each
+    view has its legend, and no table runs off the right of the notebook."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest_gui import assert_rendered
+
+    errors = page.locator("img.widget-image").first
+    errors.scroll_into_view_if_needed()
+    shot = artifacts / "05_evaluate-browser-errors.png"
+    errors.screenshot(path=str(shot))
+    print(shot)
+    rgb = assert_rendered(shot, min_std=5.0, min_colours=3).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    red, cyan = (r > 150) & (g < 80) & (b < 80), (r < 110) & (g > 150) & (b > 150)
+    lime = (r < 100) & (g > 180) & (b < 100)  # the repair's "added", drawn over the errors before
+    assert (red | cyan).mean() > 0.001 and not lime.any(), (red.mean(), cyan.mean(), lime.mean())
+    for words in ("false positive", "false negative", "added by the repair"):
+        assert page.get_by_text(words, exact=True).count() == 1, words  # the legend, not the prose
+    page.locator(".jp-Notebook").first.evaluate("e => e.scrollTop = 0")
+    widths = page.locator(".jp-OutputArea-output table").evaluate_all(
+        "ts => ts.map(t => [t.scrollWidth, t.getBoundingClientRect().right,"
+        " t.closest('.jp-Notebook').getBoundingClientRect().right])")
+    assert len(widths) == 3 and all(right <= edge for _, right, edge in widths), widths
+    tables = artifacts / "05_evaluate-browser-tables.png"
+    page.locator(".jp-OutputArea-output table").last.scroll_into_view_if_needed()
+    page.screenshot(path=str(tables))
+    print(tables)
+    assert Image.open(tables).size[0] > 0 and np.asarray(Image.open(tables)).std() > 5
 
 
 @pytest.mark.browser
@@ -246,6 +293,12 @@ def test_notebook_03_plans_the_config_own_epoch_by_default(tiny_root, tmp_path, 
         assert 0 < target < 5, target  # the config's own epoch (30 steps), not the CLI's 60 minutes
         assert float(re.search(r"run ≈ ([\d.]+) h", text).group(1)) < 1.0, text
         assert re.search(r"× 3 epochs", text) and (tmp_path / "planned.yaml").exists()
+        epoch = re.search(r"epoch ≈ (\d+:\d\d) \(target \d+:\d\d\)", text).group(1)  # one figure, one way
+        plan_text = page.locator(".widget-html", has_text="Forecast:").first.inner_text()
+        assert f"Forecast: {epoch} per epoch" in plan_text and f"{epoch} per epoch, the final" in plan_text
+        assert "the step time this plan uses" in plan_text
+        assert page.get_by_text(re.compile(r"saved the plan to .*plan\.json")).count() >= 1
+        assert (tmp_path / "runs" / config.stem / "plan.json").is_file()
         assert load_config(tmp_path / "planned.yaml").training.max_epochs == 3
         field.evaluate("e => e.scrollIntoView({block: 'start'})")  # the form, its timings and the plan
         page.screenshot(path=str(shot))
@@ -276,6 +329,50 @@ def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
     assert_rendered(failed, min_std=10.0)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
+def test_notebook_04_reopened_after_a_kernel_restart_shows_its_widgets(tiny_root, tmp_path, artifacts):
+    """Run All, save, restart the kernel (its widget models are gone), reopen: the saved widget
+    state (jupyterlab-overrides.json: saveState) shows the form, never "model not found"."""
+    require(CHROMIUM.exists(), "chromium")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=400)
+    shot = artifacts / "04_train_live-browser-reopened.png"
+    with jupyterlab(tmp_path, NOTEBOOK, {"config_path": str(config), "runs_dir": str(tmp_path / "runs"),
+                                         "run_name": "reopen", "refresh_s": 0.5},
+                    artifacts / "04_train_live-browser-reopen-failure.png") as page:
+        _all_cells_ran(page)
+        page.locator(".jp-Notebook").first.click()
+        page.keyboard.press("Control+s")
+        page.get_by_text("Saving completed").first.wait_for(timeout=30_000)
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Kernel$")).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Restart Kernel")).first.click()
+        page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Restart\s*$")).click()
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+            state="attached", timeout=60_000)
+        page.reload()  # the tab reopened: a fresh widget manager, a kernel without the models
+        page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+        select = page.locator(".jp-Dialog button", has_text=re.compile(r"^\s*Select\s*$"))
+        try:
+            select.wait_for(timeout=10_000)
+            select.click()
+        except PlaywrightTimeout:
+            pass
+        form = page.locator(".jp-CodeCell", has_text="monitor.widget").first  # the cell that shows the form
+        form.scroll_into_view_if_needed()
+        form.locator(".jp-OutputArea-output").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(5000)  # the widget manager restores what it can
+        form.scroll_into_view_if_needed()
+        assert page.get_by_text("Error displaying widget").count() == 0
+        form.locator("button.jupyter-button", has_text=re.compile(r"^\s*Start\s*$")).wait_for(timeout=10_000)
+        page.screenshot(path=str(shot))
+        print(shot)
+    from conftest_gui import assert_rendered
+
+    assert_rendered(shot, min_std=10.0)
+
+
 def _failed_launch(page, shot: Path) -> None:
     """A mistyped override: the CLI refuses it; the widget shows that line in red, Start stays usable."""
     start = page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Start\s*$"))
@@ -301,6 +398,10 @@ def _drive(page, run_dir: Path, shot: Path) -> None:
     plot = page.locator("img.widget-image").first
     plot.wait_for(timeout=30_000)
     before = plot.get_attribute("src")
+    # the config Start starts, said above the buttons, and the budget field (the config's own: none)
+    page.get_by_text(re.compile(r"^Start starts .*tiny_run\.yaml")).first.wait_for(timeout=10_000)
+    budget = page.locator(".widget-text", has_text="budget (h)").locator("input")
+    assert float(budget.input_value()) == 0.0
     start.click()
     # the status line of the widget, updated by the kernel's background refresh
     page.get_by_text(re.compile(r"step ([2-9]|\d{2,}) / 400")).first.wait_for(timeout=90_000)
@@ -311,6 +412,7 @@ def _drive(page, run_dir: Path, shot: Path) -> None:
     assert sum(r["kind"] == "train" for r in steps) >= 2
     page.screenshot(path=str(shot), full_page=True)
     print(shot)
+    page.get_by_text(re.compile(r"^started config .*tiny_run\.yaml")).first.wait_for(timeout=10_000)
     page.locator("button.jupyter-button", has_text=re.compile(r"^\s*Stop\s*$")).click()
     page.get_by_text(re.compile(r"^stopped$")).first.wait_for(timeout=90_000)
     assert runs.read_status(run_dir)["state"] == "stopped"
@@ -322,6 +424,43 @@ def kill_run(run_dir: Path) -> None:
         _kill_group(json.loads((run_dir / RunDir.LAUNCH).read_text())["pgid"])
     except (OSError, ValueError, KeyError):
         pass
+
+
+@pytest.mark.slow
+def test_a_notebook_saved_in_the_lab_gets_its_twin_in_py(tmp_path):
+    """`make lab` as shipped (the server's root is notebooks/): a notebook saved through the server,
+    as JupyterLab saves it, is paired into py/ by the notebooks' jupytext.toml (a hidden
+    .jupytext.toml is ignored by the server: "Ignoring config file ... Jupytext issue #964")."""
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    for name in (p.name for p in (REPO / "notebooks").iterdir() if p.is_file() and not p.suffix == ".ipynb"):
+        shutil.copy(REPO / "notebooks" / name, root)  # the folder's own config files, whatever they are
+    port = _free_port()
+    log = open(tmp_path / "jupyter.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")},
+    )
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", server)
+        model = {"type": "notebook", "format": "json",
+                 "content": nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")],
+                                                     metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                                              "display_name": "Python 3"}})}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/contents/07_new.ipynb?token={TOKEN}",
+                                         data=json.dumps(model).encode(), method="PUT",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert reply.status in (200, 201)
+    finally:
+        _stop_server(server, log)
+    text = (tmp_path / "jupyter.log").read_text(errors="replace")
+    assert "Ignoring config file" not in text, text[-2000:]
+    twin = root / "py" / "07_new.py"
+    assert twin.is_file() and not (root / "07_new.py").exists(), sorted(p.name for p in root.rglob("*"))
+    assert twin.read_text().endswith("# %%\nx = 1\n")
 
 
 def _stop_server(server: subprocess.Popen, log) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lab_runs_helpers import write_tiny_config
-from vesuvius_lab.evaluate import evaluate_checkpoint
+from vesuvius_lab.evaluate import VolumeResult, evaluate_checkpoint
 from vesuvius_lab.lab import evaluation
 
 
@@ -88,3 +88,47 @@ def test_repair_settings_come_from_the_checkpoint_with_overrides(tmp_path):
     before, after = evaluation.repair_settings(tmp_path / "c.pt", ["postprocess.hole_window=24"])
     assert after.threshold == before.threshold == 0.4 and after.repair == ["plug_pinholes"] and before.repair == []
     assert after.hole_window == 24
+
+
+@pytest.mark.gui
+def test_the_errors_view_stays_as_its_cell_made_it_after_the_repair_view(viewer, artifacts):
+    """Notebook 05 after Run All: the snapshot under the errors cell still shows false positives red
+    and false negatives cyan (with their legend) once the repair cell has drawn its own view."""
+    import io
+    import time
+
+    import napari
+    from PIL import Image
+    from qtpy.QtWidgets import QApplication
+
+    from vesuvius_lab.lab import views
+
+    label = np.zeros((24, 48, 48), np.uint8)
+    label[:, 20:24] = 1  # a sheet across every z slice, four voxels thick
+    mask = np.zeros_like(label)
+    mask[:, 22:26] = 1  # half on the sheet, half beside it: false positives and false negatives
+    image = (label == 1).astype(np.uint8) * 200 + 20
+    result = VolumeResult("v1", image, label, mask.astype(np.float32), mask, {})
+    evaluation.show_errors(viewer, result)
+    errors_box = views.notebook_view(viewer, evaluation.ERROR_LEGEND)
+    (comparison,) = evaluation.compare_repair([result], evaluation.PostprocessConfig(),
+                                              evaluation.PostprocessConfig(repair=["plug_pinholes"]))
+    repair_viewer = napari.Viewer(show=True)  # the repair cell's own viewer, as notebook 05 makes it
+    try:
+        evaluation.show_repair(repair_viewer, result, comparison)
+        repair_box = views.notebook_view(repair_viewer, evaluation.REPAIR_LEGEND)
+        deadline = time.monotonic() + 2  # let any scheduled snapshot of either viewer land
+        while time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.02)
+        shot = artifacts / "05_evaluate-errors-after-repair.png"
+        shot.write_bytes(errors_box.children[1].value)
+        rgb = np.asarray(Image.open(io.BytesIO(errors_box.children[1].value)).convert("RGB")).astype(int)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        assert ((r > 150) & (g < 80) & (b < 80)).mean() > 0.005, "no red false positives in the errors snapshot"
+        assert ((r < 110) & (g > 150) & (b > 150)).mean() > 0.005, "no cyan false negatives in the errors snapshot"
+        legend = errors_box.children[2].value
+        assert "false positive" in legend and "background:red" in legend and "background:cyan" in legend
+        assert "added by the repair" in repair_box.children[2].value
+    finally:
+        repair_viewer.close()

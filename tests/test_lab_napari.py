@@ -237,7 +237,14 @@ def test_notebook_view_shows_a_snapshot_that_follows_the_viewer(viewer, tiny_man
     box = views.notebook_view(viewer)
     toggle, image = box.children
     assert viewer.dims.axis_labels == ("z", "y", "x") and isinstance(toggle, type(views.ndisplay_toggle(viewer)))
+    axes = viewer.canvas.overlays.axes  # the names on the canvas, so in the snapshot too
+    assert axes.visible and axes.labels and axes.colored
     first = image.value
+    corner = _corner(first)  # napari's axes, bottom left: x cyan, y magenta (z yellow in 3D)
+    assert (_near(corner, (0, 255, 255)) > 20) and (_near(corner, (255, 0, 255)) > 20)
+    axes.visible = False
+    assert _near(_corner(views.ViewerSnapshot(viewer).update()), (0, 255, 255)) < _near(corner, (0, 255, 255)) / 4
+    axes.visible = True
     (artifacts / "notebook-view-2d.png").write_bytes(first)
     assert_rendered(artifacts / "notebook-view-2d.png")
     toggle.value = 3
@@ -249,3 +256,17 @@ def test_notebook_view_shows_a_snapshot_that_follows_the_viewer(viewer, tiny_man
     shown = np.asarray(Image.open(io.BytesIO(image.value)).convert("RGB"))
     canvas = viewer.screenshot(canvas_only=True)[..., :3]
     assert shown.shape == canvas.shape and np.abs(shown.astype(int) - canvas).mean() < 2
+
+
+def _corner(png: bytes) -> np.ndarray:
+    """The bottom-left quarter of a snapshot, where napari draws the canvas axes."""
+    import io
+
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return rgb[rgb.shape[0] * 3 // 4:, : rgb.shape[1] // 4]
+
+
+def _near(rgb: np.ndarray, colour: tuple[int, int, int], tolerance: int = 40) -> int:
+    return int((np.abs(rgb - np.array(colour)).max(axis=-1) < tolerance).sum())

@@ -1,18 +1,23 @@
 """The planner form of notebook 03 on a tiny config: Measure in its thread, recommend, Apply."""
 
+import json
+import re
+
 import pytest
 import yaml
 
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab.planning import PlanForm
+from vesuvius_lab.timefmt import format_duration
 
 
 @pytest.mark.slow
 def test_measure_recommend_apply(tiny_root, tmp_path):
     config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=30)
     form = PlanForm(config, tmp_path / "planned.yaml", target_epoch_minutes=0.5, coverage_target=1e9,
-                    batch_sizes=[1, 2], warmup=1, steps=2)
+                    batch_sizes=[1, 2], warmup=1, steps=2, runs_dir=tmp_path / "runs")
     assert form.apply_button.disabled and form.recommend() is None
+    assert form.progress.layout.visibility == "hidden" and "measuring" not in form.progress.description
     form.measure_button.click()
     assert form.measure_button.disabled
     form.thread.join(timeout=300)
@@ -21,6 +26,10 @@ def test_measure_recommend_apply(tiny_root, tmp_path):
     assert [t.batch_size for t in form.measurements.timings] == [1, 2]
     assert form.table.value.count("<tr>") == 3 and form.plot.value[:4] == b"\x89PNG"
     plan = form.plan
+    plan_file = tmp_path / "runs" / config.stem / "plan.json"  # where `vesuvius-lab plan` saves it
+    assert f"saved the plan to {plan_file}" in form.message.value and form.progress.description == "measured"
+    restarted = PlanForm(config, tmp_path / "planned.yaml", coverage_target=1e9, runs_dir=tmp_path / "runs")  # new kernel
+    assert restarted.plan.to_dict() == plan.to_dict() and restarted.target.value == 0.5
     assert "batch " in form.recommendation.value and "steps/epoch" in form.recommendation.value
     assert any(x.startswith("Too few steps") and "(< 100000000000%)" in x for x in plan.warnings)
     assert "Coverage 100000000000%" in form.recommendation.value  # the preset that reaches the target
@@ -33,6 +42,7 @@ def test_measure_recommend_apply(tiny_root, tmp_path):
     assert training["train_iterations_per_epoch"] == form.plan.train_iterations_per_epoch
     assert training["train_batch_size"] == form.plan.train_batch_size and training["workers"] == form.plan.workers >= 1
     assert training["time_budget_hours"] == 0.05
+    assert json.loads(plan_file.read_text())["budget_hours"] == 0.05  # the plan applied is the plan saved
 
 
 def test_the_form_before_measuring_and_its_words(tiny_root, tmp_path):
@@ -50,6 +60,15 @@ def test_the_form_before_measuring_and_its_words(tiny_root, tmp_path):
     plan = form.recommend()
     text = form.recommendation.value
     assert f"coverage {plan.coverage:.0%}" in text and f"{plan.coverage:.2f}" not in text
+    # one epoch forecast, written one way wherever it shows: the summary, the explanation, the
+    # forecast of the run, the recommended preset; the field is the target, and says so
+    epoch = format_duration(plan.forecast_epoch_s)
+    assert f"epoch ≈ {epoch} (target 1:00)" in text and f"Forecast: {epoch} per epoch" in text
+    assert f"{epoch} per epoch, the final" in text and f"<td>Conservative</td><td>{plan.train_iterations_per_epoch}</td><td>{plan.max_epochs}</td><td>{epoch}</td>" in text
+    assert not re.search(r"\d+\.\d min", text), text  # no second way of writing it
+    assert form.target.description == "target epoch (min)"
+    assert "the step time this plan uses" in text and "on average" in text  # the mean, not the median
+    assert form.progress.layout.visibility == "hidden" and "measuring" not in form.progress.description
     assert "seed" not in text
     fig = timings_figure(form.measurements)
     memory = fig.axes[1]

@@ -10,7 +10,7 @@ import pytest
 
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab import runs
-from vesuvius_lab.lab.plots import smooth_curve
+from vesuvius_lab.lab.plots import figure_png, smooth_curve
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.training.run_dir import MetricsReader, RunDir
@@ -166,6 +166,60 @@ def test_loss_legend_hides_no_curve_and_one_validation_point_sits_on_the_step_ax
     assert ax_val.get_xlim() == ax_loss.get_xlim()
     total, raw = ax_loss.lines[1], ax_loss.lines[0]
     assert list(raw.get_ydata()) == history.loss and list(total.get_ydata()) == smooth_curve(history.loss, 0.6)
+
+
+def test_the_plan_reaches_the_run_config_field_budget_field_and_the_line_saying_which(tiny_root, tmp_path):
+    """Notebook 04 starts the config notebook 03 applied when it is newer, says which, and its
+    budget field reaches training.time_budget_hours (the config's own value until changed)."""
+    from vesuvius_lab.lab.planning import PlanForm
+
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=30)
+    planned = tmp_path / "cfg" / "tiny_planned.yaml"
+    assert runs.newest_config(config, planned) == str(config)  # nothing applied yet
+    form = PlanForm(config, planned, target_epoch_minutes=1.0, budget_hours=0.25)
+    form.measurements = _measurements()
+    form.recommend()
+    form.apply()  # notebook 03's Apply
+    chosen = runs.newest_config(config, planned)
+    assert chosen == str(planned)
+    monitor = runs.RunMonitor(chosen, tmp_path / "runs", "p", offered=[config, planned])
+    assert monitor.config.value == str(planned) and list(monitor.config.options) == [str(planned), str(config)]
+    assert f"Start starts <code>{planned}</code>" in monitor.config_note.value
+    assert monitor.budget.value == 0.25  # the applied plan's budget, exactly
+    argv = monitor.argv()
+    assert argv[argv.index("--config") + 1] == str(planned) and not any("time_budget" in a for a in argv)
+    monitor.budget.value = 1.5
+    assert monitor.argv()[-1] == "training.time_budget_hours=1.5"
+    monitor.budget.value = 0.0
+    assert monitor.argv()[-1] == "training.time_budget_hours=null"
+    monitor.config.value = str(config)  # back to the config as written: its own (no) budget
+    assert monitor.budget.value == 0.0 and monitor.argv()[-1] == "--no-progress"
+    monitor.config.value = str(tmp_path / "typo.yaml")
+    assert "typo.yaml: config not found" in monitor.config_note.value and "color:#c00" in monitor.config_note.value
+
+
+def _measurements():
+    from vesuvius_lab.planner import BatchTiming, Measurements
+
+    timing = BatchTiming(2, step_s=0.5, step_median_s=0.5, data_wait_s=0.01, compute_s=0.49, step_spread_s=0.01,
+                         samples_per_s=4.0, peak_memory_mb=900.0, first_batch_s=1.0)
+    return Measurements("cpu", [timing], val_s=5.0, checkpoint_s=0.1, memory_capacity_mb=24_000.0,
+                        train_records=4, val_records=2, unique_patches=400, workers=0)
+
+
+def test_the_plot_title_follows_the_state_when_no_record_comes_with_it(tmp_path):
+    """A run writes its last records, then its final state: the title must not stay at "running"."""
+    runs_dir = tmp_path / "runs"
+    _write_run(runs_dir / "budget5m")
+    run = RunDir(runs_dir / "budget5m")
+    monitor = runs.RunMonitor("c.yaml", runs_dir, "budget5m")
+    assert monitor.plot_title == "budget5m: not started"
+    shown = monitor.plot.value
+    run.status(state="finished", step=20, total_steps=20)  # as the trainer writes it
+    monitor.refresh()
+    assert monitor.plot_title == "budget5m: finished" and monitor.plot.value != shown
+    expected = runs.history_figure(monitor.history, "budget5m: finished", monitor.smoothing.value)
+    assert monitor.plot.value == figure_png(expected)
 
 
 def test_a_finished_run_shows_its_log_and_a_restarted_kernel_offers_the_last_run(tmp_path):

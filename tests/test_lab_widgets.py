@@ -1,15 +1,18 @@
 """The notebooks' ipywidgets forms, driven as a user would (set .value, click) without a browser."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from vesuvius_lab.config import AugmentConfig, SamplerConfig, TrainingConfig
+from vesuvius_lab.config import AugmentConfig, SamplerConfig, TrainingConfig, load_config
 from vesuvius_lab.lab import widgets
 from vesuvius_lab.lab.records import LABEL_COLORS
 from vesuvius_lab.lab.plots import OrthoSlices, label_rgba
 from vesuvius_lab.manifest import load_manifest
 
 PNG = b"\x89PNG"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
@@ -73,6 +76,25 @@ def test_sampler_form_maps_onto_configs():
     assert form.patch_size == (16, 48, 64)
     assert form.sampler() == SamplerConfig(fg_fraction=0.75)
     assert form.augment() == AugmentConfig(enabled=False, p_noise=0.5)
+
+
+@pytest.mark.parametrize("config_name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_form_widget_starts_at_the_configs_exact_value(config_name):
+    """Notebook 02's form as the notebook builds it: each slider's value lies on its step's grid
+    (the browser snaps it there: fg 0.33 on a 0.05 grid showed and sampled 0.35) and its readout
+    prints it unrounded, so the form's configs are the config's own."""
+    config = load_config(REPO / "configs" / config_name)
+    form = widgets.SamplerForm(config.data.patch_size, config.sampler, config.augment)
+    assert form.patch_size == tuple(config.data.patch_size)
+    assert form.sampler() == config.sampler and form.augment() == config.augment
+    for name, slider in {**form.sampler_sliders, **form.augment_sliders}.items():
+        on_grid = slider.min + round((slider.value - slider.min) / slider.step) * slider.step
+        assert on_grid == pytest.approx(slider.value, abs=1e-12), (name, slider.value, slider.step)
+        assert float(format(slider.value, slider.readout_format)) == slider.value, (name, slider.readout_format)
+    if config_name == "demo.yaml":
+        assert form.sampler_sliders["fg_fraction"].value == 0.33
+    finer = widgets.exact_slider(0.125, "p")
+    assert (finer.step, finer.readout_format) == (0.001, ".3f")
 
 
 def test_patch_preview_samples_on_click_and_on_record_change(picker):

@@ -1,5 +1,6 @@
 """Notebooks: paired with py:percent twins, stored without outputs, and run top to bottom small."""
 
+import ast
 import json
 import shutil
 import subprocess
@@ -9,18 +10,18 @@ from pathlib import Path
 import jupytext
 import nbformat
 import numpy as np
+import papermill
 import pytest
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest_gui import assert_rendered
+from conftest_gui import assert_rendered, run_notebook
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.io import read_volume
-from vesuvius_lab.lab.runner import INJECTED_TAG, inject_parameters, run_notebook
 from vesuvius_lab.manifest import load_manifest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-TWIN_DIR = NOTEBOOK_DIR / "py"  # the py:percent twins, kept out of the notebooks' file browser (.jupytext.toml)
+TWIN_DIR = NOTEBOOK_DIR / "py"  # the py:percent twins, kept out of the notebooks' file browser (jupytext.toml)
 FORMATS = "ipynb,py//py:percent"
 # Small parameters per notebook, on top of the tiny manifest, cache, screenshot folder and close_viewer.
 SMALL = {
@@ -62,24 +63,15 @@ def test_notebook_is_paired_clean_and_parameterised(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code), f"{path.name} has outputs"
     assert [i for i, c in enumerate(code) if "parameters" in _tags(c)] == [0]
+    assigned = [t.id for node in ast.parse(code[0].source).body for t in getattr(node, "targets", [])]
+    inferred = list(papermill.inspect_notebook(str(path)))  # papermill's own reading of that cell
+    assert inferred == assigned, f"{path.name}: papermill reads {inferred} of {assigned} (one '=' a line)"
     sources = [c.source for c in code]
     viewer_cells = [i for i, s in enumerate(sources) if "napari.Viewer(" in s]
     if viewer_cells:  # the Qt event loop, in a cell of its own, before any viewer; closed when asked
         qt = [i for i, s in enumerate(sources) if "start_qt()" in s]
         assert qt and qt[0] < viewer_cells[0] and "%gui qt" not in "".join(sources)
         assert "close_viewer" in sources[0] and "viewer.close()" in sources[-1]
-
-
-def test_inject_parameters_goes_after_the_parameters_cell_and_replaces_itself():
-    nb = new_notebook(cells=[new_markdown_cell("# t"), new_code_cell("a = 1\nb = 'x'", metadata={"tags": ["parameters"]}),
-                             new_code_cell("print(a, b)")])
-    inject_parameters(nb, {"a": 2, "p": None, "s": "it's"})
-    assert _tags(nb.cells[2]) == [INJECTED_TAG]
-    assert nb.cells[2].source == "# Injected parameters\na = 2\np = None\ns = \"it's\"\n"
-    inject_parameters(nb, {"a": [3, 4]})
-    assert len(nb.cells) == 4 and nb.cells[2].source.endswith("a = [3, 4]\n") and nb.cells[3].source == "print(a, b)"
-    with pytest.raises(ValueError, match="parameters"):
-        inject_parameters(new_notebook(cells=[new_code_cell("a = 1")]), {"a": 2})
 
 
 @pytest.mark.gui
@@ -102,6 +94,7 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
     if path.stem == "03_plan_epoch":
         parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg"))
         parameters["out_path"] = str(tmp_path / "planned.yaml")
+        parameters["runs_dir"] = str(tmp_path / "runs")  # Measure saves the plan there, never in the repo's runs/
     if path.stem == "05_evaluate":  # a checkpoint trained a few steps
         run = tmp_path / "run"
         subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--config",
@@ -126,8 +119,8 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
     assert not red, f"a napari cell printed warnings (PyQt5, Qt6 theme, XDG_RUNTIME_DIR): {red}"
     shown = _widget_texts(nb)
     if path.stem == "05_evaluate":
-        tables = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                  if "text/plain" in o.get("data", {})]
+        tables = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if "text/html" in o.get("data", {})]
         assert any("surface_dice" in t and "mean" in t for t in tables)
         return
     if path.stem == "03_plan_epoch":
@@ -167,14 +160,22 @@ def _nbconvert(notebook: Path, cwd: Path, out: Path, *extra: str) -> subprocess.
                           text=True, timeout=900)
 
 
+def _papermill(notebook: Path, cwd: Path, out: Path) -> subprocess.CompletedProcess:
+    """The other standard runner, for parameterised notebooks: `papermill IN OUT` (no -p: the defaults)."""
+    papermill = Path(sys.executable).with_name("papermill")
+    return subprocess.run([str(papermill), str(notebook), str(out), "--cwd", str(cwd), "--no-progress-bar",
+                           "--execution-timeout", "600"], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.gui
 @pytest.mark.slow
+@pytest.mark.parametrize("runner", [_nbconvert, _papermill], ids=["nbconvert", "papermill"])
 @pytest.mark.parametrize("name", ["01_inspect_volumes", "02_preview_patches", "03_plan_epoch", "04_train_live",
                                   "06_compare_runs"])
-def test_notebook_runs_with_its_own_defaults_under_nbconvert(name, x_display, tmp_path):
+def test_notebook_runs_with_its_own_defaults(name, runner, x_display, tmp_path):
     """From notebooks/, as shipped: the demo data is prepared where it is missing, nothing is injected."""
     out = tmp_path / f"{name}.ipynb"
-    done = _nbconvert(NOTEBOOK_DIR / f"{name}.ipynb", NOTEBOOK_DIR, out)
+    done = runner(NOTEBOOK_DIR / f"{name}.ipynb", NOTEBOOK_DIR, out)
     assert done.returncode == 0, done.stderr[-3000:]
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
@@ -212,9 +213,9 @@ def test_a_cell_that_awaits_is_not_starved_by_the_qt_loop(x_display, tmp_path):
 
 
 def test_a_new_notebook_gets_its_twin_in_py_and_jupyterlab_has_no_news_pop_up(tmp_path):
-    """The file browser lists each notebook once: .jupytext.toml pairs a new one into py/ as well.
+    """The file browser lists each notebook once: jupytext.toml pairs a new one into py/ as well.
     JupyterLab reads the workbench's overrides (installed by `make install`): no news pop-up."""
-    shutil.copy(NOTEBOOK_DIR / ".jupytext.toml", tmp_path)
+    shutil.copy(NOTEBOOK_DIR / "jupytext.toml", tmp_path)
     nbformat.write(new_notebook(cells=[new_code_cell("x = 1")]), tmp_path / "06_new.ipynb")
     jupytext_cli = Path(sys.executable).with_name("jupytext")
     done = subprocess.run([str(jupytext_cli), "--sync", str(tmp_path / "06_new.ipynb")], capture_output=True, text=True)
@@ -225,11 +226,15 @@ def test_a_new_notebook_gets_its_twin_in_py_and_jupyterlab_has_no_news_pop_up(tm
     installed = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "vesuvius-lab.json"
     assert installed.is_file(), "make install puts jupyterlab-overrides.json there"
     assert json.loads(installed.read_text()) == ours
-    schemas = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas"
-    for plugin, settings in ours.items():  # real settings of this JupyterLab, with allowed values
+    share = Path(sys.prefix) / "share" / "jupyter"
+    for plugin, settings in ours.items():  # real settings of this JupyterLab and its extensions, with allowed values
         package, name = plugin.split(":")
-        schema = json.loads((schemas / package / f"{name}.json").read_text())["properties"]
+        found = [p for p in (share / "lab" / "schemas" / package / f"{name}.json",
+                             share / "labextensions" / package / "schemas" / package / f"{name}.json") if p.is_file()]
+        assert found, f"{plugin}: no such settings schema in this environment"
+        schema = json.loads(found[0].read_text())["properties"]
         for key, value in settings.items():
             allowed = [o["const"] for o in schema[key].get("oneOf", [])] or [value]
             assert value in allowed, (plugin, key, value)
     assert ours["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    assert ours["@jupyter-widgets/jupyterlab-manager:plugin"]["saveState"] is True  # a reopened notebook shows its widgets

@@ -194,8 +194,7 @@ def _plan(args: argparse.Namespace) -> int:
     import json
 
     from vesuvius_lab.config import load_config
-    from vesuvius_lab.io import atomic_write_text
-    from vesuvius_lab.planner import apply_plan, forecast_lines, measure, recommend
+    from vesuvius_lab.planner import apply_plan, forecast_lines, measure, recommend, save_plan
     from vesuvius_lab.training.run_dir import RunDir, default_run_dir
 
     config = load_config(args.config, args.overrides)
@@ -209,7 +208,7 @@ def _plan(args: argparse.Namespace) -> int:
     budget_hours = args.budget_hours or config.training.time_budget_hours
     plan = recommend(m, config, args.target_epoch_minutes, budget_hours, coverage_target=args.coverage_target)
     plan_file = args.plan_file or RunDir(default_run_dir(args.config)).plan
-    atomic_write_text(plan_file, json.dumps(plan.to_dict(), indent=1))
+    save_plan(plan, plan_file)
     if args.apply:
         apply_plan(args.config, plan, args.apply)
     if args.json:

@@ -10,6 +10,7 @@ time, three presets (conservative, aggressive, time-constrained), and a warning 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -29,6 +30,7 @@ from vesuvius_lab.config import Config, rewrite_config
 from vesuvius_lab.data import Data, epoch_layout, open_data, prepare_demo_data
 from vesuvius_lab.device import default_device, memory_capacity_mb, memory_mb
 from vesuvius_lab.evaluate import score_records
+from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.leaderboard import warm_up as metrics_warm_up
 from vesuvius_lab.loader import build_loader
 from vesuvius_lab.sampling import Coverage
@@ -444,14 +446,15 @@ def recommend(
         f"Batch size {best.batch_size}: {best.samples_per_s:.2f} samples/s, the best of "
         + ", ".join(f"{t.batch_size} ({t.samples_per_s:.2f}/s)" for t in usable)
         + f", within {headroom:.0%} of {m.memory_capacity_mb / 1024:.1f} GiB ({best.peak_memory_mb:.0f} MB peak).",
-        f"A step takes {best.step_s:.3f} s on average over {best.timed_steps} timed steps (median {best.step_median_s:.3f} s, spread {best.step_spread_s:.3f} s): "
-        f"{best.compute_s:.3f} s compute and {best.data_wait_s:.3f} s waiting for data.",
+        f"A step takes {best.step_s:.3f} s on average over {best.timed_steps} timed steps, the step time this plan uses "
+        f"(an epoch is a sum of steps; median {best.step_median_s:.3f} s, spread {best.step_spread_s:.3f} s): "
+        f"{best.compute_s:.3f} s compute and {best.data_wait_s:.3f} s waiting for data (medians).",
         f"{steps} steps fill a {target_epoch_minutes:g}-minute epoch after validation ({m.val_s:.1f} s) "
         f"and checkpoints ({m.checkpoint_s:.2f} s each): {samples} samples per epoch, "
         f"{layout.global_batch} per step ({best.batch_size} x {layout.world_size} ranks x {layout.accumulate} accumulated).",
         f"Coverage: {samples} samples over {m.unique_patches} unique patch positions = {coverage:.0%} per epoch"
         " (50-100 % per epoch is the usual aim).",
-        f"Forecast: {epoch_s / 60:.1f} min per epoch ({first_epoch_s / 60:.1f} min for the first, with worker start-up),"
+        f"Forecast: {format_duration(epoch_s)} per epoch ({format_duration(first_epoch_s)} for the first, with worker start-up),"
         f" {epochs} epochs = {run_s / 3600:.2f} h" + (f" within the {budget_hours:g} h budget." if budget_hours else "."),
     ]
     if budget_hours and total - last != steps:
@@ -528,6 +531,23 @@ def recommend(
         budget_hours=budget_hours, total_steps=total, last_epoch_steps=total - last,
         forecast_last_epoch_s=last_epoch_s, forecast_band_s=band,
     )
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """plan.json: the plan with its measurements (``read_plan`` reads it back), written whole or not at all."""
+    atomic_write_text(path, json.dumps(plan.to_dict(), indent=1))
+    return Path(path)
+
+
+def read_plan(path: str | Path) -> Plan:
+    """A plan saved by ``save_plan`` (``vesuvius-lab plan``, notebook 03's Measure), with its measurements."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    m = dict(doc["measurements"])
+    m["timings"] = [BatchTiming(**t) for t in m["timings"]]
+    m["worker_timings"] = [WorkerTiming(**t) for t in m.get("worker_timings", [])]
+    doc["measurements"] = Measurements(**m)
+    doc["presets"] = [Preset(**p) for p in doc["presets"]]
+    return Plan(**{k: math.nan if v is None else v for k, v in doc.items()})
 
 
 def forecast_lines(plan: Plan, now: float | None = None) -> list[str]:

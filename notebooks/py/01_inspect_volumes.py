@@ -24,7 +24,7 @@
 # %% tags=["parameters"]
 manifest_path = "../data_manifests/synthetic_demo.yaml"  # the demo data is generated on first use
 record_id = None  # None: the manifest's first record
-prediction_path = None  # .npy or .tif of the first record's shape: integers = label map, floats = probabilities
+prediction_path = None  # .npy or .tif of the first record's shape: integers a label map, floats probabilities
 cache_dir = None  # None: $VLAB_CACHE_DIR, else ~/.cache/vesuvius_lab
 close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D

@@ -28,14 +28,19 @@
 # or finished. Resume continues the run's own `config.yaml`: only the overrides box changes keys,
 # and the line under the buttons says which. A run that another process trains (a terminal,
 # another kernel, a sweep) shows as "training elsewhere" with its pid and command: this notebook
-# follows it and starts nothing in its folder.
+# follows it and starts nothing in its folder. The config field offers the demo config and the one
+# notebook 03's Apply wrote, and starts at the newer of the two; the line under it says which config
+# Start starts. The budget field is `training.time_budget_hours` (0: none), the config's own until
+# you change it.
 
 # %% tags=["parameters"]
-config_path = "../configs/demo.yaml"  # the run config
+config_path = None  # None: the config notebook 03's Apply wrote, when it is newer than default_config_path
+default_config_path = "../configs/demo.yaml"  # the run config until notebook 03 applies a plan to it
+planned_config_path = "../configs/demo_planned.yaml"  # where notebook 03's Apply writes (its out_path)
 runs_dir = "../runs"  # run directories go here, one per run name
 run_name = None  # None: the run this notebook attached to last, else "demo"; an existing run's name reattaches
 devices = 1  # 1: one process; N > 1: torchrun with one process per GPU
-overrides = []  # config overrides, "section.key=value"
+overrides = []  # config overrides as on the command line: "section.key", an equals sign, the value
 refresh_s = 2.0  # seconds between plot refreshes
 start = False  # True for unattended runs: press Start (or Resume, if the run has a checkpoint) now
 wait_steps = 0  # > 0: wait here until that many steps are logged (unattended runs)
@@ -47,8 +52,9 @@ from pathlib import Path
 
 from vesuvius_lab.lab import runs
 
-monitor = runs.RunMonitor(config_path, runs_dir, run_name, devices, overrides, interval=refresh_s,
-                          default_run_name="demo")
+config = config_path or runs.newest_config(default_config_path, planned_config_path)
+monitor = runs.RunMonitor(config, runs_dir, run_name, devices, overrides, interval=refresh_s,
+                          default_run_name="demo", offered=[default_config_path, planned_config_path])
 monitor.watch()  # refreshes from a background thread; the kernel stays free
 monitor.widget
 

@@ -28,12 +28,13 @@ checkpoint_path = "../runs/demo/checkpoints/best.pt"  # a vesuvius_lab checkpoin
 manifest_path = None  # None: the manifest the checkpoint was trained on
 cache_dir = None  # None: $VLAB_CACHE_DIR, else ~/.cache/vesuvius_lab
 max_volumes = None  # None: every validation volume
-overrides = []  # change the stored inference settings, e.g. ["val.tta=true", "postprocess.threshold=0.4"]
+overrides = []  # changes to the stored inference settings, as on the command line (e.g. val.tta to true)
 show_volume = 0  # which validation volume napari shows
 close_viewer = False  # True for unattended runs: close napari at the end
 screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
-# the repair to compare (tune-postprocess's choice for the demo, configs/demo_repair.yaml, less its threshold)
-repair_overrides = ["postprocess.repair=[plug_pinholes, fill_sheet_holes]", "postprocess.hole_window=40"]
+# the repair to compare, config keys and values (tune-postprocess's choice for the demo, configs/demo_repair.yaml,
+# less its threshold)
+repair = {"postprocess.repair": ["plug_pinholes", "fill_sheet_holes"], "postprocess.hole_window": 40}
 
 # %%
 from vesuvius_lab.evaluate import evaluate_checkpoint
@@ -42,7 +43,7 @@ from vesuvius_lab.lab import evaluation
 results = evaluate_checkpoint(evaluation.require_checkpoint(checkpoint_path), manifest_path, cache_dir, max_volumes,
                               overrides)
 table = evaluation.score_table(results)
-table
+evaluation.fitted(table)
 
 # %% [markdown]
 # napari needs the Qt event loop in the kernel (`%gui qt`, made safe for unattended runs); this
@@ -60,7 +61,7 @@ from vesuvius_lab.lab import views
 
 viewer = napari.Viewer()
 evaluation.show_errors(viewer, results[show_volume])
-views.notebook_view(viewer)  # 2D/3D and a live snapshot of the canvas
+views.notebook_view(viewer, evaluation.ERROR_LEGEND)  # 2D/3D, a live snapshot of the canvas, its colours
 
 # %%
 if screenshot_dir:
@@ -75,28 +76,31 @@ if screenshot_dir:
 # Predicted tunnels (`pred 1`) with none in the label drop the Betti-1 F1 to 0.5 / (p + 0.5).
 
 # %%
-evaluation.topology_table(results)
+evaluation.fitted(evaluation.topology_table(results))
 
 # %% [markdown]
 # ## Repair: what it adds and removes
 #
-# The same probabilities post-processed without and with `repair_overrides` (on top of the
+# The same probabilities post-processed without and with `repair` (on top of the
 # checkpoint's settings), each part of the score before and after, and the changes in napari:
 # voxels added green, removed magenta, over the image, the ground truth and the prediction.
 
 # %%
-before, after = evaluation.repair_settings(checkpoint_path, [*overrides, *repair_overrides])
+before, after = evaluation.repair_settings(checkpoint_path, overrides, repair)
 comparisons = evaluation.compare_repair(results, before, after)
-evaluation.repair_table(comparisons)
+evaluation.fitted(evaluation.repair_table(comparisons))
 
 # %%
-evaluation.show_repair(viewer, results[show_volume], comparisons[show_volume])
+repair_viewer = napari.Viewer()  # a viewer of its own: the errors view above stays as its cell made it
+evaluation.show_repair(repair_viewer, results[show_volume], comparisons[show_volume])
+views.notebook_view(repair_viewer, evaluation.REPAIR_LEGEND)
 
 # %%
 if screenshot_dir:
-    for path in views.save_views(viewer, screenshot_dir, "05_evaluate_repair"):
+    for path in views.save_views(repair_viewer, screenshot_dir, "05_evaluate_repair"):
         print(path)
 
 # %%
 if close_viewer:
+    repair_viewer.close()
     viewer.close()

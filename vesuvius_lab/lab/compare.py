@@ -12,15 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ipywidgets as w
-import nbformat
 import pandas as pd
+import papermill
 from matplotlib.figure import Figure
 
 from vesuvius_lab.compare import RunSummary, differing_keys, summarize_runs, table_rows
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.evaluate import SCORE_PARTS
 from vesuvius_lab.lab.plots import figure_png, smooth_curve
-from vesuvius_lab.lab.runner import inject_parameters
 from vesuvius_lab.lab.runs import History
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.run_dir import RunDir
@@ -42,15 +41,15 @@ def paste_line(summary: RunSummary) -> str:
 
 
 def evaluation_notebook(summary: RunSummary, out_dir: str | Path, template: str | Path = NOTEBOOK_05) -> Path:
-    """``out_dir/05_evaluate-<run>.ipynb``: notebook 05 with this run's best checkpoint injected
-    (as its parameters cell expects), ready to open and run."""
+    """``out_dir/05_evaluate-<run>.ipynb``: notebook 05 with this run's best checkpoint injected by
+    papermill (the ``injected-parameters`` cell after the ``parameters`` cell), ready to open and run."""
     if summary.best_checkpoint is None:
         raise DataError(f"{summary.path}: no best checkpoint yet (it comes with the first validation)")
-    nb = nbformat.read(template, as_version=4)
-    inject_parameters(nb, {"checkpoint_path": str(summary.best_checkpoint.resolve())})
     path = Path(out_dir) / f"05_evaluate-{summary.name}.ipynb"
     path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
+    # `papermill TEMPLATE PATH -p checkpoint_path ... --prepare-only`: parameterised, not run
+    papermill.execute_notebook(template, path, parameters={"checkpoint_path": str(summary.best_checkpoint.resolve())},
+                               prepare_only=True, progress_bar=False)
     return path
 
 

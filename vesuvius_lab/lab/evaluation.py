@@ -7,6 +7,7 @@ repair adds and removes, and what that does to each part of the score."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from vesuvius_lab.postprocess import PostprocessConfig, postprocess
 
 TP, FP, FN = 1, 2, 3
 ERROR_COLORS = {0: "transparent", TP: "white", FP: "red", FN: "cyan", None: "transparent"}
+ERROR_LEGEND = {"true positive": ERROR_COLORS[TP], "false positive": ERROR_COLORS[FP],
+                "false negative": ERROR_COLORS[FN]}  # notebook 05's errors view (views.notebook_view)
 
 
 def require_checkpoint(path: str | Path) -> Path:
@@ -37,6 +40,18 @@ def score_table(results: list[VolumeResult]) -> pd.DataFrame:
     table = table.set_index("volume")
     table.loc["mean"] = table.mean(numeric_only=True)
     return table
+
+
+def fitted(table: pd.DataFrame):
+    """A wide table as notebook 05 shows it, inside JupyterLab's default width: numbers to 3
+    decimals, column names wrapped onto several lines and the whole in a smaller font (pandas'
+    own HTML keeps every name on one line and runs off the right of the output area)."""
+    return table.style.format(precision=3, na_rep="–").set_table_styles([
+        {"selector": "", "props": "font-size: 0.85em;"},
+        {"selector": "th.col_heading", "props": "white-space: normal; overflow-wrap: anywhere; max-width: 5.5em;"
+                                                " text-align: right;"},
+        {"selector": "td, th", "props": "padding: 0.2em 0.4em;"},
+    ])
 
 
 def error_labels(mask: np.ndarray, label: np.ndarray, ignore: int = 2) -> np.ndarray:
@@ -77,6 +92,8 @@ def topology_table(results: list[VolumeResult]) -> pd.DataFrame:
 
 ADDED, REMOVED = 1, 2
 REPAIR_COLORS = {0: "transparent", ADDED: "lime", REMOVED: "magenta", None: "transparent"}
+REPAIR_LEGEND = {"added by the repair": REPAIR_COLORS[ADDED], "removed by the repair": REPAIR_COLORS[REMOVED],
+                 "prediction before repair": "white"}
 
 
 @dataclasses.dataclass
@@ -90,9 +107,12 @@ class RepairComparison:
     scores_after: dict
 
 
-def repair_settings(checkpoint: str | Path, overrides: Sequence[str] = ()) -> tuple[PostprocessConfig, PostprocessConfig]:
-    """(without repair, with repair): the checkpoint's post-processing with ``overrides`` applied,
-    and the same with an empty repair list."""
+def repair_settings(checkpoint: str | Path, overrides: Sequence[str] = (), repair: dict | None = None
+                    ) -> tuple[PostprocessConfig, PostprocessConfig]:
+    """(without repair, with repair): the checkpoint's post-processing with ``overrides`` and then
+    ``repair`` (dotted config keys and their values, a notebook parameter papermill can read: its
+    parser takes one equals sign a line) applied, and the same with an empty repair list."""
+    overrides = [*overrides, *(f"{key}={json.dumps(value)}" for key, value in (repair or {}).items())]
     from vesuvius_lab.config import config_from_dict
     from vesuvius_lab.training.run_dir import load_checkpoint
 

@@ -1,16 +1,17 @@
 """The epoch planner of notebook 03 as a form: targets, Measure (in a background thread, with a
 progress bar), the timings table and plots, the recommendation with its warnings and presets, the
 LR range test (``lr_range``: its plot and suggested LR), and Apply (writes the config: the plan's
-training keys and the suggested ``optim.lr``, whichever there are). Callbacks are plain methods, so tests drive it without a browser.
+training keys and the suggested ``optim.lr``, whichever there are). Callbacks are plain methods, so
+tests drive it without a browser.
 
 Its defaults come from the config: without a target, the epoch to plan is the config's own (its
-steps per epoch at the measured speed), so a demo config is planned at demo size; a ``plan.json``
-that ``vesuvius-lab plan`` saved for the config is shown at once, and re-planned without measuring."""
+steps per epoch at the measured speed), so a demo config is planned at demo size. Measure and
+Apply save the plan where ``vesuvius-lab plan`` saves it (``runs/<config name>/plan.json``), and a
+plan saved there is shown at once and re-planned without measuring: a restarted kernel keeps it."""
 
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import threading
@@ -25,6 +26,7 @@ from vesuvius_lab.config import Config, load_config, rewrite_config
 from vesuvius_lab.data import epoch_layout
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.lab.widgets import html_table
+from vesuvius_lab.timefmt import format_duration
 from vesuvius_lab.training.run_dir import RunDir
 
 
@@ -52,16 +54,6 @@ def timings_figure(m: planner.Measurements) -> Figure:
     return fig
 
 
-def read_plan(path: str | Path) -> planner.Plan:
-    """A plan saved by ``vesuvius-lab plan`` (``Plan.to_dict`` as JSON), with its measurements."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    m = dict(doc["measurements"])
-    m["timings"] = [planner.BatchTiming(**t) for t in m["timings"]]
-    doc["measurements"] = planner.Measurements(**m)
-    doc["presets"] = [planner.Preset(**p) for p in doc["presets"]]
-    return planner.Plan(**{k: math.nan if v is None else v for k, v in doc.items()})
-
-
 def config_epoch_minutes(m: planner.Measurements, config: Config) -> float:
     """The config's own epoch (its steps per epoch at its batch size, validation and checkpoints
     included) at the measured speed: the default target, so a demo config is planned at demo size."""
@@ -84,8 +76,10 @@ class PlanForm:
         self.batch_sizes, self.warmup, self.steps = batch_sizes, warmup, steps
         # where `vesuvius-lab plan` saves it: the config's run folder, runs/<config name>/plan.json
         self.plan_path = RunDir(Path(runs_dir) / self.config_path.stem).plan if runs_dir else None
-        self.target = w.FloatText(value=target_epoch_minutes or 0.0, description="epoch (min)",
-                                  tooltip="0: the config's own epoch, as measured")
+        self.target = w.FloatText(value=target_epoch_minutes or 0.0, description="target epoch (min)",
+                                  tooltip="0: the config's own epoch, as measured; the plan fills it with whole "
+                                          "steps, so its forecast epoch (below) is at most this",
+                                  style={"description_width": "initial"})
         self.budget = w.FloatText(value=budget_hours or 0.0, description="budget (h)",
                                   tooltip="0: no budget; else the wall time the whole run may take: Apply sets "
                                           "training.time_budget_hours and the trainer re-plans to end inside it")
@@ -97,7 +91,8 @@ class PlanForm:
         self.lr_plot = w.Image(format="png", layout=w.Layout(display="none"))
         self.lr_message = w.HTML()
         self.apply_button = w.Button(description="Apply", button_style="success", disabled=True)
-        self.progress = w.IntProgress(value=0, min=0, max=1, description="measuring")
+        # shown from the first Measure on: until then nothing is being measured
+        self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(visibility="hidden"))
         self.table, self.recommendation, self.message = w.HTML(), w.HTML(), w.HTML()
         self.plot = w.Image(format="png", layout=w.Layout(display="none"))  # shown once there is a plot
         self.measure_button.on_click(lambda _b: self.measure_async())
@@ -118,7 +113,7 @@ class PlanForm:
     def show_saved(self, path: Path) -> planner.Plan | None:
         """Show a saved plan: its timings, and its recommendation for its own target."""
         try:
-            saved = read_plan(path)
+            saved = planner.read_plan(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.message.value = f"<span style='color:#b00'>{html.escape(str(path))}: not a plan this form reads ({html.escape(str(exc))})</span>"
             return None
@@ -136,12 +131,23 @@ class PlanForm:
             self.progress.max, self.progress.value = total, done
             self.message.value = html.escape(message)
 
+        self.progress.value, self.progress.description = 0, "measuring"
+        self.progress.layout.visibility = "visible"
         self.measurements = planner.measure(load_config(self.config_path), self.batch_sizes, warmup=self.warmup,
                                             steps=self.steps, progress=False, on_progress=on_progress)
+        self.progress.description = "measured"
         m = self.measurements
         self._show_measurements(m)
-        self.message.value = f"measured {len(m.timings)} batch sizes in {m.seconds:.0f} s on {m.device}"
+        self.message.value = f"measured {len(m.timings)} batch sizes in {m.seconds:.0f} s on {m.device}" + self.save()
         return m
+
+    def save(self) -> str:
+        """Save the plan where ``vesuvius-lab plan`` saves it, so a restarted kernel shows it again
+        without measuring; the words saying where (empty without a runs folder)."""
+        if self.plan is None or self.plan_path is None:
+            return ""
+        planner.save_plan(self.plan, self.plan_path)
+        return f"; saved the plan to {html.escape(str(self.plan_path))}"
 
     def _show_measurements(self, m: planner.Measurements) -> None:
         self.measurements = m
@@ -175,12 +181,13 @@ class PlanForm:
                                       self.budget.value or None, coverage_target=self.coverage.value or None)
         p = self.plan
         head = (f"<b>batch {p.train_batch_size} × {p.train_iterations_per_epoch} steps/epoch × {p.max_epochs} epochs</b>"
-                f", coverage {p.coverage:.0%}, epoch ≈ {p.forecast_epoch_s / 60:.1f} min, run ≈ {p.forecast_run_s / 3600:.2f} h")
+                f", coverage {p.coverage:.0%}, epoch ≈ {format_duration(p.forecast_epoch_s)} "
+                f"(target {format_duration(p.target_epoch_s)}), run ≈ {p.forecast_run_s / 3600:.2f} h")
         items = "".join(f"<li>{html.escape(x)}</li>" for x in [*p.explanation, *planner.forecast_lines(p)])
         warn = "".join(f"<li style='color:#b00'>{html.escape(x)}</li>" for x in p.warnings)
-        presets = html_table([[s.name, s.train_iterations_per_epoch, s.max_epochs, f"{s.forecast_epoch_s / 60:.1f}",
+        presets = html_table([[s.name, s.train_iterations_per_epoch, s.max_epochs, format_duration(s.forecast_epoch_s),
                                f"{s.coverage:.0%}", s.reason] for s in p.presets],
-                             ("preset", "steps/epoch", "epochs", "epoch min", "coverage", "why"))
+                             ("preset", "steps/epoch", "epochs", "epoch", "coverage", "why"))
         self.recommendation.value = f"{head}<ul>{items}</ul><ul>{warn}</ul>{presets}"
         self.apply_button.disabled = False
         return p
@@ -189,6 +196,9 @@ class PlanForm:
         """The LR range test on the config's step (the progress bar follows its steps), its plot and suggestion."""
         def on_step(done: int, total: int) -> None:
             self.progress.max, self.progress.value = total, done
+
+        self.progress.layout.visibility = "visible"
+        self.progress.description = "LR range"
 
         self.lr_message.value = (f"LR range test running: the config's step, the LR rising from {lr_range.MIN_LR:g} "
                                  f"to {lr_range.MAX_LR:g} over {lr_range.STEPS} steps")
@@ -222,5 +232,5 @@ class PlanForm:
         if not changes:
             raise RuntimeError("measure or run the LR range test first")
         rewrite_config(self.config_path, self.out_path, changes)
-        self.message.value = f"wrote {html.escape(str(self.out_path))} ({', '.join(changes)} keys)"
+        self.message.value = f"wrote {html.escape(str(self.out_path))} ({', '.join(changes)} keys)" + self.save()
         return self.out_path

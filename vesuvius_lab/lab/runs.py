@@ -27,6 +27,8 @@ import ipywidgets as w
 import psutil
 from matplotlib.figure import Figure
 
+from vesuvius_lab.config import load_config
+from vesuvius_lab.errors import VLabError
 from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.lab.forecast import ForecastPanel
@@ -56,6 +58,29 @@ def train_argv(config: str | Path, run_dir: str | Path, devices: int = 1, resume
         head = [python, "-m", "vesuvius_lab"]
     source = ["--resume"] if resume else ["--config", str(config)]
     return [*head, "train", *source, "--run-dir", str(run_dir), "--no-progress", *(str(o) for o in overrides)]
+
+
+def newest_config(default: str | Path, applied: str | Path) -> str:
+    """The config notebook 04 starts by default: the one notebook 03's Apply wrote (``applied``),
+    when it exists and is newer than ``default`` (the config it was planned from), else ``default``."""
+    applied_path, default_path = Path(applied), Path(default)
+    if applied_path.is_file() and (not default_path.is_file()
+                                   or applied_path.stat().st_mtime >= default_path.stat().st_mtime):
+        return str(applied)
+    return str(default)
+
+
+def config_budget(config: str | Path) -> float | None:
+    """``training.time_budget_hours`` of a config file (None: no budget)."""
+    return load_config(config).training.time_budget_hours
+
+
+def budget_override(hours: float, configured: float | None) -> list[str]:
+    """The override that makes the budget field count: none while it shows the config's own value,
+    ``null`` for 0 (no budget)."""
+    if (hours or None) == configured:
+        return []
+    return [f"training.time_budget_hours={hours:g}" if hours else "training.time_budget_hours=null"]
 
 
 # --- reading a run directory -----------------------------------------------------------------------
@@ -353,10 +378,16 @@ class RunMonitor:
 
     def __init__(self, config: str | Path, runs_dir: str | Path, run_name: str | None = None, devices: int = 1,
                  overrides: Sequence[str] = (), interval: float = 2.0, cwd: str | Path | None = None,
-                 default_run_name: str = "run"):
+                 default_run_name: str = "run", offered: Sequence[str | Path] = ()):
         self.runs_dir, self.interval, self.cwd = Path(runs_dir), interval, cwd
         run_name = run_name or last_run_name(runs_dir) or default_run_name
-        self.config = w.Text(value=str(config), description="config", layout=w.Layout(width="520px"))
+        # the configs offered (e.g. the demo's, and the one notebook 03 applied); any other path can be typed
+        self.config = w.Combobox(value=str(config), options=list(dict.fromkeys(str(c) for c in [config, *offered])),
+                                 ensure_option=False, description="config", layout=w.Layout(width="520px"))
+        self.budget = w.BoundedFloatText(value=0.0, min=0.0, max=1e6, description="budget (h)",
+                                         tooltip="training.time_budget_hours: the wall time the whole run may take "
+                                                 "(0: none); the trainer re-plans its epochs to end inside it")
+        self.config_note = w.HTML()
         self.run_name = w.Text(value=run_name, description="run name")
         self.devices = w.BoundedIntText(value=devices, min=1, max=64, description="GPUs",
                                         tooltip="1: one process; N > 1: torchrun with N processes")
@@ -377,8 +408,11 @@ class RunMonitor:
         self.stop_button.on_click(lambda _b: self.stop())
         self.resume_button.on_click(lambda _b: self.start(resume=True))
         self.run_name.observe(self._on_run_name, names="value")
+        self.config.observe(lambda _c: self._on_config(), names="value")
+        self._on_config()
         self.widget = w.VBox([
-            w.HBox([self.config, self.devices]), w.HBox([self.run_name, self.overrides]),
+            w.HBox([self.config, self.devices]), self.config_note, w.HBox([self.run_name, self.budget]),
+            self.overrides,
             w.HBox([self.start_button, self.stop_button, self.resume_button]),
             w.HBox([self.progress, self.status]), self.message, self.smoothing, self.plot, self.forecast.widget,
         ])
@@ -399,7 +433,29 @@ class RunMonitor:
         return RunDir(self.run_dir).last.exists()
 
     def argv(self, resume: bool = False) -> list[str]:
-        return train_argv(self.config.value, self.run_dir, self.devices.value, resume, self.overrides.value.split())
+        """The command of Start (the config field's config) or Resume (the run's own config.yaml),
+        with the overrides box and, where it differs from that config's, the budget field."""
+        own = RunDir(self.run_dir).config if resume else self.config.value
+        try:
+            budget = budget_override(self.budget.value, config_budget(own))
+        except VLabError:  # the trainer says what is wrong with the config itself
+            budget = []
+        return train_argv(self.config.value, self.run_dir, self.devices.value, resume,
+                          [*self.overrides.value.split(), *budget])
+
+    def _on_config(self) -> None:
+        """A config chosen: the budget field shows its budget, the note says which config Start starts."""
+        path = self.config.value
+        try:
+            budget = config_budget(path)
+        except VLabError as exc:
+            self.config_note.value = f"<span style='color:#c00'>{html.escape(str(exc))}</span>"
+            return
+        self.budget.value = budget or 0.0
+        others = [o for o in self.config.options if o != path and Path(o).is_file()]
+        self.config_note.value = (f"Start starts <code>{html.escape(path)}</code>"
+                                  + (f" (also offered: {', '.join(f'<code>{html.escape(o)}</code>' for o in others)})"
+                                     if others else ""))
 
     def _on_run_name(self, change: dict) -> None:
         """A run name is a folder inside ``runs_dir``: anything else is refused and reverted."""
@@ -417,7 +473,7 @@ class RunMonitor:
             self.process = RunProcess(self.run_dir)
             self.reader = MetricsReader(RunDir(self.run_dir).metrics)
             self.history = History()
-            self._drawn, self._state = -1, ""
+            self._drawn, self._state = None, ""
             if self.run_dir.is_dir():
                 remember_run(self.runs_dir, self.run_name.value)
         self.refresh()
@@ -438,9 +494,9 @@ class RunMonitor:
             argv = self.argv(resume)
             self.process.start(argv, cwd=self.cwd)
             remember_run(self.runs_dir, self.run_name.value)
-            what = ""
+            what = f"started config {html.escape(self.config.value)}<br>"
             if resume:
-                changes = self.overrides.value.split()
+                changes = argv[argv.index("--no-progress") + 1:]  # the overrides box and the budget field
                 what = (f"resuming with the run's own config {html.escape(str(RunDir(self.run_dir).config))}, "
                         + (f"overrides: {html.escape(' '.join(changes))}" if changes else "no overrides") + "<br>")
             self.message.value = f"{what}<code>{html.escape(' '.join(argv))}</code>"
@@ -489,19 +545,27 @@ class RunMonitor:
             self.resume_button.disabled = alive or bool(holder)
             self.stop_button.disabled = not alive
             self._state = state
-            if len(self.history.steps) + len(self.history.val_steps) != self._drawn:
+            if self._drawing_key() != self._drawn:  # new records, or a new state for the title
                 self.redraw()
             for follow in self.followers:
                 follow(self.run_dir)
             self.forecast.show(self.history, time.time() if alive else None)
             return {**status, "state_shown": state, "step_shown": step, "alive": alive, "eta_s": eta}
 
+    def _drawing_key(self) -> tuple[int, str]:
+        """What the plot shows: the records drawn and the state in its title (a run finishes, or
+        its process goes, after its last record: the title must follow)."""
+        return len(self.history.steps) + len(self.history.val_steps), self._state
+
+    @property
+    def plot_title(self) -> str:
+        return f"{self.run_name.value}: {self._state}"
+
     def redraw(self) -> None:
         """Draw the plot from the history read so far (a new smoothing needs no new records)."""
         with self._lock:
-            self._drawn = len(self.history.steps) + len(self.history.val_steps)
-            title = f"{self.run_name.value}: {self._state}"
-            self.plot.value = figure_png(history_figure(self.history, title, self.smoothing.value))
+            self._drawn = self._drawing_key()
+            self.plot.value = figure_png(history_figure(self.history, self.plot_title, self.smoothing.value))
 
     def watch(self, interval: float | None = None) -> None:
         """Refresh from a background thread until ``unwatch()``."""

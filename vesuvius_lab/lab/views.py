@@ -10,6 +10,7 @@ and its 2D/3D mode. Every function that changes a viewer runs on the Qt thread
 
 from __future__ import annotations
 
+import html
 import io
 import sys
 import weakref
@@ -287,13 +288,34 @@ class ViewerSnapshot:
         return self.image.value
 
 
-def notebook_view(viewer: napari.Viewer) -> ipywidgets.VBox:
-    """What a napari cell shows under it: the 2D/3D buttons and a live snapshot of the canvas (axes
-    named z/y/x), so the notebook reads without the desktop window."""
+@on_qt_thread
+def name_axes(viewer: napari.Viewer) -> None:
+    """z/y/x on the canvas itself: the axes of napari's canvas overlay (bottom left), labelled from
+    ``dims.axis_labels``, so a canvas snapshot says which way is which (the dims sliders that also
+    carry the names are not part of the canvas)."""
     if viewer.dims.ndim == len(AXIS_LABELS):
         viewer.dims.axis_labels = AXIS_LABELS
+    axes = viewer.canvas.overlays.axes
+    axes.visible, axes.labels, axes.colored = True, True, True
+
+
+def legend_html(colours: dict[str, str]) -> str:
+    """A row of colour swatches with their meaning (CSS colours, as the layers' colormaps name them)."""
+    swatch = ("<span style='margin-left:12px'><span style='display:inline-block;width:14px;height:14px;"
+              "margin-right:4px;vertical-align:middle;border:1px solid #888;background:{}'></span>{}</span>")
+    return "".join(swatch.format(html.escape(c), html.escape(name)) for name, c in colours.items())
+
+
+def notebook_view(viewer: napari.Viewer, legend: dict[str, str] | None = None) -> ipywidgets.VBox:
+    """What a napari cell shows under it: the 2D/3D buttons, a live snapshot of the canvas (axes
+    named z/y/x) and the legend of its colours, so the notebook reads without the desktop window.
+    The snapshot follows its viewer: a view that must stay as its cell made it gets a viewer of its own."""
+    name_axes(viewer)
     snapshot = ViewerSnapshot(viewer)
-    box = ipywidgets.VBox([ndisplay_toggle(viewer), snapshot.widget])
+    parts = [ndisplay_toggle(viewer), snapshot.widget]
+    if legend:
+        parts.append(ipywidgets.HTML(legend_html(legend)))
+    box = ipywidgets.VBox(parts)
     box.snapshot = snapshot  # alive as long as its widget: napari holds event callbacks weakly
     return box
 

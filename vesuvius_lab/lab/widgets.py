@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import html
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import ipywidgets as w
@@ -100,12 +101,20 @@ class SliceExplorer:
         self.image.value = self.slices.png()
 
 
+def exact_slider(value: float, description: str, lo: float = 0.0, hi: float = 1.0) -> w.FloatSlider:
+    """A slider whose grid and readout hold ``value`` exactly: the browser snaps a slider's value to
+    its step, so a 0.05 step would start a config's 0.33 at 0.35. The step is 0.01, or finer when
+    the value has more decimals (0.125 gets 0.001)."""
+    decimals = max(2, -Decimal(repr(float(value))).normalize().as_tuple().exponent)
+    return w.FloatSlider(value=value, min=lo, max=hi, step=10.0**-decimals, description=description,
+                         readout_format=f".{decimals}f")
+
+
 def probability_sliders(config) -> dict[str, w.FloatSlider]:
-    """A 0-1 slider for every probability field (``p_*`` or ``*_fraction``) of a config dataclass."""
+    """A 0-1 slider for every probability field (``p_*`` or ``*_fraction``) of a config dataclass,
+    starting at the config's exact value."""
     return {
-        f.name: w.FloatSlider(
-            value=getattr(config, f.name), min=0.0, max=1.0, step=0.05, description=f.name, readout_format=".2f"
-        )
+        f.name: exact_slider(getattr(config, f.name), f.name)
         for f in dataclasses.fields(config)
         if f.name.startswith("p_") or f.name.endswith("_fraction")
     }
