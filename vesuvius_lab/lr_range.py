@@ -68,7 +68,7 @@ class RangeTest:
         return f"{head} ({self.rule}); {ran} in {self.seconds:.0f} s on {self.device}{stop}"
 
 
-def lr_at(i: int, steps: int, min_lr: float, max_lr: float) -> float:
+def ramp_lr(i: int, steps: int, min_lr: float, max_lr: float) -> float:
     """The exponential ramp: min_lr at the first step, max_lr at the last."""
     return min_lr * (max_lr / min_lr) ** (i / max(steps - 1, 1))
 
@@ -96,7 +96,7 @@ def run_range_test(engine: Engine, batches: Iterator[dict], min_lr: float = MIN_
     try:
         engine.raw_model.train()
         for i in range(steps):
-            lr = lr_at(i, steps, min_lr, max_lr)
+            lr = ramp_lr(i, steps, min_lr, max_lr)
             engine.set_lr(lr)
             fb = forward_backward(engine, batches, i)
             optimizer_update(engine, fb.finite)
