@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "live": "vesuvius_lab.bench.live_prediction",
     "repair": "vesuvius_lab.bench.repair",
     "scale": "vesuvius_lab.bench.scale",
+    "step": "vesuvius_lab.bench.step",
 }
 
 

@@ -19,7 +19,7 @@ import torch
 
 from vesuvius_lab.augment import apply_batch
 from vesuvius_lab.config import Config
-from vesuvius_lab.device import amp_dtype
+from vesuvius_lab.device import AMP_DTYPES, amp_dtype
 from vesuvius_lab.losses import TopologyLoss
 from vesuvius_lab.model import as_input, build_model
 from vesuvius_lab.sampling import PatchDataset
@@ -64,8 +64,11 @@ class StepResult:
 
 
 def build_engine(config: Config, dataset: PatchDataset, device: torch.device, world: int = 1,
-                 local_rank: int = 0) -> Engine:
-    """Model, optimizer, precision and loss as configured (the model wrapped in DDP when world > 1)."""
+                 local_rank: int = 0, amp: str | None = None) -> Engine:
+    """Model, optimizer, precision and loss as configured (the model wrapped in DDP when world > 1).
+
+    ``amp`` (bf16, fp16, off) replaces ``optim.amp`` on any device, the CPU included: the step
+    benchmark times autocast wherever the device has it, while training keeps to ``amp_dtype``."""
     torch.manual_seed(config.training.seed)
     model = build_model(config.model, config.data.patch_size).to(device)
     if world > 1:
@@ -77,8 +80,8 @@ def build_engine(config: Config, dataset: PatchDataset, device: torch.device, wo
         optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    dtype = amp_dtype(o.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    dtype = amp_dtype(o.amp, device) if amp is None else AMP_DTYPES[amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     raw = model.module if world > 1 else model
     ema = EMA(raw, o.ema_decay) if o.ema_decay else None
     criterion = TopologyLoss(config.loss, steps_per_epoch=dataset.layout.steps)
