@@ -58,6 +58,8 @@ def test_bench_step_json_is_consistent(cli):
         assert aug["device_vs_worker"] == round(aug["device"]["patches_per_s"] / aug["worker"]["patches_per_s"], 3)
 
 
-def test_bench_step_refuses_a_bad_patch(cli):
+def test_bench_step_refuses_bad_arguments_in_one_line(cli):
     code, _, err = cli("bench", "step", "--json", "--config", CONFIGS / "demo.yaml", "--patch", 16, 16)
     assert code == 2 and err == ["error: bench step: --patch takes one edge or Z Y X"]
+    code, _, err = cli("bench", "step", "--json", "--config", CONFIGS / "demo.yaml", "--precisions", "bf16,fp32")
+    assert code == 2 and err == ["error: bench step: --precisions bf16,fp32: fp32 first, then any of bf16, fp16"]

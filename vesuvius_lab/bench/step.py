@@ -49,6 +49,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, nargs="+", metavar="N",
                    help="patch size for every config instead of its own (one edge, or Z Y X)")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: each config's train_batch_size)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help="comma-separated, fp32 (the baseline) first (default fp32,bf16,fp16; a CPU's fp16 is slow)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per precision (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first, at least 1 (default 2)")
     p.add_argument("--augment-batches", type=int, default=6, help="timed loader batches per augment.where (default 6)")
@@ -156,15 +158,15 @@ def augment_throughput(cfg: Config, records, cache: VolumeCache, device: torch.d
     return out
 
 
-def bench_config(path: Path, overrides: list[str], batch_size: int | None, records, cache: VolumeCache,
-                 device: torch.device, args: argparse.Namespace) -> dict:
+def bench_config(path: Path, overrides: list[str], batch_size: int | None, precisions: list[str], records,
+                 cache: VolumeCache, device: torch.device, args: argparse.Namespace) -> dict:
     cfg = load_config(path, overrides)
     if batch_size is not None:
         cfg = replace(cfg, training=replace(cfg.training, train_batch_size=batch_size))
     patch_dataset(cfg, records, cache).prepare(progress=False)  # its targets (fg_points) before any timing
-    supported = [p for p in PRECISIONS if autocast_supported("off" if p == "fp32" else p, device)]
+    supported = [p for p in precisions if autocast_supported("off" if p == "fp32" else p, device)]
     steps: dict = {}
-    for amp in PRECISIONS:
+    for amp in precisions:
         steps[amp] = time_steps(cfg, records, cache, device, amp, args.warmup, args.steps) \
             if amp in supported else "unsupported"
     fp32 = steps["fp32"]
@@ -185,7 +187,7 @@ def bench_config(path: Path, overrides: list[str], batch_size: int | None, recor
         "loss_terms": [t for t in TERMS if getattr(cfg.loss, t) > 0],
         "configured_amp": cfg.optim.amp,
         "steps": steps,
-        "loss_agreement": {**agreement, **{p: "unsupported" for p in PRECISIONS if p not in supported}},
+        "loss_agreement": {**agreement, **{p: "unsupported" for p in precisions if p not in supported}},
         "augmentation": augment_throughput(cfg, records, cache, device, args.augment_batches),
     }
 
@@ -207,13 +209,17 @@ def run(args: argparse.Namespace) -> dict:
         if len(args.patch) not in (1, 3):
             raise ConfigError("bench step: --patch takes one edge or Z Y X")
         overrides.append(f"data.patch_size={list(args.patch) * (3 // len(args.patch))}")
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    if precisions[0] != "fp32" or not set(precisions) <= set(PRECISIONS) or len(set(precisions)) < len(precisions):
+        raise ConfigError(f"bench step: --precisions {args.precisions}: fp32 first, then any of bf16, fp16")
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
     for path in configs:
         load_config(path, overrides)  # every config's problems before any timing
     device = default_device()
     records = bench_records(args.shape, args.volumes)
     cache = VolumeCache()
-    results = [bench_config(path, overrides, b, records, cache, device, args) for path in configs for b in sizes]
+    results = [bench_config(path, overrides, b, precisions, records, cache, device, args)
+               for path in configs for b in sizes]
     return {
         "device": _device_name(device),
         "torch": torch.__version__,
