@@ -33,7 +33,7 @@ from vesuvius_lab.data import patch_dataset
 from vesuvius_lab.device import autocast_supported, default_device, memory_mb
 from vesuvius_lab.loader import build_loader
 from vesuvius_lab.losses import TERMS
-from vesuvius_lab.model import parameter_count
+from vesuvius_lab.model import build_model, parameter_count
 from vesuvius_lab.training.engine import build_engine, forward_backward, optimizer_update
 
 RECIPES = ("configs/exp001_full.yaml", "configs/kaggle_resenc_128.yaml")  # the README's recipes
@@ -174,7 +174,6 @@ def bench_config(path: Path, overrides: list[str], batch_size: int | None, preci
         steps[amp].update(speedup_vs_fp32=round(fp32["median_s"] / steps[amp]["median_s"], 3),
                           memory_vs_fp32=round(steps[amp]["peak_memory_mb"] / fp32["peak_memory_mb"], 3))
     agreement = loss_agreement(cfg, records, cache, device, supported)
-    dataset = patch_dataset(cfg, records, cache)
     return {
         "config": str(path),
         "patch": list(cfg.data.patch_size),
@@ -183,7 +182,7 @@ def bench_config(path: Path, overrides: list[str], batch_size: int | None, preci
         "workers": cfg.training.workers,
         "augment_where": cfg.augment.where,
         "model": cfg.model.arch,
-        "parameters": parameter_count(build_engine(cfg, dataset, device).raw_model),
+        "parameters": parameter_count(build_model(cfg.model, cfg.data.patch_size)),
         "loss_terms": [t for t in TERMS if getattr(cfg.loss, t) > 0],
         "configured_amp": cfg.optim.amp,
         "steps": steps,
