@@ -15,6 +15,7 @@ import pytest
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import load_config
 from vesuvius_lab.io import write_volume
+from vesuvius_lab.lab.evaluation import tuning_table
 from vesuvius_lab.leaderboard import volume_score
 from vesuvius_lab.postprocess import PostprocessConfig, postprocess
 
@@ -123,6 +124,9 @@ def test_the_out_of_sample_score_holds_out_each_volume_and_exposes_a_setting_tha
     # the case overfits: in-sample the faint volume's threshold wins, out of sample it costs
     assert best["postprocess"]["threshold"] == 0.3 and chosen[2] == {}  # chosen on a and b: as configured (0.5)
     assert oos["score"] < best["score"]
+    table = tuning_table(result)  # notebook 05's view of it: the out-of-sample score first
+    assert list(table.index[:2]) == ["out-of-sample (leave-one-out)", "in-sample best"]
+    assert table["score"].iloc[0] == oos["score"] and table["score"].iloc[1] == best["score"]
     code, out, err = cli(*args)
     assert code == 0 and not err
     assert out[0].startswith(f"out-of-sample: score {oos['score']:.4f}, ") and "leave-one-out over 3 volumes" in out[0]
@@ -131,6 +135,14 @@ def test_the_out_of_sample_score_holds_out_each_volume_and_exposes_a_setting_tha
     assert not any(line.startswith("best") for line in out)  # no unlabelled figure
     code, out, err = cli(*args, "--folds", "2", "--json")  # k folds: volume i in fold i mod k
     assert code == 0 and [f["held_out"] for f in json.loads(out[-1])["out_of_sample"]["per_fold"]] == [["a", "c"], ["b"]]
+    from vesuvius_lab.tune import folder_volumes, format_table, tune
+
+    one = tune(folder_volumes(prob_dir, label_dir)[:1], PostprocessConfig(min_component_size=0), {"threshold": [0.3]},
+               eta=0, jobs=1, progress=False)  # one volume: no other to choose on, and it says so
+    lines = []
+    format_table(one, lines.append)
+    assert one["out_of_sample"] is None and lines[0].startswith("out-of-sample: none (one volume")
+    assert np.isnan(tuning_table(one)["score"].iloc[0]) and tuning_table(one).index[0] == "out-of-sample (needs 2+ volumes)"
 
 
 def test_successive_halving_scores_every_setting_on_a_first_share_and_the_best_on_all(prob_folders):

@@ -408,20 +408,21 @@ def format_table(result: dict, write: Callable[[str], None] = print) -> None:
         write(f"out-of-sample: score {oos['score']:.4f}, topo {oos['topo']:.4f}, surface_dice {oos['surface_dice']:.4f}, "
               f"voi_score {oos['voi_score']:.4f} ({how} over {n} volumes: each scored with the setting chosen on the others)")
         for fold in oos["per_fold"]:
-            write(f"  held out {','.join(fold['held_out'])}: {_setting(fold['setting'])} "
+            write(f"  held out {','.join(fold['held_out'])}: {setting_text(fold['setting'])} "
                   f"(chosen on the others at {fold['chosen_on']:.4f}) scores {fold['score']:.4f}")
     write("in-sample table (chosen and scored on the same volumes):")
     write(f"{'score':>7} {'topo':>7} {'sdice':>7} {'voi':>7} {'vols':>4} {'cpu_s':>6}  setting")
     for row in result["rows"]:
         write(f"{row['score']:7.4f} {row['topo']:7.4f} {row['surface_dice']:7.4f} {row['voi_score']:7.4f} "
-              f"{row['volumes']:4d} {row['postprocess_cpu_s']:6.2f}  {_setting(row['setting'])}")
+              f"{row['volumes']:4d} {row['postprocess_cpu_s']:6.2f}  {setting_text(row['setting'])}")
     b, base = result["best"], result["base"]
     write(f"in-sample best: score {b['score']:.4f} (as configured {base['score']:.4f}), topo {b['topo']:.4f}, "
           f"surface_dice {b['surface_dice']:.4f}, voi_score {b['voi_score']:.4f} over {n} volumes, "
           f"{result['settings']} settings in {result['seconds']:.0f} s")
 
 
-def _setting(setting: dict) -> str:
+def setting_text(setting: dict) -> str:
+    """A setting's changes on one line, as the table shows them (CLI and notebook 05)."""
     return " ".join(f"{k}={_short(v)}" for k, v in setting.items()) or "(as configured)"
 
 
