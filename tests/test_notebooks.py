@@ -31,7 +31,8 @@ SMALL = {
                       "measure_now": True},
     # a tiny run (config written by the test), started, followed for a few steps, then stopped
     "04_train_live": {"run_name": "nb", "start": True, "wait_steps": 3, "stop_at_end": True, "refresh_s": 0.5},
-    "05_evaluate": {"max_volumes": 1, "overrides": ["val.overlap=0.0"]},
+    # two volumes: the tuning's leave-one-out has one to choose on for each held out
+    "05_evaluate": {"max_volumes": 2, "overrides": ["val.overlap=0.0"], "tune_grid": {"threshold": [0.3, 0.5]}},
     "06_compare_runs": {},  # two finished tiny runs (the finished_runs fixture)
 }
 # The screenshots each notebook saves (suffixes of tests/artifacts/<notebook>-<suffix>.png).
@@ -122,6 +123,9 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         tables = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
                   if "text/html" in o.get("data", {})]
         assert any("surface_dice" in t and "mean" in t for t in tables)
+        tuning = [t for t in tables if "out-of-sample (leave-one-out)" in t]
+        assert len(tuning) == 1 and "in-sample best" in tuning[0] and tuning[0].count("held out ") == 2
+        assert tuning[0].index("out-of-sample") < tuning[0].index("in-sample best")
         return
     if path.stem == "03_plan_epoch":
         assert str(tmp_path / "planned.yaml") in printed and (tmp_path / "planned.yaml").exists()

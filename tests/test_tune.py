@@ -1,5 +1,6 @@
 """``vesuvius-lab tune-postprocess``: the best setting is the metric's best, probabilities are computed
-once per checkpoint, the best setting lands in a config, bad input is one line."""
+once per checkpoint, the best setting lands in a config, the out-of-sample score is each volume's score
+under the setting chosen on the others and is printed first, bad input is one line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import load_config
 from vesuvius_lab.io import write_volume
+from vesuvius_lab.lab.evaluation import tuning_table
 from vesuvius_lab.leaderboard import volume_score
 from vesuvius_lab.postprocess import PostprocessConfig, postprocess
 
@@ -73,6 +75,76 @@ def test_the_tuners_best_is_the_metrics_best_and_apply_writes_it(cli, prob_folde
     assert (tuned.threshold, tuple(tuned.repair)) == best_key
 
 
+def out_of_sample_by_hand(result: dict) -> tuple[float, list[dict]]:
+    """Leave-one-out from the reported per-volume score table (a grid of thresholds, scored in full):
+    for each volume, the setting with the best mean score over the other volumes (at equal four
+    decimals, the lower median CPU time), scored on the one left out."""
+    ids, pooled, chosen = result["volumes"], [], []
+    assert all(set(r["per_volume"]) == set(ids) for r in result["rows"])
+    for held in ids:
+        others = [i for i in ids if i != held]
+        row = min(result["rows"], key=lambda r: (-round(statistics.fmean(r["per_volume"][i]["score"] for i in others), 4),
+                                                 statistics.median(r["per_volume"][i]["postprocess_cpu_s"] for i in others)))
+        chosen.append(row["setting"])
+        pooled.append(row["per_volume"][held]["score"])
+    return statistics.fmean(pooled), chosen
+
+
+def test_the_out_of_sample_score_holds_out_each_volume_and_exposes_a_setting_that_suits_one(cli, tmp_path):
+    """Two volumes with faint debris (a low threshold keeps it: a little worse) and one whose sheets
+    are faint (a low threshold finds them: much better). In-sample the low threshold wins on the
+    mean; chosen on the other two volumes it is never right for the volume left out."""
+    prob_dir, label_dir = tmp_path / "prob", tmp_path / "labels"
+    prob_dir.mkdir()
+    rng = np.random.default_rng(1)
+    for rid, faint in (("a", False), ("b", False), ("c", True)):
+        label = np.zeros((32, 32, 32), np.uint8)
+        label[6:9] = label[20:23] = 1
+        prob = np.where(label == 1, 0.4 if faint else 0.8, 0.1) + rng.uniform(-0.03, 0.03, label.shape)
+        if not faint:
+            prob[13:15, 4:6, 4:6] = 0.4  # a speck of debris between the sheets: a component too many
+        np.save(prob_dir / f"{rid}.npy", prob.astype(np.float32))
+        write_volume(label_dir / f"{rid}.tif", label)
+    base_cfg = tmp_path / "base.yaml"
+    base_cfg.write_text("postprocess:\n  threshold: 0.5\n  min_component_size: 0\n")
+    args = ("tune-postprocess", "--prob", prob_dir, "--labels", label_dir, "--config", base_cfg,
+            "--grid", "threshold=[0.3, 0.5]", "--eta", "0", "--jobs", "1")
+    code, out, err = cli(*args, "--json")
+    assert code == 0 and not err
+    result = json.loads(out[-1])
+    oos, best = result["out_of_sample"], result["best"]
+    assert oos["folds"] == 3 and oos["leave_one_out"] and [f["held_out"] for f in oos["per_fold"]] == [["a"], ["b"], ["c"]]
+    by_hand, chosen = out_of_sample_by_hand(result)
+    assert oos["score"] == pytest.approx(by_hand, abs=1e-12)
+    assert [f["setting"] for f in oos["per_fold"]] == chosen
+    for fold in oos["per_fold"]:  # each fold's own figures are its held-out volume's row in the table
+        row = next(r for r in result["rows"] if r["setting"] == fold["setting"])
+        assert fold["score"] == row["per_volume"][fold["held_out"][0]]["score"]
+        assert fold["topo"] == row["per_volume"][fold["held_out"][0]]["topo"]
+    # the case overfits: in-sample the faint volume's threshold wins, out of sample it costs
+    assert best["postprocess"]["threshold"] == 0.3 and chosen[2] == {}  # chosen on a and b: as configured (0.5)
+    assert oos["score"] < best["score"]
+    table = tuning_table(result)  # notebook 05's view of it: the out-of-sample score first
+    assert list(table.index[:2]) == ["out-of-sample (leave-one-out)", "in-sample best"]
+    assert table["score"].iloc[0] == oos["score"] and table["score"].iloc[1] == best["score"]
+    code, out, err = cli(*args)
+    assert code == 0 and not err
+    assert out[0].startswith(f"out-of-sample: score {oos['score']:.4f}, ") and "leave-one-out over 3 volumes" in out[0]
+    assert out.index("in-sample table (chosen and scored on the same volumes):") > 0
+    assert out[-1].startswith(f"in-sample best: score {best['score']:.4f} ")
+    assert not any(line.startswith("best") for line in out)  # no unlabelled figure
+    code, out, err = cli(*args, "--folds", "2", "--json")  # k folds: volume i in fold i mod k
+    assert code == 0 and [f["held_out"] for f in json.loads(out[-1])["out_of_sample"]["per_fold"]] == [["a", "c"], ["b"]]
+    from vesuvius_lab.tune import folder_volumes, format_table, tune
+
+    one = tune(folder_volumes(prob_dir, label_dir)[:1], PostprocessConfig(min_component_size=0), {"threshold": [0.3]},
+               eta=0, jobs=1, progress=False)  # one volume: no other to choose on, and it says so
+    lines = []
+    format_table(one, lines.append)
+    assert one["out_of_sample"] is None and lines[0].startswith("out-of-sample: none (one volume")
+    assert np.isnan(tuning_table(one)["score"].iloc[0]) and tuning_table(one).index[0] == "out-of-sample (needs 2+ volumes)"
+
+
 def test_successive_halving_scores_every_setting_on_a_first_share_and_the_best_on_all(prob_folders):
     from vesuvius_lab.tune import folder_volumes, tune
 
@@ -86,8 +158,11 @@ def test_successive_halving_scores_every_setting_on_a_first_share_and_the_best_o
     grid = {"threshold": [0.3, 0.4, 0.5, 0.6], "repair": [[], REPAIR]}
     result = tune(volumes, PostprocessConfig(), grid, eta=3, jobs=2, progress=False)
     counts = sorted(r["volumes"] for r in result["rows"])
-    assert len(volumes) == 6 and result["settings"] == 8 and counts.count(2) >= 4 and counts.count(6) >= 3
+    # the folds' searches (the same first rung of two, on the other volumes) add a third volume at most
+    assert len(volumes) == 6 and result["settings"] == 8 and counts.count(6) >= 3 and counts[0] <= 3
+    assert sum(counts) < 8 * 6  # halving spared jobs, the folds included
     assert result["rows"][0]["volumes"] == 6 and result["best"]["score"] == result["rows"][0]["score"]
+    assert result["out_of_sample"]["folds"] == 6
     assert tune(volumes[:5], PostprocessConfig(), grid, eta=3, jobs=1, progress=False)["rows"][-1]["volumes"] == 5
 
 
@@ -114,6 +189,8 @@ def test_bad_input_is_one_line(cli, prob_folders, tmp_path):
         (("--prob", prob_dir, "--labels", tmp_path / "nowhere"), "label folder not found"),
         (("--prob", prob_dir, "--labels", label_dir, "--apply", tmp_path / "x.yaml"), "--apply needs --config CFG"),
         (("--prob", prob_dir, "--labels", label_dir, "--tta"), "--tta predicts a run's volumes: give a RUN_DIR"),
+        (("--prob", prob_dir, "--labels", label_dir, "--folds", "3"), "--folds 3: need 2 to 2 folds for 2 volumes"),
+        (("--prob", prob_dir, "--labels", label_dir, "--folds", "1"), "--folds 1: need at least 2"),
     ]
     for args, message in cases:
         code, out, err = cli("tune-postprocess", *args)
@@ -146,6 +223,10 @@ def test_a_tiny_run_is_predicted_once_and_tuned_by_the_metric(tiny_root, tmp_pat
     for row in result["rows"]:
         assert row["score"] == pytest.approx(metric[row["setting"].get("threshold", 0.5)], abs=1e-9)
     assert result["best"]["postprocess"]["threshold"] == max(metric, key=metric.get)
+    oos = result["out_of_sample"]  # leave-one-out over the run's validation volumes, from the same table
+    assert oos["leave_one_out"] and oos["folds"] == len(result["volumes"]) >= 2
+    by_hand, chosen = out_of_sample_by_hand(result)
+    assert oos["score"] == pytest.approx(by_hand, abs=1e-12) and [f["setting"] for f in oos["per_fold"]] == chosen
     code, out, _ = cli(*args)  # again: the cached probabilities serve
     assert code == 0 and [p.stat().st_mtime_ns for p in cached] == stamps
     # with mirror TTA: predicted again, scored as evaluate scores them with val.tta=true, and applied

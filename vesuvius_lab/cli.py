@@ -434,9 +434,13 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[v1,v2,...]",
                    help="postprocess values to search (repeat per key; default: threshold, repair steps, hole_window)")
     p.add_argument("--eta", type=int, default=3, help="successive halving: the best 1/ETA go on to all volumes (0: full grid)")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="the out-of-sample score: each of K folds of the volumes scored with the setting chosen on the "
+                        "others (default: leave-one-out up to 10 volumes, 10 folds above)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--device", help="for the probabilities: cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--json", action="store_true", help="print the table and the best setting as one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print the table, the best setting (in-sample) and the out-of-sample folds as one JSON object")
     p.add_argument("--apply", type=Path, metavar="OUT.yaml", help="write the config with the best setting")
     p.add_argument("--tta", action="store_true",
                    help="the run's probabilities with mirror test-time augmentation (val.tta=true; --apply writes it too)")
@@ -456,6 +460,8 @@ def _tune(args: argparse.Namespace) -> int:
         raise VLabError("--prob needs --labels DIR")
     if args.jobs is not None and args.jobs < 1:
         raise VLabError(f"--jobs {args.jobs}: need at least 1")
+    if args.folds is not None and args.folds < 2:  # before the probabilities are predicted
+        raise VLabError(f"--folds {args.folds}: need at least 2 (one fold would have no volume to choose on)")
     if args.tta and args.run_dir is None:
         raise VLabError("--tta predicts a run's volumes: give a RUN_DIR (--prob folders are already predicted)")
     grid = parse_grid(args.grid) if args.grid else None
@@ -469,7 +475,7 @@ def _tune(args: argparse.Namespace) -> int:
         base = base if args.config else stored
     else:
         volumes = folder_volumes(args.prob, args.labels)
-    result = tune(volumes, base, grid, eta=args.eta, jobs=args.jobs, progress=True)
+    result = tune(volumes, base, grid, eta=args.eta, jobs=args.jobs, progress=True, k=args.folds)
     if args.apply:
         rewrite_config(source, args.apply, {"postprocess": result["best"]["setting"], **({"val": {"tta": True}} if args.tta else {})})
         result["applied"] = str(args.apply)

@@ -7,6 +7,13 @@ settings stay the same), then scores every setting of a grid of ``postprocess`` 
 halving spends the volumes where they matter: every setting is scored on a first share of the
 volumes (at least two), the best third go on to all of them. The table is the mean score, TopoScore, SurfaceDice
 and VOI score per setting; the best setting can be written into a config (``--apply``).
+
+The best setting's score is in-sample: chosen and scored on the same volumes, it flatters the
+setting (with a few volumes, a setting that happens to suit one of them wins). The out-of-sample
+figure is cross-validated: the volumes are split into folds (one volume each up to ``MAX_FOLDS``
+volumes: leave-one-out), each fold's setting is chosen, by the same search and ranking, on the other
+volumes' scores only and scored on the fold's volumes; the figure is the mean over every volume of
+its held-out score. It reuses the table's per-volume scores (nothing is predicted again).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ DEFAULT_GRID: dict[str, list] = {
                [*FULL_REPAIR, "split_bridges", "remove_small_components"]],
     "hole_window": [32, 48],
 }
+MAX_FOLDS = 10  # leave-one-out up to this many volumes, this many folds above
 # the keys that matter only when their step runs (settings differing only in them are the same)
 STEP_KEYS = {
     "fill_sheet_holes": ("hole_window", "max_hole_area"),
@@ -252,20 +260,21 @@ def _job(args: tuple[Volume, dict]) -> dict:
 
 @dataclass
 class Row:
-    """One setting's scores: per volume, and their means over the volumes scored."""
+    """One setting's scores: per volume, and their means over the volumes scored (or ``ids``)."""
 
     setting: PostprocessConfig
     per_volume: dict = field(default_factory=dict)
 
-    def mean(self, part: str) -> float:
-        return statistics.fmean(v[part] for v in self.per_volume.values())
+    def mean(self, part: str, ids: Sequence[str] | None = None) -> float:
+        return statistics.fmean(self.per_volume[i][part] for i in (self.per_volume if ids is None else ids))
 
-    def rank(self) -> tuple:
+    def rank(self, ids: Sequence[str] | None = None) -> tuple:
         """Sort key, best first: the higher mean score; at a score equal to the table's four
         decimals (settings that give the same masks, or all but a few voxels) fewer repair steps,
         then less post-processing CPU time."""
-        cpu = statistics.median(v["postprocess_cpu_s"] for v in self.per_volume.values())
-        return -round(self.mean("score"), 4), len(self.setting.repair), cpu
+        ids = list(self.per_volume) if ids is None else ids
+        cpu = statistics.median(self.per_volume[i]["postprocess_cpu_s"] for i in ids)
+        return -round(self.mean("score", ids), 4), len(self.setting.repair), cpu
 
     def as_dict(self, base: PostprocessConfig) -> dict:
         return {"setting": changes(self.setting, base), **{p: self.mean(p) for p in PARTS},
@@ -274,42 +283,91 @@ class Row:
                 "per_volume": self.per_volume}
 
 
+def folds(ids: Sequence[str], k: int | None = None) -> list[list[str]]:
+    """The held-out volumes of each fold: volume i in fold i mod k (default: leave-one-out up to
+    ``MAX_FOLDS`` volumes). None of them for a single volume: nothing is left to choose on."""
+    if len(ids) < 2:
+        if k is not None:
+            raise ConfigError(f"--folds {k}: cross-validation needs at least 2 volumes, there is {len(ids)}")
+        return []
+    k = min(len(ids), MAX_FOLDS) if k is None else k
+    if not 2 <= k <= len(ids):
+        raise ConfigError(f"--folds {k}: need 2 to {len(ids)} folds for {len(ids)} volumes")
+    return [list(ids[f::k]) for f in range(k)]
+
+
+def _score(rows: Sequence[Row], volumes: Sequence[Volume], run: Callable, bar) -> None:
+    """Score each row on the volumes it has no score for yet."""
+    work = [(row, v) for row in rows for v in volumes if v.id not in row.per_volume]
+    bar.total += len(work)
+    bar.refresh()
+    for (row, v), result in zip(work, run(_job, [(v, dataclasses.asdict(row.setting)) for row, v in work]), strict=True):
+        row.per_volume[v.id] = result
+        bar.update()
+
+
+def _halving(rows: list[Row], volumes: Sequence[Volume], first: int | None, eta: int, run: Callable, bar) -> Row:
+    """Successive halving over ``volumes``: every row on the first ``first`` (None: no halving), the
+    best 1/eta on all; scores already in a row are reused, missing ones computed. Returns the best
+    row of those that reached every volume, ranked on these volumes only."""
+    rungs = [first, len(volumes)] if first and first < len(volumes) else [len(volumes)]
+    alive = rows
+    for r, n in enumerate(rungs):
+        _score(alive, volumes[:n], run, bar)
+        if r + 1 < len(rungs):
+            ids = [v.id for v in volumes[:n]]
+            ranked = sorted(alive, key=lambda row: row.rank(ids))
+            alive = ranked[: math.ceil(len(ranked) / eta)]
+            if rows[0] not in alive:  # the base setting always reaches the end: the "before" of the table
+                alive.append(rows[0])
+    ids = [v.id for v in volumes]
+    return min(alive, key=lambda row: row.rank(ids))
+
+
 def tune(volumes: Sequence[Volume], base: PostprocessConfig, grid: Mapping[str, Sequence] | None = None,
-         eta: int = 3, jobs: int | None = None, progress: bool = True) -> dict:
+         eta: int = 3, jobs: int | None = None, progress: bool = True, k: int | None = None) -> dict:
     """Score the grid's settings on the volumes (successive halving with factor ``eta``; 0 or 1:
-    every setting on every volume). Returns the table (best first), the best setting and the base's row."""
+    every setting on every volume). Returns the table (best first, every volume's scores in
+    ``per_volume``), the best setting with its in-sample scores, the base's row, and
+    ``out_of_sample``: the cross-validated scores over ``k`` folds (default leave-one-out up to
+    ``MAX_FOLDS`` volumes) with each fold's held-out volumes, chosen setting and scores; None for
+    one volume."""
     if not volumes:
         raise DataError("no volumes to tune on")
+    held_out = folds([v.id for v in volumes], k)
     settings = candidates(base, DEFAULT_GRID if grid is None else grid)
     rows = [Row(s) for s in settings]
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = max(1, int(jobs))
-    rungs = [len(volumes)]
+    first = None  # the first rung; the folds keep it, so that their search is the one they check
     if eta > 1 and len(rows) > eta and len(volumes) >= 2 * eta:  # a first rung of one volume would be noise
-        rungs = [max(1, math.ceil(len(volumes) / eta)), len(volumes)]
+        first = max(1, math.ceil(len(volumes) / eta))
     t0 = time.perf_counter()
-    alive = rows
+    chosen: list[tuple[list[str], Row]] = []
     with tqdm(total=0, desc="tune", unit="job", disable=not progress) as bar, _pool(jobs) as run:
-        for r, n in enumerate(rungs):
-            work = [(row, v) for row in alive for v in volumes[:n] if v.id not in row.per_volume]
-            bar.total += len(work)
-            bar.refresh()
-            for (row, v), result in zip(work, run(_job, [(v, dataclasses.asdict(row.setting)) for row, v in work]), strict=True):
-                row.per_volume[v.id] = result
-                bar.update()
-            if r + 1 < len(rungs):
-                ranked = sorted(alive, key=Row.rank)
-                alive = ranked[: math.ceil(len(ranked) / eta)]
-                if rows[0] not in alive:  # the base setting always reaches the end: the "before" of the table
-                    alive.append(rows[0])
+        _halving(rows, volumes, first, eta, run, bar)
+        for test in held_out:  # each fold's setting is chosen by the same search on the other volumes only
+            row = _halving(rows, [v for v in volumes if v.id not in test], first, eta, run, bar)
+            _score([row], [v for v in volumes if v.id in test], run, bar)
+            chosen.append((test, row))
     table = sorted(rows, key=lambda row: (-len(row.per_volume), *row.rank()))
     best = table[0]
+    out_of_sample = None
+    if chosen:
+        held = [(i, row) for test, row in chosen for i in test]
+        out_of_sample = {
+            **{p: statistics.fmean(row.per_volume[i][p] for i, row in held) for p in PARTS},
+            "folds": len(chosen), "leave_one_out": len(chosen) == len(volumes),
+            "per_fold": [{"held_out": test, "setting": changes(row.setting, base),
+                          "chosen_on": row.mean("score", [v.id for v in volumes if v.id not in test]),
+                          **{p: row.mean(p, test) for p in PARTS}} for test, row in chosen]}
     return {
         "rows": [row.as_dict(base) for row in table],
         "best": {"setting": changes(best.setting, base), "postprocess": dataclasses.asdict(best.setting),
                  **{p: best.mean(p) for p in PARTS}},
         "base": {p: rows[0].mean(p) for p in PARTS},
+        "out_of_sample": out_of_sample,
         "volumes": [v.id for v in volumes],
         "settings": len(rows),
         "jobs": jobs,
@@ -339,16 +397,33 @@ class _pool:
 
 
 def format_table(result: dict, write: Callable[[str], None] = print) -> None:
-    """One line per setting, best first, then the best setting."""
+    """The out-of-sample score first (the one to trust) with each fold's choice, then the in-sample
+    table (one line per setting, best first) and the in-sample best setting."""
+    n = len(result["volumes"])
+    oos = result["out_of_sample"]
+    if oos is None:
+        write("out-of-sample: none (one volume: no other volume to choose the setting on)")
+    else:
+        how = "leave-one-out" if oos["leave_one_out"] else f"{oos['folds']} folds"
+        write(f"out-of-sample: score {oos['score']:.4f}, topo {oos['topo']:.4f}, surface_dice {oos['surface_dice']:.4f}, "
+              f"voi_score {oos['voi_score']:.4f} ({how} over {n} volumes: each scored with the setting chosen on the others)")
+        for fold in oos["per_fold"]:
+            write(f"  held out {','.join(fold['held_out'])}: {setting_text(fold['setting'])} "
+                  f"(chosen on the others at {fold['chosen_on']:.4f}) scores {fold['score']:.4f}")
+    write("in-sample table (chosen and scored on the same volumes):")
     write(f"{'score':>7} {'topo':>7} {'sdice':>7} {'voi':>7} {'vols':>4} {'cpu_s':>6}  setting")
     for row in result["rows"]:
-        setting = " ".join(f"{k}={_short(v)}" for k, v in row["setting"].items()) or "(as configured)"
         write(f"{row['score']:7.4f} {row['topo']:7.4f} {row['surface_dice']:7.4f} {row['voi_score']:7.4f} "
-              f"{row['volumes']:4d} {row['postprocess_cpu_s']:6.2f}  {setting}")
+              f"{row['volumes']:4d} {row['postprocess_cpu_s']:6.2f}  {setting_text(row['setting'])}")
     b, base = result["best"], result["base"]
-    write(f"best: score {b['score']:.4f} (as configured {base['score']:.4f}), topo {b['topo']:.4f}, "
-          f"surface_dice {b['surface_dice']:.4f}, voi_score {b['voi_score']:.4f} over {len(result['volumes'])} volumes, "
+    write(f"in-sample best: score {b['score']:.4f} (as configured {base['score']:.4f}), topo {b['topo']:.4f}, "
+          f"surface_dice {b['surface_dice']:.4f}, voi_score {b['voi_score']:.4f} over {n} volumes, "
           f"{result['settings']} settings in {result['seconds']:.0f} s")
+
+
+def setting_text(setting: dict) -> str:
+    """A setting's changes on one line, as the table shows them (CLI and notebook 05)."""
+    return " ".join(f"{k}={_short(v)}" for k, v in setting.items()) or "(as configured)"
 
 
 def _short(value) -> str:

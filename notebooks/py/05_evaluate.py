@@ -20,8 +20,9 @@
 # stored sliding-window, TTA, precision and post-processing settings), score each with the
 # leaderboard metric (score, topo, surface Dice, VOI), and look at the errors in napari: true
 # positives white, false positives red, false negatives cyan. Then see which homology dimension
-# costs the TopoScore, and what the topology repair (`postprocess.repair`, tuned by
-# `vesuvius-lab tune-postprocess`) adds and removes, volume by volume.
+# costs the TopoScore, what the topology repair (`postprocess.repair`, tuned by
+# `vesuvius-lab tune-postprocess`) adds and removes, volume by volume, and what tuning it scores on
+# volumes it was not tuned on (out-of-sample) and on those it was (in-sample).
 
 # %% tags=["parameters"]
 checkpoint_path = "../runs/demo/checkpoints/best.pt"  # a vesuvius_lab checkpoint
@@ -35,6 +36,8 @@ screenshot_dir = None  # a folder: save the napari view there in 2D and 3D
 # the repair to compare, config keys and values (tune-postprocess's choice for the demo, configs/demo_repair.yaml,
 # less its threshold)
 repair = {"postprocess.repair": ["plug_pinholes", "fill_sheet_holes"], "postprocess.hole_window": 40}
+# the settings tuned on these volumes, postprocess keys and their values (as tune-postprocess --grid takes them)
+tune_grid = {"threshold": [0.4, 0.5, 0.6], "repair": [[], ["plug_pinholes", "fill_sheet_holes"]]}
 
 # %%
 from vesuvius_lab.evaluate import evaluate_checkpoint
@@ -99,6 +102,18 @@ views.notebook_view(repair_viewer, evaluation.REPAIR_LEGEND)
 if screenshot_dir:
     for path in views.save_views(repair_viewer, screenshot_dir, "05_evaluate_repair"):
         print(path)
+
+# %% [markdown]
+# ## Tuning: the score to expect on new volumes
+#
+# What `vesuvius-lab tune-postprocess` reports for `tune_grid` on these volumes. The out-of-sample
+# score comes first: each volume scored with the setting chosen on the other volumes
+# (leave-one-out up to 10 volumes), the score to expect on volumes the setting was not tuned on. The in-sample best
+# is chosen and scored on the same volumes: it flatters the setting. Then each fold's choice.
+
+# %%
+tuning = evaluation.tune_results(results, checkpoint_path, overrides, tune_grid)
+evaluation.fitted(evaluation.tuning_table(tuning))
 
 # %%
 if close_viewer:

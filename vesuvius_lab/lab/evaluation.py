@@ -2,12 +2,14 @@
 the leaderboard score and its parts per volume plus the mean; ``topology_table`` which homology
 dimension costs the TopoScore; ``error_labels`` marks true positives, false positives and false
 negatives for napari (``show_errors``); ``compare_repair`` and ``show_repair`` what the topology
-repair adds and removes, and what that does to each part of the score."""
+repair adds and removes, and what that does to each part of the score; ``tune_results`` and
+``tuning_table`` the tuner's out-of-sample and in-sample scores on these volumes."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -167,3 +169,40 @@ def show_repair(viewer, result: VolumeResult, comparison: RepairComparison) -> N
                       colormap=DirectLabelColormap(color_dict={0: "transparent", 1: "white", None: "transparent"}))
     viewer.add_labels(repair_labels(comparison.before, comparison.after), name="repair (added green, removed magenta)",
                       colormap=DirectLabelColormap(color_dict=REPAIR_COLORS), opacity=1.0)
+
+
+def tune_results(results: list[VolumeResult], checkpoint: str | Path, overrides: Sequence[str] = (),
+                 grid: dict | None = None) -> dict:
+    """``tune.tune`` (what ``vesuvius-lab tune-postprocess`` runs) over ``grid`` (post-processing
+    keys and their values, as ``--grid`` takes them) from the checkpoint's post-processing, on these
+    volumes' probabilities: the out-of-sample and in-sample scores, nothing predicted again."""
+    from vesuvius_lab.tune import Volume, parse_grid, tune
+
+    grid = parse_grid(f"{key}={json.dumps(values)}" for key, values in (grid or {}).items()) if grid else None
+    _, base = repair_settings(checkpoint, overrides)
+    with tempfile.TemporaryDirectory(prefix="vlab-tune-") as folder:  # the tuner's workers read files
+        volumes = []
+        for r in results:
+            volume = Volume(r.id, Path(folder) / f"{r.id}.prob.npy", Path(folder) / f"{r.id}.label.npy")
+            np.save(volume.probability, np.asarray(r.probability, np.float32))
+            np.save(volume.label, np.asarray(r.label))
+            volumes.append(volume)
+        return tune(volumes, base, grid, progress=False)
+
+
+def tuning_table(result: dict) -> pd.DataFrame:
+    """The out-of-sample score first (each volume scored with the setting chosen on the others),
+    then the in-sample best (chosen and scored on the same volumes) and the setting as configured;
+    then per fold what it chose and scored. The out-of-sample rows are NaN for one volume."""
+    from vesuvius_lab.tune import PARTS, setting_text
+
+    oos = result["out_of_sample"] or {}
+    how = ("leave-one-out" if oos.get("leave_one_out") else f"{oos.get('folds')} folds") if oos else "needs 2+ volumes"
+    rows = {f"out-of-sample ({how})": {**{p: oos.get(p, np.nan) for p in PARTS}, "setting": "chosen per fold"},
+            "in-sample best": {**{p: result["best"][p] for p in PARTS}, "setting": setting_text(result["best"]["setting"])},
+            "as configured": {**{p: result["base"][p] for p in PARTS}, "setting": setting_text({})}}
+    for fold in oos.get("per_fold", []):
+        rows[f"held out {', '.join(fold['held_out'])}"] = {
+            **{p: fold[p] for p in PARTS},
+            "setting": f"{setting_text(fold['setting'])} (chosen on the others at {fold['chosen_on']:.3f})"}
+    return pd.DataFrame.from_dict(rows, orient="index")
