@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ipywidgets as w
@@ -157,16 +158,22 @@ class PlanForm:
         self.recommend()
 
     def measure_async(self) -> threading.Thread:
+        return self._in_background(self.measure, self.measure_button, self.message, "measuring")
+
+    def _in_background(self, work: Callable[[], object], button: w.Button, message: w.HTML, what: str
+                       ) -> threading.Thread:
+        """``work`` in a thread, the kernel free meanwhile: ``button`` disabled until it ends, a
+        failure said in ``message``."""
         def run() -> None:
             try:
-                self.measure()
+                work()
             except Exception as exc:
-                self.message.value = f"<b>measuring failed</b>: {html.escape(repr(exc))}"
+                message.value = f"<b>{what} failed</b>: {html.escape(repr(exc))}"
             finally:
-                self.measure_button.disabled = False
+                button.disabled = False
 
-        self.measure_button.disabled = True
-        self.thread = threading.Thread(target=run, name="plan measure", daemon=True)
+        button.disabled = True
+        self.thread = threading.Thread(target=run, name=f"plan: {what}", daemon=True)
         self.thread.start()
         return self.thread
 
@@ -199,7 +206,6 @@ class PlanForm:
 
         self.progress.layout.visibility = "visible"
         self.progress.description = "LR range"
-
         self.lr_message.value = (f"LR range test running: the config's step, the LR rising from {lr_range.MIN_LR:g} "
                                  f"to {lr_range.MAX_LR:g} over {lr_range.STEPS} steps")
         r = self.lr_result = lr_range.lr_range_test(load_config(self.config_path), progress=False, on_step=on_step)
@@ -211,18 +217,7 @@ class PlanForm:
         return r
 
     def lr_range_async(self) -> threading.Thread:
-        def run() -> None:
-            try:
-                self.lr_range()
-            except Exception as exc:
-                self.lr_message.value = f"<b>the LR range test failed</b>: {html.escape(repr(exc))}"
-            finally:
-                self.lr_button.disabled = False
-
-        self.lr_button.disabled = True
-        self.thread = threading.Thread(target=run, name="plan lr range", daemon=True)
-        self.thread.start()
-        return self.thread
+        return self._in_background(self.lr_range, self.lr_button, self.lr_message, "the LR range test")
 
     def apply(self) -> Path:
         """Write the config with the plan's training keys and the range test's suggested optim.lr."""
