@@ -260,7 +260,8 @@ def _notebook_05_views_and_tables(page, artifacts: Path) -> None:
     widths = page.locator(".jp-OutputArea-output table").evaluate_all(
         "ts => ts.map(t => [t.scrollWidth, t.getBoundingClientRect().right,"
         " t.closest('.jp-Notebook').getBoundingClientRect().right])")
-    assert len(widths) == 3 and all(right <= edge for _, right, edge in widths), widths
+    # the notebook's three score tables and the tuner's (out-of-sample first, then in-sample)
+    assert len(widths) == 4 and all(right <= edge for _, right, edge in widths), widths
     tables = artifacts / "05_evaluate-browser-tables.png"
     page.locator(".jp-OutputArea-output table").last.scroll_into_view_if_needed()
     page.screenshot(path=str(tables))
