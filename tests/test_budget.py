@@ -14,6 +14,7 @@ from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.config import OptimConfig, load_config
 from vesuvius_lab.errors import ConfigError
 from vesuvius_lab.training.budget import Costs, RunBudget, fit_plan, forecast_band_s, parse_duration, remaining_s
+from vesuvius_lab.training.run_dir import read_records
 from vesuvius_lab.training.schedule import Schedule, decay_progress, lr_at
 
 
@@ -173,7 +174,7 @@ def test_a_stopped_budget_run_resumes_its_plan_and_still_ends_by_the_deadline(ti
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = None
     while first.poll() is None:  # stop it once it has planned from measurements and checkpointed after that
-        plans = [r for r in _records(run) if r["kind"] == "plan"] if (run / "metrics.jsonl").exists() else []
+        plans = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "plan"]  # live: skips a line being written
         saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True) if plans and (
             run / "checkpoints" / "last.pt").exists() else None
         if saved and saved["plan"]["costs"] and saved["step"] > plans[0]["step"]:

@@ -288,6 +288,47 @@ def test_a_killed_data_worker_leaves_a_checkpoint_and_resume_is_exact(tiny_root,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
+def test_a_worker_death_reported_between_fetches_still_leaves_the_last_whole_step(tiny_root, tmp_path, monkeypatch):
+    """PyTorch reports a dead worker from its SIGCHLD handler wherever the loop is, not only at a
+    fetch. Struck while the step's log line is written (the step applied and counted), the run
+    still saves that step, and --resume from it ends bitwise where an unbroken run does."""
+    import time
+
+    import psutil
+
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=8, training={
+        "workers": 2, "persistent_workers": True, "checkpoint_every_steps": 100, "val_every_epochs": 0})
+    config = load_config(cfg)
+    assert train(config, tmp_path / "reference", progress=False)["state"] == "finished"
+    before = {p.pid for p in psutil.Process().children()}
+    write_status = RunDir.status
+
+    def status_then_a_worker_dies(self, **fields):  # the OOM killer, right after step 3's log line
+        write_status(self, **fields)
+        if fields.get("state") == "running" and fields.get("step") == 3:
+            workers = [p for p in psutil.Process().children() if p.pid not in before]
+            assert len(workers) == 2
+            os.kill(workers[0].pid, signal.SIGKILL)
+            time.sleep(30)  # PyTorch's SIGCHLD handler raises in here
+
+    monkeypatch.setattr(RunDir, "status", status_then_a_worker_dies)
+    run = tmp_path / "run"
+    with pytest.raises(DataError) as failed:
+        train(config, run, progress=False)
+    monkeypatch.undo()
+    assert str(failed.value).startswith("data worker failed during step 3 (")
+    assert str(failed.value).endswith(f"{run / 'checkpoints' / 'last.pt'} holds step 3: resume with --resume")
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert train(config, run, resume=True, progress=False)["state"] == "finished"
+    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
+
+
 class _StopsAfterHandingOver(torch.utils.data.Dataset):
     """Each item's worker stops itself (SIGSTOP) just after handing the item over."""
 

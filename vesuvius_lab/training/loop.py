@@ -150,36 +150,30 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                bar_format=BAR_FORMAT)
     pace = PaceWatch.for_run(run.plan, config, device, ddp.world)  # the ETA, and one line when the run slows down
     consecutive_nonfinite, epoch_start, outcome = 0, time.perf_counter(), RunState.RUNNING
+    doing, settled = state.step + 1, True  # the step under way; whether the state is a whole step's
 
     # --- the loop ---
     try:
         while state.step < schedule.total and not early_stop.stopped:
+            doing = state.step + 1
             epoch = schedule.epoch_of(state.step)
             t_step = time.perf_counter()
             lr = schedule.lr(state.step)
             engine.set_lr(lr)
 
             # the step: forward, loss and backward over `accumulate` micro-batches, then the update
-            try:
-                fb = forward_backward(engine, batches, state.step)
-            except (RuntimeError, OSError, EOFError) as exc:  # a data worker died or hung: nothing applied yet
-                cause = worker_failure(exc, batches)
-                if cause is None:
-                    raise
-                batches.kill_workers()  # a hung worker ignores SIGTERM (see loader) and would block the exit
-                engine.optimizer.zero_grad(set_to_none=True)
-                write_checkpoint()
-                raise DataError(f"data worker failed during step {state.step + 1} ({cause}); {run.last} holds "
-                                f"step {state.step}: resume with --resume") from None
+            fb = forward_backward(engine, batches, state.step)
             nonfinite, stopping = ddp.any([not fb.finite, stop.signal is not None], device)  # all ranks agree
             if stopping and stop.signal is None:
                 stop.signal = "SIGTERM"
             loss_finite = not nonfinite
+            settled = False  # until the step is counted, a checkpoint would hold half an update
             grad_norm, applied = optimizer_update(engine, loss_finite)  # skipped on a non-finite gradient too
             finite = loss_finite and applied
             consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
             state.nonfinite_total += 0 if finite else 1
             state.step += 1
+            settled = not schedule.epoch_end(state.step)  # an epoch's last step: once validated and saved
             step_s = time.perf_counter() - t_step
 
             # the log line
@@ -217,6 +211,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                     if ended and ddp.master:
                         run.append(ended)
                 write_checkpoint(best_too=improved)
+                settled = True
                 if ddp.master:
                     run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
                 epoch_start = time.perf_counter()
@@ -236,12 +231,18 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 break
         else:
             outcome = RunState.FINISHED
-    except RuntimeError as exc:  # a worker's death reported between fetches: this step may be half applied
+    except (RuntimeError, OSError, EOFError) as exc:
+        # A data worker died or hung: the loader says so at a fetch, PyTorch's SIGCHLD handler
+        # anywhere in the step. Unless it struck inside an update, the weights are step `state.step`'s.
         cause = worker_failure(exc, batches)
         if cause is None:
             raise
+        batches.kill_workers()  # a hung worker ignores SIGTERM (see loader) and would block the exit
+        if settled and state.saved != state.step:
+            engine.optimizer.zero_grad(set_to_none=True)
+            write_checkpoint()
         kept = f"{run.last} holds step {state.saved}" if state.saved is not None else "no checkpoint was written yet"
-        raise DataError(f"data worker failed during step {state.step} ({cause}); {kept}: resume with --resume") from None
+        raise DataError(f"data worker failed during step {doing} ({cause}); {kept}: resume with --resume") from None
     finally:
         batches = None  # shut the data workers down now, even while a traceback holds this frame
         bar.close()
@@ -345,8 +346,8 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: LoopState, dd
     if len(set(digests)) > 1:
         raise DataError(f"step {state.step}: the ranks' weights differ ({', '.join(d[:8] for d in digests)}); "
                         f"{run.last} keeps step {state.saved}")
-    state.saved = state.step
     if not ddp.master:
+        state.saved = state.step
         return
     score = state.scored[1] if state.scored and state.scored[0] == state.step else None
     payload = {
@@ -368,6 +369,7 @@ def checkpoint(run: RunDir, engine: Engine, config: Config, state: LoopState, dd
     if engine.ema is not None:
         payload["ema"] = engine.ema.state_dict()  # the averaged weights: what validation scored
     save_checkpoint(run.last, payload)
+    state.saved = state.step  # only once last.pt holds it: a failure mid-save retries the save
     run.settle(payload, config.training.keep_last, config.training.keep_best)
 
 
