@@ -25,6 +25,7 @@ import pytest
 from conftest import require
 from lab_runs_helpers import write_tiny_config
 from vesuvius_lab.lab import runs
+from vesuvius_lab.lab.forms import RECONNECT_TEXT
 from vesuvius_lab.training.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,7 +335,8 @@ def test_notebook_04_in_jupyterlab(tiny_root, tmp_path, artifacts):
 @pytest.mark.slow
 def test_notebook_04_reopened_after_a_kernel_restart_shows_its_widgets(tiny_root, tmp_path, artifacts):
     """Run All, save, restart the kernel (its widget models are gone), reopen: the saved widget
-    state (jupyterlab-overrides.json: saveState) shows the form, never "model not found"."""
+    state (jupyterlab-overrides.json: saveState) shows the form, never "model not found", under a
+    note (hidden while the form is live) saying to run the cell."""
     require(CHROMIUM.exists(), "chromium")
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -344,6 +346,8 @@ def test_notebook_04_reopened_after_a_kernel_restart_shows_its_widgets(tiny_root
                                          "run_name": "reopen", "refresh_s": 0.5},
                     artifacts / "04_train_live-browser-reopen-failure.png") as page:
         _all_cells_ran(page)
+        notes = page.locator(".vlab-reconnect")
+        assert notes.count() >= 2 and not any(notes.nth(i).is_visible() for i in range(notes.count()))  # live
         page.locator(".jp-Notebook").first.click()
         page.keyboard.press("Control+s")
         page.get_by_text("Saving completed").first.wait_for(timeout=30_000)
@@ -367,6 +371,8 @@ def test_notebook_04_reopened_after_a_kernel_restart_shows_its_widgets(tiny_root
         form.scroll_into_view_if_needed()
         assert page.get_by_text("Error displaying widget").count() == 0
         form.locator("button.jupyter-button", has_text=re.compile(r"^\s*Start\s*$")).wait_for(timeout=10_000)
+        note = form.locator(".vlab-reconnect", has_text=RECONNECT_TEXT)  # a saved copy says so
+        note.wait_for(state="visible", timeout=10_000)
         page.screenshot(path=str(shot))
         print(shot)
     from conftest_gui import assert_rendered

@@ -122,13 +122,13 @@ def test_the_errors_view_stays_as_its_cell_made_it_after_the_repair_view(viewer,
             QApplication.processEvents()
             time.sleep(0.02)
         shot = artifacts / "05_evaluate-errors-after-repair.png"
-        shot.write_bytes(errors_box.children[1].value)
-        rgb = np.asarray(Image.open(io.BytesIO(errors_box.children[1].value)).convert("RGB")).astype(int)
+        shot.write_bytes(errors_box.snapshot.widget.value)
+        rgb = np.asarray(Image.open(io.BytesIO(errors_box.snapshot.widget.value)).convert("RGB")).astype(int)
         r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
         assert ((r > 150) & (g < 80) & (b < 80)).mean() > 0.005, "no red false positives in the errors snapshot"
         assert ((r < 110) & (g > 150) & (b > 150)).mean() > 0.005, "no cyan false negatives in the errors snapshot"
-        legend = errors_box.children[2].value
+        legend = errors_box.legend.value
         assert "false positive" in legend and "background:red" in legend and "background:cyan" in legend
-        assert "added by the repair" in repair_box.children[2].value
+        assert "added by the repair" in repair_box.legend.value
     finally:
         repair_viewer.close()

@@ -14,6 +14,7 @@ from conftest_gui import assert_rendered
 from vesuvius_lab.augment import patch_corners
 from vesuvius_lab.config import AugmentConfig, SamplerConfig
 from vesuvius_lab.lab import records, views
+from vesuvius_lab.lab.forms import RECONNECT_TEXT
 from vesuvius_lab.lab.live_dock import LiveRunWidget
 from vesuvius_lab.lab.napari_widget import RecordPatchesWidget
 from vesuvius_lab.manifest import load_manifest
@@ -235,7 +236,8 @@ def test_notebook_view_shows_a_snapshot_that_follows_the_viewer(viewer, tiny_man
     views.show_record(viewer, records.open_record(manifest, manifest.records[0].id))
     viewer.dims.axis_labels = ("0", "1", "2")
     box = views.notebook_view(viewer)
-    toggle, image = box.children
+    note, toggle, image = box.children  # the note shows only on a saved copy (lab.forms)
+    assert RECONNECT_TEXT in note.value and "vlab-form" in box._dom_classes
     assert viewer.dims.axis_labels == ("z", "y", "x") and isinstance(toggle, type(views.ndisplay_toggle(viewer)))
     axes = viewer.canvas.overlays.axes  # the names on the canvas, so in the snapshot too
     assert axes.visible and axes.labels and axes.colored

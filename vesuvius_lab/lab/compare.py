@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from vesuvius_lab.compare import RunSummary, differing_keys, summarize_runs, table_rows
 from vesuvius_lab.errors import DataError
 from vesuvius_lab.evaluate import SCORE_PARTS
+from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.plots import figure_png, smooth_curve
 from vesuvius_lab.lab.runs import History
 from vesuvius_lab.losses import TERMS
@@ -138,7 +139,7 @@ class CompareView:
         self.plot = w.Image(format="png")
         self.runs.observe(lambda _c: self.draw(), names="value")
         self.smoothing.observe(lambda _c: self.draw(), names="value")
-        self.widget = w.VBox([w.HBox([self.runs, self.smoothing]), self.plot])
+        self.widget = notebook_form([w.HBox([self.runs, self.smoothing]), self.plot])
         self._histories = histories(self.summaries)
         self.draw()
 

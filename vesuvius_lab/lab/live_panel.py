@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from vesuvius_lab.evaluate import PART_NAMES, SCORE_PARTS
 from vesuvius_lab.lab.evaluation import ERROR_COLORS, FN, FP, TP, error_labels
+from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.plots import AXES, figure_png, label_rgba
 from vesuvius_lab.training import live_volume
 
@@ -93,12 +94,11 @@ class LivePanel:
         self.slider.observe(self._on_choice, names="value")
         for slider in self.positions:
             slider.observe(lambda _c: self.draw(), names="value")
-        self.widget = w.VBox([
+        self.widget = notebook_form([
             w.HTML("<b>Live prediction</b> (one validation volume, kept at each validation)"),
             w.HBox([self.slider, self.follow_latest, self.napari_button]),
             w.HBox(self.positions), self.scores, self.message, self.image,
-        ])
-        self.widget.add_class("vlab-live-panel")  # for the browser test and custom CSS
+        ], css_class="vlab-live-panel")  # the class: for the browser test and custom CSS
         self._lock = threading.RLock()
         self._setting = False
         self.viewer = None

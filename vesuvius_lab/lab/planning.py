@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from vesuvius_lab import lr_range, planner
 from vesuvius_lab.config import Config, load_config, rewrite_config
 from vesuvius_lab.data import epoch_layout
+from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.lab.widgets import html_table
 from vesuvius_lab.timefmt import format_duration
@@ -101,7 +102,7 @@ class PlanForm:
         self.apply_button.on_click(lambda _b: self.apply())
         for field_ in (self.target, self.budget, self.coverage):
             field_.observe(lambda _c: self.recommend(), names="value")
-        self.widget = w.VBox([w.HBox([self.target, self.budget, self.coverage]),
+        self.widget = notebook_form([w.HBox([self.target, self.budget, self.coverage]),
                               w.HBox([self.measure_button, self.lr_button, self.progress, self.apply_button]),
                               self.message, self.table, self.plot, self.recommendation, self.lr_message, self.lr_plot])
         self.measurements: planner.Measurements | None = None

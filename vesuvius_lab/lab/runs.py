@@ -32,6 +32,7 @@ from vesuvius_lab.errors import VLabError
 from vesuvius_lab.evaluate import SCORE_PARTS as VAL_PARTS
 from vesuvius_lab.io import atomic_write_text
 from vesuvius_lab.lab.forecast import ForecastPanel
+from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.plots import figure_png, smooth_curve
 from vesuvius_lab.losses import TERMS
 from vesuvius_lab.training.budget import PLAN
@@ -410,7 +411,7 @@ class RunMonitor:
         self.run_name.observe(self._on_run_name, names="value")
         self.config.observe(lambda _c: self._on_config(), names="value")
         self._on_config()
-        self.widget = w.VBox([
+        self.widget = notebook_form([
             w.HBox([self.config, self.devices]), self.config_note, w.HBox([self.run_name, self.budget]),
             self.overrides,
             w.HBox([self.start_button, self.stop_button, self.resume_button]),

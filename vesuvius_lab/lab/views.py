@@ -24,6 +24,7 @@ from napari.utils.colormaps import DirectLabelColormap
 from vesuvius_lab.cache import CachedVolume
 from vesuvius_lab.layout import IGNORE_LABEL
 from vesuvius_lab.lab.records import LABEL_COLORS
+from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.qt import on_qt_thread
 from vesuvius_lab.preview import box_edges
 
@@ -312,11 +313,10 @@ def notebook_view(viewer: napari.Viewer, legend: dict[str, str] | None = None) -
     The snapshot follows its viewer: a view that must stay as its cell made it gets a viewer of its own."""
     name_axes(viewer)
     snapshot = ViewerSnapshot(viewer)
-    parts = [ndisplay_toggle(viewer), snapshot.widget]
-    if legend:
-        parts.append(ipywidgets.HTML(legend_html(legend)))
-    box = ipywidgets.VBox(parts)
+    key = ipywidgets.HTML(legend_html(legend)) if legend else None
+    box = notebook_form([ndisplay_toggle(viewer), snapshot.widget, *([key] if key else [])])
     box.snapshot = snapshot  # alive as long as its widget: napari holds event callbacks weakly
+    box.legend = key
     return box
 
 

@@ -17,6 +17,7 @@ import ipywidgets as w
 from vesuvius_lab.cache import CachedVolume
 from vesuvius_lab.config import AugmentConfig, SamplerConfig, TrainingConfig
 from vesuvius_lab.lab import records
+from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.plots import OrthoSlices, figure_png, montage
 from vesuvius_lab.manifest import Manifest
 
@@ -45,7 +46,7 @@ class RecordPicker:
             layout=w.Layout(width="420px"),
         )
         self.summary = w.HTML()
-        self.widget = w.VBox([self.dropdown, self.summary])
+        self.widget = notebook_form([self.dropdown, self.summary])
         self._callbacks: list[Callable[[CachedVolume], None]] = []
         self.volume = self._open()
         self.dropdown.observe(self._changed, names="value")
@@ -80,7 +81,7 @@ class SliceExplorer:
         ]
         self.slices = OrthoSlices(volume.image, volume.label)
         self.image = w.Image(format="png")
-        self.widget = w.VBox([w.HBox(self.sliders), self.image])
+        self.widget = notebook_form([w.HBox(self.sliders), self.image])
         self.set_volume(volume)
         for slider in self.sliders:
             slider.observe(self._moved, names="value")
@@ -140,7 +141,7 @@ class SamplerForm:
         self.n_patches = w.BoundedIntText(value=n_patches, min=1, max=512, description="patches")
         self.seed = w.IntText(value=seed, description="seed")
         self.button = w.Button(description="Sample", button_style="primary")
-        self.widget = w.VBox(
+        self.widget = notebook_form(
             [
                 w.HBox([w.Label("patch size"), *self.patch]),
                 *self.sampler_sliders.values(),
@@ -183,7 +184,7 @@ class PatchPreview:
         self.coverage = w.HTML()
         self.status = w.HTML()
         self.patches: list[dict] = []
-        self.widget = w.VBox([self.status, self.coverage, self.montage])
+        self.widget = notebook_form([self.status, self.coverage, self.montage])
         self._callbacks: list[Callable[[list[dict]], None]] = []
         form.button.on_click(lambda _button: self.sample())
         picker.on_change(lambda _volume: self.sample())
