@@ -223,9 +223,11 @@ class Sweep:
         return optuna.pruners.NopPruner()
 
     def baseline_params(self) -> dict | None:
-        """The config's own value of every key in the space, or None when one lies outside it."""
+        """The config's own value of every key searched (a key of one choice is fixed for the whole
+        study, the baseline included), or None when one lies outside the space."""
         flat = load_config(self.config).to_dict()
-        own = {k: flat[k.split(".")[0]][k.split(".", 1)[1]] for k in self.space}
+        own = {k: p.choices[0] if p.choices is not None and len(p.choices) == 1 else flat[k.split(".")[0]][k.split(".", 1)[1]]
+               for k, p in self.space.items()}
         return own if all(p.contains(own[k]) for k, p in self.space.items()) else None
 
 
