@@ -142,19 +142,17 @@ def load_space(space_path: str | Path, config_path: str | Path) -> dict[str, Par
     for key, param in list(space.items()):
         section, _, name = key.partition(".")
         hint = typing.get_type_hints(type(getattr(config, section))).get(name) if hasattr(config, section) else None
-        if param.choices is None and hint is not None:  # a range is of the key's own type
+        if param.choices is None and hint is not None:  # a range is of the key's own type (a float key's 0 is 0.0)
             integer = int in (typing.get_args(hint) or (hint,))
-            if integer and not param.integer:
-                problems.append(f"{space_path}: {key}: takes integers; the range needs integer low and high")
-            space[key] = param = dataclasses.replace(param, integer=integer, low=param.low if integer else float(param.low),
-                                                     high=param.high if integer else float(param.high))
+            space[key] = dataclasses.replace(param, integer=integer, low=param.low if integer else float(param.low),
+                                             high=param.high if integer else float(param.high))
     for param in space.values():
         for value in param.bounds():
             try:
                 load_config(config_path, [override(param.key, value)])
-            except ConfigError as exc:
-                problems += [f"{space_path}: {line.removeprefix('override: ')}" for line in exc.lines
-                             if f"{space_path}: {line.removeprefix('override: ')}" not in problems]
+            except ConfigError as exc:  # the entry's first problem: one line per key
+                problems.append(f"{space_path}: {exc.lines[0].removeprefix('override: ')}")
+                break
     if problems:
         raise ConfigError(problems)
     return space
