@@ -196,9 +196,9 @@ class Sweep:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        return optuna.create_study(storage=_storage(self.storage_url), study_name=self.study, direction="maximize",
-                                   sampler=self._sampler(), pruner=self._pruner(), load_if_exists=True)
+        with locked(self.folder / STUDY_LOCK):  # two workers starting at once would both create the tables
+            return optuna.create_study(storage=_storage(self.storage_url), study_name=self.study, direction="maximize",
+                                       sampler=self._sampler(), pruner=self._pruner(), load_if_exists=True)
 
     def _sampler(self):
         import optuna
