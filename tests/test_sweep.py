@@ -95,7 +95,7 @@ def test_two_workers_on_one_sqlite_study_run_each_trial_once(tiny_root, tmp_path
 
 @pytest.mark.slow
 def test_a_sigkilled_worker_started_again_resumes_its_trial_from_the_checkpoint(tiny_root, tmp_path):
-    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=40, epochs=1, training={"checkpoint_every_steps": 5})
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=12, epochs=1, training={"checkpoint_every_steps": 3})
     space, runs = _space(tmp_path, {"loss.cldice": [0.3]}), tmp_path / "runs"
     trial = RunDir(runs / "space" / "trial_000")
     worker = _worker(config, space, runs, 1)
@@ -106,7 +106,7 @@ def test_a_sigkilled_worker_started_again_resumes_its_trial_from_the_checkpoint(
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and everything it started, mid-trial
     worker.wait()
     saved = torch_step(trial.last)
-    assert 5 <= saved < 40
+    assert 3 <= saved < 12
     out = _finish(_worker(config, space, runs, 1))
     assert out.startswith("trial 0 (interrupted: resumed)") and _ran(out) == [0], out
     assert f"resumed at step {saved}" in trial.train_log.read_text()
@@ -123,7 +123,7 @@ def torch_step(path: Path) -> int:
 
 @pytest.mark.slow
 def test_a_pruned_trial_ends_with_its_checkpoint_is_listed_as_pruned_and_resumes(tiny_root, tmp_path):
-    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=3, epochs=3)
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=3, epochs=2)
     space, runs = _space(tmp_path, {"optim.lr": [0.01, 1e-7]}), tmp_path / "runs"
     sweep = prepare(config, space, trials=3, runs_dir=runs, baseline=False)
     study = sweep.open_study()
@@ -141,7 +141,7 @@ def test_a_pruned_trial_ends_with_its_checkpoint_is_listed_as_pruned_and_resumes
                             text=True, check=True)
     assert [r["state"] for r in json.loads(listed.stdout)["runs"]] == ["finished", "finished", "pruned"]
     resumed = subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", "--resume", "--run-dir", str(pruned.root),
-                              "--no-progress"], capture_output=True, text=True, timeout=300)
+                              "--no-progress", "training.max_epochs=3"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed at step {at}" in pruned.train_log.read_text()
     assert json.loads(pruned.status_file.read_text())["state"] == "finished" and torch_step(pruned.last) == 9
