@@ -45,7 +45,7 @@ PRUNERS = ("median", "halving", "hyperband", "none")
 STUDY_DB, STUDY_LOCK, CLAIM = "study.db", "sweep.lock", "claim.json"
 RANGE_KEYS = {"low", "high", "log", "step"}
 STALE_S = 120.0  # a claim from another host, its run folder unheld and untouched this long: interrupted
-COUNTED = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # Optuna's states that use up one of --trials
+COUNTED = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # Optuna's states that use up one of --trials: ended, then running
 
 
 @dataclass(frozen=True)

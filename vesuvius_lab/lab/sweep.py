@@ -25,7 +25,7 @@ from vesuvius_lab.lab.compare import NOTEBOOK_05, evaluation_notebook, paste_lin
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.lab.runs import RunProcess
 from vesuvius_lab.lab.widgets import html_table
-from vesuvius_lab.sweep import PRUNERS, SAMPLERS, STUDY_DB, apply_best, load_study, prepare
+from vesuvius_lab.sweep import COUNTED, PRUNERS, SAMPLERS, STUDY_DB, apply_best, load_study, prepare
 from vesuvius_lab.timefmt import format_duration
 
 
@@ -169,8 +169,9 @@ class SweepPanel:
             self.table.value = f"no study {html.escape(self.study_name.value)} in {html.escape(str(self.runs_dir))} yet: Launch starts it"
             return {"alive": alive, "trials": 0, "ended": 0}
         rows = trial_rows(study, self.runs_dir)
-        ended = sum(r[1] in ("complete", "pruned", "fail") for r in rows)
-        counts = ", ".join(f"{sum(r[1] == s for r in rows)} {s}" for s in ("complete", "pruned", "fail", "running"))
+        states = [s.lower() for s in COUNTED]  # Optuna's trial states, as the table writes them
+        ended = sum(r[1] in states[:-1] for r in rows)
+        counts = ", ".join(f"{sum(r[1] == s for r in rows)} {s}" for s in states)
         self.table.value = (f"<b>{'running' if alive else 'idle'}</b> · {len(rows)} trials: {counts}"
                             + html_table(rows, TRIAL_HEADER))
         return {"alive": alive, "trials": len(rows), "ended": ended}
