@@ -427,8 +427,9 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep = prepare(args.config, args.space, args.trials, args.trial_budget, args.sampler, args.pruner, args.storage,
                     args.study, args.runs_dir, args.seed, baseline=not args.no_baseline)
     result = run_worker(sweep, progress=not args.no_progress)
-    print(f"study {result['study']} ({sweep.folder}): {result['complete']} complete, {result['pruned']} pruned, "
-          f"{result['fail']} failed, {result['running']} running elsewhere; this worker {format_duration(result['wall_s'])}")
+    states = ", ".join(f"{n} {state}" for state, n in result["states"].items())
+    print(f"study {result['study']} ({sweep.folder}): {result['trials']} trials ({states}); "
+          f"this worker {format_duration(result['wall_s'])}")
     best = result["best"]
     if best:
         print(f"best: trial {best['trial']} score {best['score']:.4f} {best['params']} ({best['run_dir']})")

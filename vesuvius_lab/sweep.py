@@ -416,7 +416,7 @@ def summary(study, wall_s: float | None = None) -> dict:
     counts = {s: sum(t.state.name == s for t in trials) for s in COUNTED}
     done = [t for t in trials if t.state.name == "COMPLETE"]
     best = max(done, key=lambda t: t.value) if done else None
-    return {"study": study.study_name, "wall_s": wall_s, "trials": len(trials), **{k.lower(): v for k, v in counts.items()},
+    return {"study": study.study_name, "wall_s": wall_s, "trials": len(trials), "states": {k.lower(): v for k, v in counts.items()},
             "best": None if best is None else {"trial": best.number, "score": best.value, "params": best.params,
                                                "run_dir": best.user_attrs.get("run_dir")}}
 

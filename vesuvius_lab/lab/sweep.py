@@ -172,7 +172,7 @@ class SweepPanel:
         states = [s.lower() for s in COUNTED]  # Optuna's trial states, as the table writes them
         ended = sum(r[1] in states[:-1] for r in rows)
         counts = ", ".join(f"{sum(r[1] == s for r in rows)} {s}" for s in states)
-        self.table.value = (f"<b>{'running' if alive else 'idle'}</b> · {len(rows)} trials: {counts}"
+        self.table.value = (f"<b>{'a worker runs' if alive else 'idle'}</b> · {len(rows)} trials: {counts}"
                             + html_table(rows, TRIAL_HEADER))
         return {"alive": alive, "trials": len(rows), "ended": ended}
 
