@@ -22,7 +22,8 @@
 # each validation score) and a time budget per trial. Launch starts one worker in the background
 # (the kernel stays free); Stop ends it after a checkpoint, and a later Launch resumes the trial it
 # was running. Every trial is an ordinary run in `runs/<study>/trial_NNN`: notebook 04 follows it
-# (run name `<study>/trial_NNN`), notebook 06 and `vesuvius-lab runs` list it. The table refreshes
+# (`runs_dir` `../runs/<study>`, run name `trial_NNN`), notebook 06 and `vesuvius-lab runs` list it
+# as `<study>/trial_NNN`. The table refreshes
 # itself; the plots and the best trial are as of when their cells run. More workers (one per GPU,
 # or a SLURM array) share the study from a terminal: see the README.
 
