@@ -399,17 +399,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # --- sweep -----------------------------------------------------------------------------------
-def _sweep_args(p: argparse.ArgumentParser) -> None:
-    from vesuvius_lab.sweep import PRUNERS, SAMPLERS
-
+def _sweep_args(p: argparse.ArgumentParser) -> None:  # sampler and pruner names are checked by sweep.prepare
     p.add_argument("config", type=Path, help="run config YAML: every trial is it with the trial's overrides")
     p.add_argument("--space", type=Path, required=True,
                    help="search space YAML: per section.key a list of choices, a range {low, high[, log, step]}")
     p.add_argument("--trials", type=int, default=20, help="trials in the study, over all its workers (default 20)")
     p.add_argument("--trial-budget", metavar="DURATION", help="wall time of each trial, e.g. 20m (training.time_budget_hours)")
-    p.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler (default tpe)")
-    p.add_argument("--pruner", default="median", choices=PRUNERS,
-                   help="Optuna pruner fed each validation score (default median; halving: successive halving)")
+    p.add_argument("--sampler", default="tpe", help="Optuna sampler: tpe (default), random or grid")
+    p.add_argument("--pruner", default="median",
+                   help="Optuna pruner fed each validation score: median (default), halving (successive halving), "
+                        "hyperband or none")
     p.add_argument("--study", help="study name: trials go to RUNS/<study>/trial_NNN (default: the space file's name)")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage URL shared by several workers (default: SQLite RUNS/<study>/study.db)")
