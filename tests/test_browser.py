@@ -1,7 +1,7 @@
 """Notebooks in a real JupyterLab through headless Chromium, used as a researcher uses them: Run All,
 then the widgets. 01: napari in 3D, switch records, the kernel lives on. 03: the demo config's own
 defaults. 04: a start with a mistyped override shows its error, then a real start, logged steps,
-Stop. Screenshots go to tests/artifacts/."""
+Stop. 07: Launch a sweep, its table followed to the study's end, Apply best. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
