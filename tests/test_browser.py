@@ -1,7 +1,7 @@
 """Notebooks in a real JupyterLab through headless Chromium, used as a researcher uses them: Run All,
 then the widgets. 01: napari in 3D, switch records, the kernel lives on. 03: the demo config's own
 defaults. 04: a start with a mistyped override shows its error, then a real start, logged steps,
-Stop. Screenshots go to tests/artifacts/."""
+Stop. 07: Launch a sweep, its table followed to the study's end, Apply best. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
@@ -478,3 +478,35 @@ def _stop_server(server: subprocess.Popen, log) -> None:
         _kill_group(server.pid, signal.SIGKILL)
         server.wait(timeout=10)
     log.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_notebook_07_launches_a_sweep_and_its_table_follows(tiny_root, tmp_path, artifacts):
+    """Run All (nothing launched), then the Launch button: the worker runs in the background, the
+    kernel stays free, and the table follows the study to its end."""
+    require(CHROMIUM.exists(), "chromium")
+    config = write_tiny_config(tiny_root, tmp_path / "cfg", steps=2)
+    (tmp_path / "space.yaml").write_text("optim.lr: [0.01, 0.02]\n")
+    parameters = {"config_path": str(config), "space_path": str(tmp_path / "space.yaml"),
+                  "runs_dir": str(tmp_path / "runs"), "trials": 2, "trial_budget": "", "refresh_s": 0.5,
+                  "evaluate_dir": str(tmp_path / "evaluations"), "apply_out": str(tmp_path / "best.yaml")}
+    shot = artifacts / "07_sweep-browser.png"
+    with jupyterlab(tmp_path, REPO / "notebooks" / "07_sweep.ipynb", parameters,
+                    artifacts / "07_sweep-browser-failure.png") as page:
+        _all_cells_ran(page, timeout_s=300)
+        page.get_by_text("no study space in").first.wait_for(timeout=30_000)
+        page.locator(".widget-button", has_text=re.compile(r"^\s*Launch\s*$")).click()
+        page.get_by_text(re.compile(r"idle · 2 trials: 2 complete")).first.wait_for(timeout=300_000)
+        assert page.locator("table", has_text="optim.lr=0.01").count() == 1
+        page.locator(".widget-button", has_text="Apply best").click()
+        page.get_by_text(re.compile(r"^wrote .*best\.yaml: optim\.lr=")).first.wait_for(timeout=30_000)
+        outputs = _saved_outputs(page, tmp_path / "lab" / "07_sweep.ipynb")
+        assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], outputs
+        assert not _kernel_died(page)
+        page.locator("table", has_text="optim.lr=0.01").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(shot))
+        print(shot)
+    from conftest_gui import assert_rendered
+
+    assert_rendered(shot, min_std=5.0)

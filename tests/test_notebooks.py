@@ -34,9 +34,11 @@ SMALL = {
     # two volumes: the tuning's leave-one-out has one to choose on for each held out
     "05_evaluate": {"max_volumes": 2, "overrides": ["val.overlap=0.0"], "tune_grid": {"threshold": [0.3, 0.5]}},
     "06_compare_runs": {},  # two finished tiny runs (the finished_runs fixture)
+    # a tiny study of two trials, launched in the background and waited for; the best applied
+    "07_sweep": {"trials": 2, "trial_budget": "", "launch": True, "wait": True, "apply_best": True, "refresh_s": 0.5},
 }
 # The screenshots each notebook saves (suffixes of tests/artifacts/<notebook>-<suffix>.png).
-SHOTS = {"03_plan_epoch": ["timings"], "04_train_live": ["plot"], "06_compare_runs": ["curves"]}
+SHOTS = {"03_plan_epoch": ["timings"], "04_train_live": ["plot"], "06_compare_runs": ["curves"], "07_sweep": ["history"]}
 NAPARI_SHOTS = ["2d", "3d"]
 
 
@@ -108,6 +110,11 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
     if path.stem == "06_compare_runs":
         parameters["runs_dir"] = str(request.getfixturevalue("finished_runs"))
         parameters["evaluate_dir"] = str(tmp_path / "evaluations")
+    if path.stem == "07_sweep":
+        parameters["config_path"] = str(write_tiny_config(tiny_root, tmp_path / "cfg", steps=2))
+        (tmp_path / "space.yaml").write_text("optim.lr: [0.01, 0.02]\n")
+        parameters.update(space_path=str(tmp_path / "space.yaml"), runs_dir=str(tmp_path / "runs"),
+                          evaluate_dir=str(tmp_path / "evaluations"), apply_out=str(tmp_path / "best.yaml"))
     nb = run_notebook(path, parameters, timeout=180)
     nbformat.write(nb, artifacts / path.name)  # the executed notebook, to look at
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
@@ -137,6 +144,13 @@ def test_notebook_runs_on_a_tiny_dataset(path, x_display, tiny_root, tiny_manife
         assert "05_evaluate-a.ipynb" in html[0] and "05_evaluate-b.ipynb" in html[0] and "finished" in html[0]
         assert "loss.cldice" in html[1] and "optim.lr" in html[1]
         assert sorted(p.name for p in (tmp_path / "evaluations").iterdir()) == ["05_evaluate-a.ipynb", "05_evaluate-b.ipynb"]
+        return
+    if path.stem == "07_sweep":
+        table = [t for t in shown if "<th>trial</th>" in t]
+        assert table and table[-1].startswith("<b>idle</b> · 2 trials: 2 complete"), table
+        assert any(t.startswith(f"wrote {tmp_path / 'best.yaml'}: optim.lr=") for t in shown)
+        assert (tmp_path / "best.yaml").is_file() and len(list((tmp_path / "evaluations").iterdir())) == 1
+        assert any("evaluate its best.pt in notebook 05" in t for t in shown)
         return
     if path.stem == "04_train_live":
         status = json.loads((tmp_path / "runs" / "nb" / "status.json").read_text())
@@ -175,7 +189,7 @@ def _papermill(notebook: Path, cwd: Path, out: Path) -> subprocess.CompletedProc
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", [_nbconvert, _papermill], ids=["nbconvert", "papermill"])
 @pytest.mark.parametrize("name", ["01_inspect_volumes", "02_preview_patches", "03_plan_epoch", "04_train_live",
-                                  "06_compare_runs"])
+                                  "06_compare_runs", "07_sweep"])
 def test_notebook_runs_with_its_own_defaults(name, runner, x_display, tmp_path):
     """From notebooks/, as shipped: the demo data is prepared where it is missing, nothing is injected."""
     out = tmp_path / f"{name}.ipynb"

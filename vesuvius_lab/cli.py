@@ -398,6 +398,43 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- sweep -----------------------------------------------------------------------------------
+def _sweep_args(p: argparse.ArgumentParser) -> None:  # sampler and pruner names are checked by sweep.prepare
+    p.add_argument("config", type=Path, help="run config YAML: every trial is it with the trial's overrides")
+    p.add_argument("--space", type=Path, required=True,
+                   help="search space YAML: per section.key a list of choices, a range {low, high[, log, step]}")
+    p.add_argument("--trials", type=int, default=20, help="trials in the study, over all its workers (default 20)")
+    p.add_argument("--trial-budget", metavar="DURATION", help="wall time of each trial, e.g. 20m (training.time_budget_hours)")
+    p.add_argument("--sampler", default="tpe", help="Optuna sampler: tpe (default), random or grid")
+    p.add_argument("--pruner", default="median",
+                   help="Optuna pruner fed each validation score: median (default), halving (successive halving), "
+                        "hyperband or none")
+    p.add_argument("--study", help="study name: trials go to RUNS/<study>/trial_NNN (default: the space file's name)")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage URL shared by several workers (default: SQLite RUNS/<study>/study.db)")
+    p.add_argument("--runs-dir", type=Path, help="folder of runs (default: $VLAB_RUNS_DIR or ./runs)")
+    p.add_argument("--seed", type=int, help="sampler seed (give each worker its own)")
+    p.add_argument("--no-baseline", action="store_true", help="do not run the config's own values as the first trial")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("sweep", "search recipes with Optuna: each trial a run with its own overrides and time budget", _sweep_args)
+def _sweep(args: argparse.Namespace) -> int:
+    from vesuvius_lab.sweep import prepare, run_worker
+    from vesuvius_lab.timefmt import format_duration
+
+    sweep = prepare(args.config, args.space, args.trials, args.trial_budget, args.sampler, args.pruner, args.storage,
+                    args.study, args.runs_dir, args.seed, baseline=not args.no_baseline)
+    result = run_worker(sweep, progress=not args.no_progress)
+    states = ", ".join(f"{n} {state}" for state, n in result["states"].items())
+    print(f"study {result['study']} ({sweep.folder}): {result['trials']} trials ({states}); "
+          f"this worker {format_duration(result['wall_s'])}")
+    best = result["best"]
+    if best:
+        print(f"best: trial {best['trial']} score {best['score']:.4f} {best['params']} ({best['run_dir']})")
+    return EXIT_OK
+
+
 # --- runs ------------------------------------------------------------------------------------
 def _runs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs_dir", nargs="?", type=Path, metavar="DIR",
@@ -502,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 # what a stopped command leaves, and how to go on (exit status 3)
 AFTER_STOP = {
     "train": "resume with --resume",
+    "sweep": "run it again: the interrupted trial resumes from its checkpoint",
     "predict": "run it again: finished masks are kept",
     "cache": "run it again: prepared volumes are kept",
     "tune-postprocess": "run it again: cached probabilities are kept",

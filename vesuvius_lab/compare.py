@@ -55,14 +55,22 @@ def is_run(folder: Path) -> bool:
     return folder.is_dir() and any(p.is_file() for p in (run.status_file, run.metrics, run.config))
 
 
+def _run_folders(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".") and is_run(p)), key=lambda p: p.name)
+
+
 def find_runs(runs_dir: str | os.PathLike) -> list[Path]:
-    """The run folders in ``runs_dir`` (or ``runs_dir`` itself, when it is one), by name."""
+    """The run folders in ``runs_dir`` (or ``runs_dir`` itself, when it is one), by name; a folder
+    of runs inside it (a sweep's study: ``runs/<study>/<trial>``) adds its runs, grouped under it."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder of runs")
     if is_run(root):
         return [root]
-    return sorted((p for p in root.iterdir() if not p.name.startswith(".") and is_run(p)), key=lambda p: p.name)
+    found = []
+    for p in sorted((p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()), key=lambda p: p.name):
+        found += [p] if is_run(p) else _run_folders(p)
+    return found
 
 
 def wall_seconds(records: Sequence[dict]) -> float:
@@ -106,12 +114,13 @@ def run_state(status: dict) -> str:
     return state
 
 
-def summarize(folder: str | os.PathLike) -> RunSummary:
+def summarize(folder: str | os.PathLike, name: str | None = None) -> RunSummary:
+    """One run folder's summary; ``name`` (default: the folder's) is what the table calls it."""
     run = RunDir(folder)
     records, status = run.records(), run.read_status()
     steps = [r["step"] for r in records if r.get("kind") == TRAIN and isinstance(r.get("step"), int)]
     return RunSummary(
-        name=run.root.name, path=run.root, state=run_state(status),
+        name=name or run.root.name, path=run.root, state=run_state(status),
         step=max([status.get("step") or 0, *steps]), total_steps=status.get("total_steps"),
         wall_s=wall_seconds(records), best=best_validation(records),
         best_checkpoint=run.best if run.best.is_file() else None, message=status.get("message", ""),
@@ -119,7 +128,8 @@ def summarize(folder: str | os.PathLike) -> RunSummary:
 
 
 def summarize_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
-    return [summarize(p) for p in find_runs(runs_dir)]
+    """Every run in ``runs_dir``, a study's trials named ``<study>/<trial>``."""
+    return [summarize(p, p.relative_to(runs_dir).as_posix() if p != Path(runs_dir) else None) for p in find_runs(runs_dir)]
 
 
 MISSING = "(absent)"

@@ -46,7 +46,7 @@ def evaluation_notebook(summary: RunSummary, out_dir: str | Path, template: str 
     papermill (the ``injected-parameters`` cell after the ``parameters`` cell), ready to open and run."""
     if summary.best_checkpoint is None:
         raise DataError(f"{summary.path}: no best checkpoint yet (it comes with the first validation)")
-    path = Path(out_dir) / f"05_evaluate-{summary.name}.ipynb"
+    path = Path(out_dir) / f"05_evaluate-{summary.name.replace('/', '-')}.ipynb"  # a study's trial: study-trial
     path.parent.mkdir(parents=True, exist_ok=True)
     # `papermill TEMPLATE PATH -p checkpoint_path ... --prepare-only`: parameterised, not run
     papermill.execute_notebook(template, path, parameters={"checkpoint_path": str(summary.best_checkpoint.resolve())},

@@ -3,7 +3,7 @@
 Setup (run folder, data with its preflight, the engine) -> resume -> the loop, which follows the
 run's ``Schedule`` (the time budget may swap in a re-planned one after any step): the LR, the step,
 the log line, the periodic checkpoint, and at each epoch's end ``end_of_epoch`` (validation when
-due, early stopping's count of it, checkpoint, epoch line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
+due, early stopping's count of it, a sweep's pruner, checkpoint, epoch line). The LR depends on the optimizer step alone, the data stream on the sample index alone, and
 checkpoints hold every RNG state, so a resumed run ends bitwise where an uninterrupted one would
 (on CPU). Rank 0 writes the run folder (``run_dir``).
 """
@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,9 +60,17 @@ class LoopState:
     scored: tuple[int, float] | None = None  # (step, score) of the latest validation (not itself saved)
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+Pruner = Callable[[int, float], bool]  # (step, validation score) -> whether the run ends here, pruned
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          pruner: Pruner | None = None, started: float | None = None) -> dict:
     """Run (or resume) training as configured; returns the final status. Whatever stops it, the run
-    folder ends in a true state: finished, stopped, or failed with the one-line reason."""
+    folder ends in a true state: finished, stopped, pruned, or failed with the one-line reason.
+
+    A sweep (``vesuvius_lab.sweep``) passes ``pruner``, called on rank 0 with each validation's score,
+    and ``started``, its trial's start: the time budget counts from there, not from the process start
+    (one worker process runs many trials)."""
     ddp = setup_distributed()
     run = RunDir(run_dir)
     lock = RunLock(run)
@@ -84,7 +93,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, progress: b
         raise  # not this run's folder to mark: it belongs to another run, or to nobody yet
     stop = StopSignals()
     try:
-        return _train(config, run, ddp, ckpt, progress, stop)
+        return _train(config, run, ddp, ckpt, progress, stop, pruner, started)
     except BaseException as exc:
         if ddp.master:
             _record_failure(run, exc)
@@ -118,7 +127,7 @@ class StopSignals:
 
 
 def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, progress: bool,
-           stop: StopSignals) -> dict:
+           stop: StopSignals, pruner: Pruner | None = None, started: float | None = None) -> dict:
     # --- setup: run folder, data (the preflight of `vesuvius-lab validate` first), engine, resume ---
     device = default_device(ddp.local_rank)
     log_handler = _open_run_folder(run, config, ckpt is not None, ddp, progress)
@@ -130,7 +139,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     early_stop = EarlyStop.for_run(config.training, (ckpt or {}).get("early_stop"))
 
     # --- the schedule the loop follows; under a time budget (training.time_budget_hours) re-planned as it runs ---
-    budget = _begin_budget(config, layout.steps, data, engine, ckpt, device, ddp)
+    budget = _begin_budget(config, layout.steps, data, engine, ckpt, device, ddp, started)
     schedule = budget.schedule
 
     def write_checkpoint(best_too: bool = False) -> None:
@@ -151,6 +160,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
     pace = PaceWatch.for_run(run.plan, config, device, ddp.world)  # the ETA, and one line when the run slows down
     consecutive_nonfinite, epoch_start, outcome = 0, time.perf_counter(), RunState.RUNNING
     doing, settled = state.step + 1, True  # the step under way; whether the state is a whole step's
+    pruned = False  # a sweep's pruner ended the run at the latest validation
 
     # --- the loop ---
     try:
@@ -206,6 +216,7 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
             if schedule.epoch_end(state.step):
                 validates = schedule.validates(state.step)
                 improved = end_of_epoch(engine, data, config, state, epoch, ddp, run, progress, validates)
+                pruned = validates and _ask_pruner(pruner, state, ddp)  # a sweep's trial ends after this checkpoint
                 if validates and early_stop.after_validation(state.step, state.scored[1]):  # the run ends here
                     ended = budget.end_early(state.step, f"early stop at step {state.step}: {early_stop.reason()}")
                     if ended and ddp.master:
@@ -215,6 +226,9 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 if ddp.master:
                     run.append({"kind": EPOCH, "step": state.step, "epoch": epoch, "epoch_s": time.perf_counter() - epoch_start})
                 epoch_start = time.perf_counter()
+                if pruned:
+                    outcome = RunState.PRUNED
+                    break
             elif schedule.checkpoints(state.step):
                 write_checkpoint()  # skipped steps left the weights as they were: still finite
             # the time budget: measure this step; re-plan the rest of the run when its forecast drifts
@@ -253,6 +267,10 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                    f"in a row at step {state.step}; no bad step reached the weights; {kept}")
     elif outcome == RunState.STOPPED:
         message = f"stopped by {stop.signal} at step {state.step}; resume with --resume"
+    elif outcome == RunState.PRUNED:
+        message = (f"pruned at step {state.step} by the sweep's pruner (validation score {state.scored[1]:.4f}); "
+                   f"best validation score {state.best:.4f}; resume with --resume (a spent budget: raise "
+                   "training.time_budget_hours)")
     elif early_stop.stopped:
         message = f"finished (early stop at step {early_stop.stopped_at}): {early_stop.reason()}; best validation score {state.best:.4f}"
     else:
@@ -309,10 +327,10 @@ def _open_data(config: Config, ddp: Distributed, progress: bool) -> tuple[Data, 
 
 
 def _begin_budget(config: Config, steps_per_epoch: int, data: Data, engine: Engine, ckpt: dict | None,
-                  device, ddp: Distributed) -> RunBudget:
+                  device, ddp: Distributed, started: float | None = None) -> RunBudget:
     """The run's schedule and its clock: the configured one, or under a budget the plan a resumed
-    run continues; every rank counts time from the command's start on rank 0."""
-    (started,) = ddp.broadcast([command_start()])
+    run continues; every rank counts time from the command's start on rank 0 (or from ``started``)."""
+    (started,) = ddp.broadcast([started or command_start()])
     budget = RunBudget.begin(config, steps_per_epoch, bool(data.val), (ckpt or {}).get("plan"), started)
     budget.guess_validation(engine.raw_model, data, config, device, ddp)
     if budget.active and ddp.master:
@@ -439,6 +457,14 @@ def _record_failure(run: RunDir, exc: BaseException) -> None:
         status = run.read_status()
         if status.get("state") != RunState.FAILED:  # the loop's own final word stands
             run.status(state=RunState.FAILED, step=status.get("step", 0), message=reason)
+
+
+def _ask_pruner(pruner: Pruner | None, state: LoopState, ddp: Distributed) -> bool:
+    """Rank 0 hands the validation just scored to a sweep's pruner; every rank learns its answer."""
+    if pruner is None:
+        return False
+    (pruned,) = ddp.broadcast([bool(pruner(*state.scored)) if ddp.master else False])
+    return pruned
 
 
 def end_of_epoch(engine: Engine, data: Data, config: Config, state: LoopState, epoch: int, ddp: Distributed,

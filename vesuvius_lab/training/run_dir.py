@@ -55,6 +55,7 @@ class RunState(enum.StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
     FINISHED = "finished"
+    PRUNED = "pruned"  # ended by a sweep's pruner after a validation, its checkpoint kept: resumable
     FAILED = "failed"
 
 
