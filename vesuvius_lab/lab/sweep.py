@@ -22,6 +22,7 @@ from vesuvius_lab.compare import summarize
 from vesuvius_lab.errors import VLabError
 from vesuvius_lab.evaluate import SCORE_PARTS
 from vesuvius_lab.lab.compare import NOTEBOOK_05, evaluation_notebook, paste_line
+from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.plots import figure_png
 from vesuvius_lab.lab.runs import RunProcess
 from vesuvius_lab.lab.widgets import html_table
@@ -106,7 +107,7 @@ class SweepPanel:
         self.stop_button.on_click(lambda _: self.stop())
         form = w.VBox([self.config, self.study_name, self.space,
                        w.HBox([self.trials, self.trial_budget]), w.HBox([self.sampler, self.pruner])])
-        self.widget = w.VBox([form, w.HBox([self.launch_button, self.stop_button]), self.message, self.table])
+        self.widget = notebook_form([form, w.HBox([self.launch_button, self.stop_button]), self.message, self.table])
         self._halt, self._thread = threading.Event(), None
         self.refresh()
 
