@@ -86,3 +86,22 @@ def test_cpu_kernel_resamples_as_grid_sample(tiny_root, tmp_path):
             assert cpu[key].dtype == grid[key].dtype and (cpu[key] != grid[key]).float().mean() < 1e-4
         torch.testing.assert_close(cpu["image"], grid["image"], atol=1e-5, rtol=0)
         torch.testing.assert_close(cpu["distance"], grid["distance"], atol=2e-4, rtol=0)
+
+
+def test_nnunets_intensity_transforms_do_what_they_say():
+    """Brightness multiplies, inverted gamma is 1 - (1 - x) ** g, simulated low resolution keeps the
+    shape but loses the finest detail; each alone, on images in [0, 1]."""
+    from vesuvius_lab.augment import IntensityParams, _intensity
+
+    z = torch.linspace(0, 1, 16)
+    image = (z[:, None, None] * torch.ones(16, 16, 16) * torch.linspace(0.2, 1, 16))[None, None]
+
+    def run(**params):
+        return _intensity(image.clone(), torch.from_numpy(IntensityParams(**params).as_array())[None])
+
+    torch.testing.assert_close(run(), image)
+    torch.testing.assert_close(run(brightness=1.2), image * 1.2)
+    torch.testing.assert_close(run(gamma_inverted=1.5), 1 - (1 - image) ** 1.5)
+    noise = torch.rand((1, 1, 16, 16, 16), generator=torch.Generator().manual_seed(0))
+    low = _intensity(noise.clone(), torch.from_numpy(IntensityParams(lowres_scale=0.5).as_array())[None])
+    assert low.shape == noise.shape and float(low.std()) < 0.7 * float(noise.std())  # the finest detail is gone
