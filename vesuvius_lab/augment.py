@@ -8,8 +8,8 @@ transform touches; ``apply_batch`` resamples image and distance map trilinearly 
 skeleton by nearest neighbour, on whatever device the batch lives on: on a GPU with grid_sample, on
 the CPU with one compiled pass (``_resample_kernel``) that folds flips and permutations into the
 transform and reads the stored dtypes directly (no sampling grid, no float copy of the source box).
-The two agree to float rounding; a label may differ where a sample point lies within rounding of
-a half-voxel tie (a few voxels per million).
+The two agree to float rounding; a label can differ only where a sample point lies within float
+rounding of a half-voxel tie.
 """
 
 from __future__ import annotations
