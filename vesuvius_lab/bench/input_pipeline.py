@@ -41,7 +41,7 @@ KINDS = ("ours", "ours_crop_only", "nnunet", "monai")
 CONFIG = "configs/nnunet_aug.yaml"  # ours, at nnU-Net's probabilities
 # nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size, 3D without dummy 2D
 NNUNET_ROTATION = math.radians(30)
-NNUNET_INITIAL_SCALE = 0.85  # the scale it enlarges the loader's crop for (its own comment: not the trainer's 0.7)
+NNUNET_INITIAL_SCALE = 0.85  # the scale its loader's crop is enlarged for (nnU-Net's own todo: not the 0.7 it scales by)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
