@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := $(shell sed -n 's/^TORCH_PIN = "\(.*\)"/\1/p' vesuvius_lab/__init__.py)
 TOPOLOSSES_PIN := 0.2.0
+BENCH_PIN := $(shell sed -n 's/^bench = \["\(.*\)"\].*/\1/p' pyproject.toml)
 PYTEST_ARGS ?=
 LAB_ARGS ?=
 
@@ -27,6 +28,8 @@ $(STAMP): pyproject.toml vesuvius_lab/__init__.py jupyterlab-overrides.json
 	install -D -m 644 jupyterlab-overrides.json $(LAB_OVERRIDES)
 	# the official compiled Betti-Matching-3D, the metric tests' reference; --no-deps keeps our torch
 	$(PY) -m pip install -q --no-deps "topolosses==$(TOPOLOSSES_PIN)"
+	# nnU-Net v2's augmentation, `bench data`'s baseline: pyproject's bench extra, --no-deps (why: pyproject.toml)
+	$(PY) -m pip install -q --no-deps "$(BENCH_PIN)"
 	@touch $@
 
 demo-data: $(STAMP)

@@ -17,7 +17,7 @@ def make_dataset(root, cache_dir, patch=(32, 32, 32), batch=2, steps=4, ppv=None
 
 def strong_augment(**overrides) -> AugmentConfig:
     cfg = AugmentConfig(p_rotation=1.0, p_scale=1.0, p_elastic=1.0, p_flip=0.5, p_gamma=1.0, p_contrast=1.0,
-                        p_noise=1.0, p_blur=1.0)
+                        p_noise=1.0, p_blur=1.0, p_brightness=1.0, p_gamma_inverted=1.0, p_lowres=1.0)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

@@ -67,7 +67,7 @@ def test_slice_explorer_slider_moves_the_slice(picker):
 def test_sampler_form_maps_onto_configs():
     form = widgets.SamplerForm((32, 48, 64), SamplerConfig(fg_fraction=0.2), AugmentConfig(p_noise=0.0), 7, 3)
     assert set(form.augment_sliders) == {"p_rotation", "p_scale", "p_elastic", "p_flip", "p_gamma", "p_contrast",
-                                         "p_noise", "p_blur"}
+                                         "p_noise", "p_blur", "p_brightness", "p_gamma_inverted", "p_lowres"}
     assert form.patch_size == (32, 48, 64) and form.sampler().fg_fraction == 0.2
     form.patch[0].value = 16
     form.sampler_sliders["fg_fraction"].value = 0.75

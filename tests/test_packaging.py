@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 import vesuvius_lab
+from conftest import require
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -72,3 +73,16 @@ def test_readme_gives_exactly_the_two_setup_commands():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^lab:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_bench_extra_is_installed_at_its_pin_without_its_declared_dependencies():
+    """batchgeneratorsv2, `bench data`'s nnU-Net v2 baseline: pyproject's bench extra, which make
+    installs with --no-deps (its declared batchgenerators v1 stays out) after our torch."""
+    (req,) = PYPROJECT["project"]["optional-dependencies"]["bench"]
+    assert _name(req) == "batchgeneratorsv2" and _pin(req)
+    makefile = (REPO / "Makefile").read_text()
+    assert '--no-deps "$(BENCH_PIN)"' in makefile and "^bench = " in makefile
+    installed = {(d.metadata["Name"] or "").lower(): d.version for d in metadata.distributions()}
+    require("batchgeneratorsv2" in installed, "batchgeneratorsv2 (make install: pyproject's bench extra)")
+    assert installed["batchgeneratorsv2"] == _pin(req)
+    assert "batchgenerators" not in installed

@@ -1,11 +1,15 @@
+import importlib.util
 import json
 
 import matplotlib
 
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
+from conftest import require  # noqa: E402
 from pipeline_helpers import make_dataset, strong_augment  # noqa: E402
+from vesuvius_lab.bench.input_pipeline import KINDS, nnunet_initial_patch, nnunet_transforms  # noqa: E402
 from vesuvius_lab.config import AugmentConfig  # noqa: E402
 from vesuvius_lab.preview import box_edges, draw_patches  # noqa: E402
 
@@ -58,15 +62,70 @@ def test_montage_has_orthogonal_slices_for_each_sample(tiny_root, tmp_path):
 
 
 def test_bench_data_json(cli):
+    """All pipelines measured in interleaved repeats; each ratio is the median of the same-repeat ratios."""
+    require(importlib.util.find_spec("batchgeneratorsv2") is not None, "batchgeneratorsv2 (pyproject's bench extra)")
     code, out, err = cli("bench", "data", "--json", "--samples", 2, "--baseline-samples", 1, "--warmup", 0,
-                         "--shape", 48, "--volumes", 1, "--patches", "24x24x24")
+                         "--repeats", 2, "--shape", 48, "--volumes", 1, "--patches", "24x24x24")
     assert code == 0, err
     result = json.loads(out[-1])
-    assert {"ours_patches_per_s", "baseline_patches_per_s", "ratio"} <= result.keys()
     run = result["by_patch"]["24x24x24"]
-    assert run["ours"]["patches_per_s"] > 0 and run["baseline"]["patches_per_s"] > 0
-    assert result["ratio"] == round(run["ours"]["patches_per_s"] / run["baseline"]["patches_per_s"], 2)
-    assert run["ours"]["peak_rss_mb"] > 50
+    assert result["patch"] == "24x24x24" and result["repeats"] == 2
+    for kind in KINDS:
+        figures = run[kind]
+        assert len(figures["repeats"]) == 2 and all(rate > 0 for rate in figures["repeats"])
+        assert figures["patches_per_s_per_core"] == pytest.approx(np.median(figures["repeats"]), abs=1e-3)
+        assert result[f"{kind}_patches_per_s_per_core"] == figures["patches_per_s_per_core"]
+        assert figures["peak_rss_mb"] > 50
+    assert run["nnunet"]["initial_patch"] == [38, 38, 38]  # nnU-Net's loader reads a larger box
+    for base in ("nnunet", "monai"):
+        same_run = np.median(np.divide(run["ours"]["repeats"], run[base]["repeats"]))
+        assert result[f"ours_vs_{base}"] == run["ratios"][f"ours_vs_{base}"] == pytest.approx(same_run, abs=0.02)
+
+
+def test_bench_data_refuses_an_unknown_pipeline(cli):
+    code, _, err = cli("bench", "data", "--pipelines", "ours,albumentations", "--shape", 48, "--volumes", 1)
+    assert code == 2 and err == ["error: --pipelines: albumentations (choose among ours, ours_crop_only, nnunet, "
+                                 "monai, with ours)"]
+
+
+def test_nnunet_initial_patch_is_nnunets():
+    """nnunetv2's get_patch_size for +-30 degrees and scale 0.85, truncated: 128 * (cos 30 + sin 30) / 0.85."""
+    assert nnunet_initial_patch((128, 128, 128)) == (205, 205, 205)
+    assert nnunet_initial_patch((72, 136, 136)) == (153, 218, 180)
+
+
+def test_nnunet_transforms_really_augment():
+    """nnU-Net v2's pipeline as the bench composes it: right shapes, labels kept, and over a few draws
+    rotated or scaled patches, mirrored patches and intensity changes, each seen at least once."""
+    require(importlib.util.find_spec("batchgeneratorsv2") is not None, "batchgeneratorsv2 (pyproject's bench extra)")
+    import torch
+
+    patch, box = (16, 24, 24), nnunet_initial_patch((16, 24, 24))
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.normal(size=(1, *box)).astype(np.float32))
+    seg = torch.from_numpy(rng.integers(0, 3, size=(1, *box)).astype(np.int16))
+    seg[0, 0] = -1  # nnU-Net's outside-the-volume label, which the pipeline turns into background
+    transforms = nnunet_transforms(patch)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    lo = [(b - p) // 2 for b, p in zip(box, patch, strict=True)]
+    centre = tuple(slice(a, a + p) for a, p in zip(lo, patch, strict=True))
+    crop_img, crop_seg = image[(0, *centre)], seg[(0, *centre)].clamp(min=0)
+    flips = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    kinds = set()
+    for _ in range(60):
+        out = transforms(image=image.clone(), segmentation=seg.clone())
+        assert tuple(out["image"].shape) == (1, *patch) and tuple(out["segmentation"].shape) == (1, *patch)
+        assert set(out["segmentation"].unique().tolist()) <= {0, 1, 2}
+        dims = next((d for d in flips if torch.equal(out["segmentation"][0], crop_seg.flip(d))), None)
+        if dims is None:
+            kinds.add("resampled")  # rotated or scaled: random labels never match a crop
+            continue
+        if dims:
+            kinds.add("mirrored")
+        if not torch.allclose(out["image"][0], crop_img.flip(dims)):
+            kinds.add("intensity")
+    assert kinds == {"mirrored", "resampled", "intensity"}
 
 
 def test_bench_losses_json(cli):

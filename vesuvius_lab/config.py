@@ -67,6 +67,12 @@ class AugmentConfig:
     noise_std: float = 0.05
     p_blur: float = 0.1
     blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # nnU-Net v2's other intensity transforms (configs/nnunet_aug.yaml); off by default
+    p_brightness: float = 0.0  # multiply the image by a factor from brightness_range
+    brightness_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    p_gamma_inverted: float = 0.0  # gamma of the inverted image: 1 - (1 - x) ** gamma, gamma from gamma_range
+    p_lowres: float = 0.0  # simulated low resolution: nearest down to a lowres_scale share of each edge, linear up
+    lowres_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
 
 
 @dataclass
@@ -220,13 +226,16 @@ RULES: dict[str, Rule] = {
     "data.chunk_cache_mb": NON_NEGATIVE,
     "sampler.fg_fraction": SHARE, "sampler.max_redraws": NON_NEGATIVE, "sampler.fg_points": COUNT,
     "augment.where": Rule(choices=("worker", "device")),
-    **{f"augment.p_{k}": SHARE for k in ("rotation", "scale", "elastic", "flip", "gamma", "contrast", "noise", "blur")},
+    **{f"augment.p_{k}": SHARE for k in ("rotation", "scale", "elastic", "flip", "gamma", "contrast", "noise", "blur",
+                                         "brightness", "gamma_inverted", "lowres")},
     "augment.max_rotation_deg": Rule(low=0, high=180),
     "augment.scale_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.elastic_magnitude": NON_NEGATIVE, "augment.elastic_grid": at_least(2),
     "augment.gamma_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.contrast_range": Rule(low=0, low_open=True, length=2, ordered=True),
     "augment.noise_std": NON_NEGATIVE, "augment.blur_sigma": Rule(low=0, length=2, ordered=True),
+    "augment.brightness_range": Rule(low=0, low_open=True, length=2, ordered=True),
+    "augment.lowres_scale": Rule(low=0, low_open=True, high=1, length=2, ordered=True),
     "model.features": COUNT, "model.deep_supervision_heads": COUNT,
     "model.arch": Rule(choices=("unet", "dynunet")), "model.base_features": COUNT, "model.max_features": COUNT,
     **{f"loss.{term.name}": NON_NEGATIVE for term in REGISTRY},

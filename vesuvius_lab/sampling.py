@@ -235,7 +235,7 @@ class PatchDataset(Dataset):
             return sample
         from vesuvius_lab.augment import apply_batch
 
-        batch = collate([sample])
+        batch = {k: v[None] for k, v in sample.items()}  # a batch of one without collate's copies
         out = apply_batch(batch, self.patch)
         result = {k: v[0] for k, v in out.items()}
         for key in ("index", "volume_index", "foreground_draw", "box_origin", "centre", "matrix"):
