@@ -319,10 +319,19 @@ def test_agrees_with_the_compiled_betti_matching_module():
 def test_bench_metric_reports_both_implementations_and_equal_scores(cli):
     import json
 
-    code, out, err = cli("bench", "metric", "--json", "--size", "24", "--volumes", "1", "--baseline-volumes", "1")
+    code, out, err = cli("bench", "metric", "--json", "--size", "24", "--volumes", "1", "--baseline-volumes", "1",
+                         "--repeats", "2", "--jobs", "1")
     assert code == 0 and not err
     result = json.loads("\n".join(out))
     for key in ("ours_seconds_per_volume", "ours_peak_rss_mib", "baseline_seconds_per_volume", "baseline_peak_rss_mib"):
         assert result[key] > 0
+    assert result["ours_threads"] == 1 and result["baseline_threads"] == 1  # --jobs 1: one core, one thread
+    assert set(result["parts"]) == {"binarize", "topo", "surface_dice", "voi"} and len(result["octants"]) == 8
+    for part in [*result["parts"].values(), *result["octants"]]:
+        assert part["official_s"] > 0
+        if part["ours_s"] > 0:  # 0: an octant empty in both masks, which ours skips
+            assert part["ratio"] == pytest.approx(part["official_s"] / part["ours_s"], rel=0.01)
+    # the octants are the TopoScore's time on both sides
+    assert sum(o["official_s"] for o in result["octants"]) <= result["parts"]["topo"]["official_s"] * 1.5
     assert result["speedup"] == pytest.approx(result["baseline_seconds_scaled_to_size"] / result["ours_seconds_per_volume"], rel=0.05)
     assert result["max_abs_score_diff"] <= 1e-9
