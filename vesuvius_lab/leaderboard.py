@@ -248,9 +248,12 @@ def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
 
 
 def _surface(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Border blocks (neither empty nor full) and their surfel areas, in C order of the blocks: the
+    areas are looked up for the border blocks only (a float64 area per block would cost more than
+    all the rest of SurfaceDice)."""
     codes = _neighbour_codes(mask)
     border = (codes != 0) & (codes != 255)
-    return border, _area_table()[codes]
+    return border, _area_table()[codes[border]]
 
 
 def surface_dice_masks(x: np.ndarray, y: np.ndarray, tolerance: float = SURFACE_TOLERANCE, crop: bool = True) -> float:
@@ -275,7 +278,7 @@ def surface_dice_masks(x: np.ndarray, y: np.ndarray, tolerance: float = SURFACE_
         p = np.zeros(shape, dtype=np.uint8)
         p[1:-1, 1:-1, 1:-1] = m[box]
         padded.append(p)
-    (bx, ax), (by, ay) = _surface(padded[0]), _surface(padded[1])
+    (bx, area_x), (by, area_y) = _surface(padded[0]), _surface(padded[1])
     offsets = _ball_offsets(tolerance)
     if len(offsets) <= 400:
         near_y = _within(bx, by, offsets)  # border voxels of x with a y border voxel in reach
@@ -287,7 +290,6 @@ def surface_dice_masks(x: np.ndarray, y: np.ndarray, tolerance: float = SURFACE_
         # sqrt(d2) <= tol in float64, like scipy's distances
         near_y = np.sqrt(edt.edtsq(np.ascontiguousarray(~by), black_border=False)[bx].astype(np.float64)) <= tolerance
         near_x = np.sqrt(edt.edtsq(np.ascontiguousarray(~bx), black_border=False)[by].astype(np.float64)) <= tolerance
-    area_x, area_y = ax[bx], ay[by]
     overlap = area_x[near_y].sum() + area_y[near_x].sum()
     return float(overlap / (area_x.sum() + area_y.sum()))
 
