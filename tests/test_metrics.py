@@ -335,3 +335,31 @@ def test_bench_metric_reports_both_implementations_and_equal_scores(cli):
     assert sum(o["official_s"] for o in result["octants"]) <= result["parts"]["topo"]["official_s"] * 1.5
     assert result["speedup"] == pytest.approx(result["baseline_seconds_scaled_to_size"] / result["ours_seconds_per_volume"], rel=0.05)
     assert result["max_abs_score_diff"] <= 1e-9
+
+
+def test_voi_counts_equal_numpy_unique_on_both_paths():
+    """The VOI's counts (bincount for a small key range, np.unique beyond it) are np.unique's, in
+    its order, so the entropy sums are the same floats."""
+    rng = np.random.default_rng(4)
+    for keys in (rng.integers(0, 50, 1000), rng.integers(0, 1 << 40, 1000), np.zeros(3, np.int64)):
+        assert np.array_equal(M._counts(keys), np.unique(keys, return_counts=True)[1])
+
+
+def test_tunnels_matched_in_one_sweep_equal_the_compiled_module():
+    """Many tunnels in both inputs (the one linking sweep for both, stopping at the first to have
+    all its events) against Betti-Matching-3D, octant by octant."""
+    bm = official_betti_module()
+    require(bm is not None, "the compiled Betti-Matching-3D module (make install: pip install --no-deps topolosses)")
+    matched = 0
+    for seed in range(6):
+        x = blobby((22, 20, 24), seed, sigma=1.2, level=0.45)
+        y = ndimage.binary_erosion(x) | blobby((22, 20, 24), seed + 50, sigma=1.2, level=0.8) if seed % 2 else \
+            x ^ (blobby((22, 20, 24), seed + 90, sigma=0.8, level=0.93))
+        r = bm.compute_matching((~x).astype(np.float64), (~y).astype(np.float64))
+        m = tuple(int(v) for v in r.num_matched)
+        p = tuple(a + int(b) for a, b in zip(m, r.num_unmatched_input1, strict=True))
+        g = tuple(a + int(b) for a, b in zip(m, r.num_unmatched_input2, strict=True))
+        assert match_counts(x, y) == (m, p, g), seed
+        assert p[1] > 0 and g[1] > 0
+        matched += m[1]
+    assert matched > 0

@@ -234,36 +234,44 @@ def dual_start(F: np.ndarray, birthF: np.ndarray, birthU: np.ndarray, fast: bool
     if not fast:
         return parent, parent.copy(), parent.copy(), 0
     labels, touch = background_components(F)
-    labels = labels.astype(np.int32, copy=False)
-    cube = labels[:-1, :-1, :-1].copy()
-    for a, b, c in np.ndindex(2, 2, 2):
-        np.maximum(cube, labels[a : a + cube.shape[0], b : b + cube.shape[1], c : c + cube.shape[2]], out=cube)
-    eldF, eldU = _merge_components(cube.ravel(), touch, birthF, birthU, parent)
+    eldF, eldU = _merge_components(labels, touch, birthF, birthU, parent)
     return parent, eldF, eldU, 1
 
 
 @nb.njit(**_JIT)
-def _merge_components(cube_label, touch, birthF, birthU, parent):
+def _merge_components(labels, touch, birthF, birthU, parent):
+    """Each cube joins its background component's class (the outside's where that touches a face).
+    A cube's background voxels lie in one 26-connected component: the largest label among its 8
+    voxels is that component (0: the cube is full of F, isolated until its value-0 squares come)."""
+    n0, n1, n2 = labels.shape
     inf = parent.size - 1
     eldF = np.arange(inf + 1, dtype=np.int32)
     eldU = np.arange(inf + 1, dtype=np.int32)
     rep = np.full(touch.size, -1, dtype=np.int32)
-    for c in range(inf):
-        lab = cube_label[c]
-        if lab == 0:
-            continue  # a cube full of F: isolated until its value-0 squares come
-        if touch[lab]:
-            parent[c] = inf
-            continue
-        r = rep[lab]
-        if r < 0:
-            rep[lab] = c
-            continue
-        parent[c] = r
-        if _older(birthF, c, eldF[r]):
-            eldF[r] = c
-        if _older(birthU, c, eldU[r]):
-            eldU[r] = c
+    c = -1
+    for x in range(n0 - 1):
+        for y in range(n1 - 1):
+            for z in range(n2 - 1):
+                c += 1
+                lab = labels[x, y, z]
+                for a in range(2):
+                    for b in range(2):
+                        for d in range(2):
+                            lab = max(lab, labels[x + a, y + b, z + d])
+                if lab == 0:
+                    continue
+                if touch[lab]:
+                    parent[c] = inf
+                    continue
+                r = rep[lab]
+                if r < 0:
+                    rep[lab] = c
+                    continue
+                parent[c] = r
+                if _older(birthF, c, eldF[r]):
+                    eldF[r] = c
+                if _older(birthU, c, eldU[r]):
+                    eldU[r] = c
     return eldF, eldU
 
 
@@ -714,12 +722,15 @@ def match_counts(X: np.ndarray, Y: np.ndarray, fast: bool = True) -> tuple[tuple
         return p, p, g
     m0 = int(match_dim0(X, Y))
     parent, _, eld, start = dual_start(U, bU, bU, fast)
-    m2 = int(dim2_sweep(U, bU, bU, parent, eld, eld, start, keys_x, keys_y)[2])
+    b2_u, _, m2 = dim2_sweep(U, bU, bU, parent, eld, eld, start, keys_x, keys_y)
+    m2 = int(m2)
     m1 = 0
     if p[1] > 0 and g[1] > 0:
         # only the image of H1(K_F) in H1(K_U) can die later, and its dimension is at most
-        # beta_1(U): that many random cycles (+64) suffice, however many tunnels F has
-        b1_u = betti_numbers(U)[1]
+        # beta_1(U): that many random cycles (+64) suffice, however many tunnels F has; U's
+        # cavities are its own pairs of the sweep above (as in ``own``)
+        b0_u = int(cc3d.connected_components(U, connectivity=6, return_N=True)[1])
+        b1_u = b0_u + int(b2_u) - euler_characteristic(U)
         if b1_u > 0:
             first, second = _events(U, X, min(p[1], b1_u), Y, min(g[1], b1_u))
             m1 = int(np.intersect1d(first, second).size)
