@@ -50,6 +50,16 @@ def _find(parent, v):
     return r
 
 
+@nb.njit(inline="always", **_JIT)
+def _root(parent, v):
+    """_find, without its call for a root or a root's child (most lookups in the sweeps): a call
+    that passes arrays costs reference counting, more than the lookup itself."""
+    r = parent[v]
+    if parent[r] == r:
+        return r
+    return _find(parent, v)
+
+
 @nb.njit(**_JIT)
 def _edge_end(n0, n1, n2, x, y, z, v, t):
     """The far end (flat index) of edge (x, y, z, t) from its voxel ``v`` = (x, y, z): type 0, 1, 2
@@ -83,8 +93,8 @@ def match_dim0(X, Y):
                     for t in range(3):
                         w = _edge_end(n0, n1, n2, x, y, z, v, t)
                         if w >= 0 and xf[w] | yf[w]:
-                            rv = _find(parent, v)
-                            rw = _find(parent, w)
+                            rv = _root(parent, v)
+                            rw = _root(parent, w)
                             if rv != rw:
                                 parent[rw] = rv
                                 flags[rv] |= flags[rw]
@@ -99,8 +109,8 @@ def match_dim0(X, Y):
                     w = _edge_end(n0, n1, n2, x, y, z, v, t)
                     if w < 0 or (uv and (xf[w] | yf[w])):
                         continue
-                    rv = _find(parent, v)
-                    rw = _find(parent, w)
+                    rv = _root(parent, v)
+                    rw = _root(parent, w)
                     if rv != rw:
                         if flags[rv] == 3 and flags[rw] == 3:
                             matched += 1
@@ -148,7 +158,7 @@ def _dual_ends(n0, n1, n2, x, y, z, t, inf):
     return a, b
 
 
-@nb.njit(**_JIT)
+@nb.njit(inline="always", **_JIT)
 def _older(birth, u, v):
     """True if dual vertex u is elder than v: larger (birth, index) survives a merge."""
     bu = birth[u]
@@ -199,8 +209,8 @@ def dim2_sweep(F, birthF, birthU, parent, eldF, eldU, start_phase, keysX, keysY)
                         if _square_value(F, x, y, z, t) != want:
                             continue
                         a, b = _dual_ends(n0, n1, n2, x, y, z, t, inf)
-                        ra = _find(parent, a)
-                        rb = _find(parent, b)
+                        ra = _root(parent, a)
+                        rb = _root(parent, b)
                         if ra == rb:
                             continue
                         fa = eldF[ra]
@@ -477,17 +487,10 @@ def _fold(acc, y, z, c, lab, off):
 
 @nb.njit(**_JIT)
 def _side_event(vec, lo, hi, seen, seen_used, seen_count, basis, pivot_of, rank):
-    """One side's part vec[lo:hi] of a closed loop's linking vector: its new rank (an event where it
-    grows) and its seen-table count. Loops through the same tunnels repeat one vector, so a vector
-    met before is in the span already."""
+    """One side's nonzero part vec[lo:hi] of a closed loop's linking vector: its new rank (an event
+    where it grows) and its seen-table count. Loops through the same tunnels repeat one vector, so a
+    vector met before is in the span already."""
     part = vec[lo:hi]
-    nonzero = False
-    for j in range(part.size):
-        if part[j] != 0:
-            nonzero = True
-            break
-    if not nonzero:
-        return rank, seen_count
     slot = _seen_slot(part, seen, seen_used)
     if seen_used[slot]:
         return rank, seen_count
@@ -590,11 +593,25 @@ def linking_events(U, cid1, ly1, lz1, betti1, cid2, ly2, lz2, betti2):
                         for j in range(words):
                             phi[j] = 0
                     a, b = _dual_ends(n0, n1, n2, x, y, z, t, inf)
-                    ra = _find_pot(parent, pot, a, path)
-                    rb = _find_pot(parent, pot, b, path)
-                    # after _find_pot, pot[a] is a's label sum to its root (0 for a root)
+                    # most ends are roots or their children, which need no compression (and no
+                    # call: passing arrays to a kernel costs reference counting)
+                    ra = parent[a]
+                    if parent[ra] != ra:
+                        ra = _find_pot(parent, pot, a, path)
+                    rb = parent[b]
+                    if parent[rb] != rb:
+                        rb = _find_pot(parent, pot, b, path)
+                    # now pot[a] is a's label sum to its root (0 for a root)
+                    nonzero1 = False
+                    nonzero2 = False
                     for j in range(words):
-                        vec[j] = phi[j] ^ pot[a, j] ^ pot[b, j]
+                        vj = phi[j] ^ pot[a, j] ^ pot[b, j]
+                        vec[j] = vj
+                        if vj != 0:
+                            if j < w1:
+                                nonzero1 = True
+                            else:
+                                nonzero2 = True
                     if ra != rb:
                         if size[ra] > size[rb]:
                             ra, rb = rb, ra
@@ -604,14 +621,16 @@ def linking_events(U, cid1, ly1, lz1, betti1, cid2, ly2, lz2, betti2):
                         size[rb] += size[ra]
                         continue
                     code = ((x * n1 + y) * n2 + z) * 3 + t
-                    new1, count1 = _side_event(vec, 0, w1, seen1, used1, count1, basis1, pivot1, rank1)
-                    if new1 > rank1:
-                        events1[rank1] = code
-                        rank1 = new1
-                    new2, count2 = _side_event(vec, w1, words, seen2, used2, count2, basis2, pivot2, rank2)
-                    if new2 > rank2:
-                        events2[rank2] = code
-                        rank2 = new2
+                    if nonzero1:
+                        new1, count1 = _side_event(vec, 0, w1, seen1, used1, count1, basis1, pivot1, rank1)
+                        if new1 > rank1:
+                            events1[rank1] = code
+                            rank1 = new1
+                    if nonzero2:
+                        new2, count2 = _side_event(vec, w1, words, seen2, used2, count2, basis2, pivot2, rank2)
+                        if new2 > rank2:
+                            events2[rank2] = code
+                            rank2 = new2
                     if rank1 >= betti1 or rank2 >= betti2:
                         return events1[:rank1], events2[:rank2]
     return events1[:rank1], events2[:rank2]
