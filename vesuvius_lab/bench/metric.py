@@ -295,6 +295,9 @@ def run(args: argparse.Namespace) -> dict:
         "baseline_peak_rss_mib": round(max(r["peak_rss_mib"] for r in base_all), 1),
         "baseline_seconds_scaled_to_size": _sig(base_per_volume),
         "speedup": round(base_per_volume / ours_s, 2),
+        # CPU seconds: the same ratio less stretched by other work on a shared machine
+        "speedup_cpu": round(statistics.median(r["cpu_seconds"] for r in base_all) * scale
+                             / max(statistics.median(r["cpu_seconds"] for r in ours_all), 1e-9), 2),
         "parts": {part: _compare([r["parts"][part] for r in paired], [r["parts"][part] * scale for r in base_all])
                   for part in PARTS},
         "octants": [_compare([r["parts"]["octants"][i] for r in paired], [r["parts"]["octants"][i] * scale for r in base_all])
