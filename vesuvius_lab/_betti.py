@@ -120,7 +120,7 @@ def match_dim0(X, Y):
 
 
 # --- dimension 2 ---------------------------------------------------------------------------
-@nb.njit(**_JIT)
+@nb.njit(inline="always", **_JIT)
 def _square_value(F, x, y, z, t):
     """0 if all 4 vertices of square (x, y, z, t) are foreground, else 1."""
     if t == 0:
@@ -477,7 +477,7 @@ def _seen_slot(vec, seen, used):
     return slot
 
 
-@nb.njit(**_JIT)
+@nb.njit(inline="always", **_JIT)
 def _fold(acc, y, z, c, lab, off):
     """acc[y, z, off:off + words] ^= lab[c] (one side's labels into the two sides' accumulator)."""
     if c >= 0:
