@@ -337,12 +337,17 @@ def test_bench_metric_reports_both_implementations_and_equal_scores(cli):
     assert result["max_abs_score_diff"] <= 1e-9
 
 
-def test_voi_counts_equal_numpy_unique_on_both_paths():
-    """The VOI's counts (bincount for a small key range, np.unique beyond it) are np.unique's, in
-    its order, so the entropy sums are the same floats."""
+def test_voi_counts_equal_numpy_unique_on_every_path(monkeypatch):
+    """The VOI's counts (a contingency table for few components; bincount for a small key range and
+    np.unique beyond it for many) are np.unique's, in its order, so the entropies are the same floats."""
     rng = np.random.default_rng(4)
     for keys in (rng.integers(0, 50, 1000), rng.integers(0, 1 << 40, 1000), np.zeros(3, np.int64)):
         assert np.array_equal(M._counts(keys), np.unique(keys, return_counts=True)[1])
+    x = blobby((30, 28, 26), 1, level=0.8)
+    y = blobby((30, 28, 26), 2, level=0.75)
+    table = M.voi_masks(x, y)
+    monkeypatch.setattr(M, "CONTINGENCY_CELLS", 0)  # the sorting path
+    assert M.voi_masks(x, y) == table and table[0] > 0 and table[1] > 0
 
 
 def test_tunnels_matched_in_one_sweep_equal_the_compiled_module():

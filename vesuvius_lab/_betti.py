@@ -800,3 +800,18 @@ def within(a, b, offsets):
                         break
                 k += 1
     return out
+
+
+# --- variation of information --------------------------------------------------------------
+@nb.njit(**_JIT)
+def contingency(a, b, na, nb):
+    """Voxel counts of each label pair (a, b) where either label is nonzero: one pass over two label
+    volumes of one shape, instead of gathering, keying and sorting them."""
+    table = np.zeros((na, nb), dtype=np.int64)
+    af = a.ravel()
+    bf = b.ravel()
+    for i in range(af.size):
+        if af[i] != 0 or bf[i] != 0:
+            table[af[i], bf[i]] += 1
+    return table
+

@@ -30,6 +30,7 @@ TOPO_WEIGHTS = (0.34, 0.33, 0.33)
 COMBINE_WEIGHTS = (0.30, 0.35, 0.35)  # topo, surface dice, VOI
 SURFACE_TOLERANCE = 2.0
 VOI_ALPHA = 0.3
+CONTINGENCY_CELLS = 1 << 24  # VOI: label pairs counted in a table (int64) up to this many cells
 
 
 @dataclass(frozen=True)
@@ -335,15 +336,27 @@ def voi_masks(x: np.ndarray, y: np.ndarray, crop: bool = True) -> tuple[float, f
     box = bounding_box(union) if crop else tuple(slice(0, n) for n in x.shape)
     if box is None:
         return 0.0, 0.0
-    lx = cc3d.connected_components(np.ascontiguousarray(x[box], dtype=np.uint8), connectivity=26)
-    ly = cc3d.connected_components(np.ascontiguousarray(y[box], dtype=np.uint8), connectivity=26)
-    inside = union[box]
-    a = ly[inside].astype(np.int64)
-    b = lx[inside].astype(np.int64)
-    n = a.size
-    joint = _counts(a * (int(b.max()) + 1) + b).astype(np.float64) / n
-    pa = _counts(a).astype(np.float64) / n
-    pb = _counts(b).astype(np.float64) / n
+    lx, nx = cc3d.connected_components(np.ascontiguousarray(x[box], dtype=np.uint8), connectivity=26, return_N=True)
+    ly, ny = cc3d.connected_components(np.ascontiguousarray(y[box], dtype=np.uint8), connectivity=26, return_N=True)
+    if (ny + 1) * (nx + 1) <= CONTINGENCY_CELLS:
+        from vesuvius_lab._betti import contingency
+
+        # the union is where either label is nonzero; row-major nonzero cells are np.unique's
+        # order of the keys a * (nx + 1) + b, row and column sums the marginal counts
+        table = contingency(ly, lx, ny + 1, nx + 1)
+        n = int(table.sum())
+        joint = table[table > 0].astype(np.float64) / n
+        rows, cols = table.sum(axis=1), table.sum(axis=0)
+        pa = rows[rows > 0].astype(np.float64) / n
+        pb = cols[cols > 0].astype(np.float64) / n
+    else:  # very many components: sort the keys instead
+        inside = union[box]
+        a = ly[inside].astype(np.int64)
+        b = lx[inside].astype(np.int64)
+        n = a.size
+        joint = _counts(a * (int(b.max()) + 1) + b).astype(np.float64) / n
+        pa = _counts(a).astype(np.float64) / n
+        pb = _counts(b).astype(np.float64) / n
     h_joint = -float(np.sum(joint * np.log2(joint)))
     h_a = -float(np.sum(pa * np.log2(pa)))
     h_b = -float(np.sum(pb * np.log2(pb)))
