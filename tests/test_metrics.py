@@ -319,10 +319,52 @@ def test_agrees_with_the_compiled_betti_matching_module():
 def test_bench_metric_reports_both_implementations_and_equal_scores(cli):
     import json
 
-    code, out, err = cli("bench", "metric", "--json", "--size", "24", "--volumes", "1", "--baseline-volumes", "1")
+    code, out, err = cli("bench", "metric", "--json", "--size", "24", "--volumes", "1", "--baseline-volumes", "1",
+                         "--repeats", "2", "--jobs", "1")
     assert code == 0 and not err
     result = json.loads("\n".join(out))
     for key in ("ours_seconds_per_volume", "ours_peak_rss_mib", "baseline_seconds_per_volume", "baseline_peak_rss_mib"):
         assert result[key] > 0
+    assert result["ours_threads"] == 1 and result["baseline_threads"] == 1  # --jobs 1: one core, one thread
+    assert set(result["parts"]) == {"binarize", "topo", "surface_dice", "voi"} and len(result["octants"]) == 8
+    for part in [*result["parts"].values(), *result["octants"]]:
+        assert part["official_s"] > 0
+        if part["ours_s"] > 0:  # 0: an octant empty in both masks, which ours skips
+            assert part["ratio"] == pytest.approx(part["official_s"] / part["ours_s"], rel=0.01)
+    # the octants are the TopoScore's time on both sides
+    assert sum(o["official_s"] for o in result["octants"]) <= result["parts"]["topo"]["official_s"] * 1.5
     assert result["speedup"] == pytest.approx(result["baseline_seconds_scaled_to_size"] / result["ours_seconds_per_volume"], rel=0.05)
     assert result["max_abs_score_diff"] <= 1e-9
+
+
+def test_voi_counts_equal_numpy_unique_on_every_path(monkeypatch):
+    """The VOI's counts (a contingency table for few components; bincount for a small key range and
+    np.unique beyond it for many) are np.unique's, in its order, so the entropies are the same floats."""
+    rng = np.random.default_rng(4)
+    for keys in (rng.integers(0, 50, 1000), rng.integers(0, 1 << 40, 1000), np.zeros(3, np.int64)):
+        assert np.array_equal(M._counts(keys), np.unique(keys, return_counts=True)[1])
+    x = blobby((30, 28, 26), 1, level=0.8)
+    y = blobby((30, 28, 26), 2, level=0.75)
+    table = M.voi_masks(x, y)
+    monkeypatch.setattr(M, "CONTINGENCY_CELLS", 0)  # the sorting path
+    assert M.voi_masks(x, y) == table and table[0] > 0 and table[1] > 0
+
+
+def test_tunnels_matched_in_one_sweep_equal_the_compiled_module():
+    """Many tunnels in both inputs (the one linking sweep for both, stopping at the first to have
+    all its events) against Betti-Matching-3D, octant by octant."""
+    bm = official_betti_module()
+    require(bm is not None, "the compiled Betti-Matching-3D module (make install: pip install --no-deps topolosses)")
+    matched = 0
+    for seed in range(6):
+        x = blobby((22, 20, 24), seed, sigma=1.2, level=0.45)
+        y = ndimage.binary_erosion(x) | blobby((22, 20, 24), seed + 50, sigma=1.2, level=0.8) if seed % 2 else \
+            x ^ (blobby((22, 20, 24), seed + 90, sigma=0.8, level=0.93))
+        r = bm.compute_matching((~x).astype(np.float64), (~y).astype(np.float64))
+        m = tuple(int(v) for v in r.num_matched)
+        p = tuple(a + int(b) for a, b in zip(m, r.num_unmatched_input1, strict=True))
+        g = tuple(a + int(b) for a, b in zip(m, r.num_unmatched_input2, strict=True))
+        assert match_counts(x, y) == (m, p, g), seed
+        assert p[1] > 0 and g[1] > 0
+        matched += m[1]
+    assert matched > 0

@@ -50,6 +50,16 @@ def _find(parent, v):
     return r
 
 
+@nb.njit(inline="always", **_JIT)
+def _root(parent, v):
+    """_find, without its call for a root or a root's child (most lookups in the sweeps): a call
+    that passes arrays costs reference counting, more than the lookup itself."""
+    r = parent[v]
+    if parent[r] == r:
+        return r
+    return _find(parent, v)
+
+
 @nb.njit(**_JIT)
 def _edge_end(n0, n1, n2, x, y, z, v, t):
     """The far end (flat index) of edge (x, y, z, t) from its voxel ``v`` = (x, y, z): type 0, 1, 2
@@ -83,8 +93,8 @@ def match_dim0(X, Y):
                     for t in range(3):
                         w = _edge_end(n0, n1, n2, x, y, z, v, t)
                         if w >= 0 and xf[w] | yf[w]:
-                            rv = _find(parent, v)
-                            rw = _find(parent, w)
+                            rv = _root(parent, v)
+                            rw = _root(parent, w)
                             if rv != rw:
                                 parent[rw] = rv
                                 flags[rv] |= flags[rw]
@@ -99,8 +109,8 @@ def match_dim0(X, Y):
                     w = _edge_end(n0, n1, n2, x, y, z, v, t)
                     if w < 0 or (uv and (xf[w] | yf[w])):
                         continue
-                    rv = _find(parent, v)
-                    rw = _find(parent, w)
+                    rv = _root(parent, v)
+                    rw = _root(parent, w)
                     if rv != rw:
                         if flags[rv] == 3 and flags[rw] == 3:
                             matched += 1
@@ -110,7 +120,7 @@ def match_dim0(X, Y):
 
 
 # --- dimension 2 ---------------------------------------------------------------------------
-@nb.njit(**_JIT)
+@nb.njit(inline="always", **_JIT)
 def _square_value(F, x, y, z, t):
     """0 if all 4 vertices of square (x, y, z, t) are foreground, else 1."""
     if t == 0:
@@ -148,7 +158,7 @@ def _dual_ends(n0, n1, n2, x, y, z, t, inf):
     return a, b
 
 
-@nb.njit(**_JIT)
+@nb.njit(inline="always", **_JIT)
 def _older(birth, u, v):
     """True if dual vertex u is elder than v: larger (birth, index) survives a merge."""
     bu = birth[u]
@@ -199,8 +209,8 @@ def dim2_sweep(F, birthF, birthU, parent, eldF, eldU, start_phase, keysX, keysY)
                         if _square_value(F, x, y, z, t) != want:
                             continue
                         a, b = _dual_ends(n0, n1, n2, x, y, z, t, inf)
-                        ra = _find(parent, a)
-                        rb = _find(parent, b)
+                        ra = _root(parent, a)
+                        rb = _root(parent, b)
                         if ra == rb:
                             continue
                         fa = eldF[ra]
@@ -234,36 +244,44 @@ def dual_start(F: np.ndarray, birthF: np.ndarray, birthU: np.ndarray, fast: bool
     if not fast:
         return parent, parent.copy(), parent.copy(), 0
     labels, touch = background_components(F)
-    labels = labels.astype(np.int32, copy=False)
-    cube = labels[:-1, :-1, :-1].copy()
-    for a, b, c in np.ndindex(2, 2, 2):
-        np.maximum(cube, labels[a : a + cube.shape[0], b : b + cube.shape[1], c : c + cube.shape[2]], out=cube)
-    eldF, eldU = _merge_components(cube.ravel(), touch, birthF, birthU, parent)
+    eldF, eldU = _merge_components(labels, touch, birthF, birthU, parent)
     return parent, eldF, eldU, 1
 
 
 @nb.njit(**_JIT)
-def _merge_components(cube_label, touch, birthF, birthU, parent):
+def _merge_components(labels, touch, birthF, birthU, parent):
+    """Each cube joins its background component's class (the outside's where that touches a face).
+    A cube's background voxels lie in one 26-connected component: the largest label among its 8
+    voxels is that component (0: the cube is full of F, isolated until its value-0 squares come)."""
+    n0, n1, n2 = labels.shape
     inf = parent.size - 1
     eldF = np.arange(inf + 1, dtype=np.int32)
     eldU = np.arange(inf + 1, dtype=np.int32)
     rep = np.full(touch.size, -1, dtype=np.int32)
-    for c in range(inf):
-        lab = cube_label[c]
-        if lab == 0:
-            continue  # a cube full of F: isolated until its value-0 squares come
-        if touch[lab]:
-            parent[c] = inf
-            continue
-        r = rep[lab]
-        if r < 0:
-            rep[lab] = c
-            continue
-        parent[c] = r
-        if _older(birthF, c, eldF[r]):
-            eldF[r] = c
-        if _older(birthU, c, eldU[r]):
-            eldU[r] = c
+    c = -1
+    for x in range(n0 - 1):
+        for y in range(n1 - 1):
+            for z in range(n2 - 1):
+                c += 1
+                lab = labels[x, y, z]
+                for a in range(2):
+                    for b in range(2):
+                        for d in range(2):
+                            lab = max(lab, labels[x + a, y + b, z + d])
+                if lab == 0:
+                    continue
+                if touch[lab]:
+                    parent[c] = inf
+                    continue
+                r = rep[lab]
+                if r < 0:
+                    rep[lab] = c
+                    continue
+                parent[c] = r
+                if _older(birthF, c, eldF[r]):
+                    eldF[r] = c
+                if _older(birthU, c, eldU[r]):
+                    eldU[r] = c
     return eldF, eldU
 
 
@@ -404,7 +422,9 @@ def _find_pot(parent, pot, v, path):
         r = parent[r]
     for i in range(k - 2, -1, -1):
         u = path[i]
-        pot[u] ^= pot[path[i + 1]]
+        w = path[i + 1]
+        for j in range(pot.shape[1]):  # element by element: an array ``^=`` allocates in numba
+            pot[u, j] ^= pot[w, j]
         parent[u] = r
     return r
 
@@ -457,9 +477,35 @@ def _seen_slot(vec, seen, used):
     return slot
 
 
+@nb.njit(inline="always", **_JIT)
+def _fold(acc, y, z, c, lab, off):
+    """acc[y, z, off:off + words] ^= lab[c] (one side's labels into the two sides' accumulator)."""
+    if c >= 0:
+        for j in range(lab.shape[1]):
+            acc[y, z, off + j] ^= lab[c, j]
+
+
 @nb.njit(**_JIT)
-def linking_events(U, cid, ly, lz, betti, stop_below):
-    """Value-1 squares of U at which im(H1(K_F) -> H1) loses a dimension, as square codes.
+def _side_event(vec, lo, hi, seen, seen_used, seen_count, basis, pivot_of, rank):
+    """One side's nonzero part vec[lo:hi] of a closed loop's linking vector: its new rank (an event
+    where it grows) and its seen-table count. Loops through the same tunnels repeat one vector, so a
+    vector met before is in the span already."""
+    part = vec[lo:hi]
+    slot = _seen_slot(part, seen, seen_used)
+    if seen_used[slot]:
+        return rank, seen_count
+    if seen_count * 2 < seen_used.size:
+        seen[slot] = part
+        seen_used[slot] = 1
+        seen_count += 1
+    return _reduce_insert(part.copy(), basis, pivot_of, rank), seen_count
+
+
+@nb.njit(**_JIT)
+def linking_events(U, cid1, ly1, lz1, betti1, cid2, ly2, lz2, betti2):
+    """Value-1 squares of U at which im(H1(K_X) -> H1) and im(H1(K_Y) -> H1) lose a dimension, as
+    square codes, for both inputs in one sweep (the dual graph and its union-find are the same for
+    both; each input has its own words of the potentials).
 
     Squares of U with value 1 are added in reverse filtration order to the dual graph (3-cubes and
     the outside). A square closing a loop raises the rank of the linking pairing between the loops
@@ -467,11 +513,15 @@ def linking_events(U, cid, ly, lz, betti, stop_below):
     forwards, that is where the image of H1(K_F) loses a dimension. The linking number of a loop
     with a cycle is the parity of its crossings with a capping 2-chain of the cycle: each +y (+z)
     edge is swept along -x to the face x=0 (type-2 / type-1 squares), and the projected +z edges in
-    that face are swept along -y (type-0 squares at x=0). Stops below ``stop_below`` (a square code)
-    and once the rank reaches ``betti``.
+    that face are swept along -y (type-0 squares at x=0).
+
+    The sweep stops once either input's rank reaches its bound ``betti1``/``betti2`` (an upper bound
+    of its image's dimension): that input's events are then all found, and the other's further
+    events lie below all of them, so they cannot be common events (the matched tunnels).
     """
     n0, n1, n2 = U.shape
-    words = ly.shape[1]
+    w1 = ly1.shape[1]
+    words = w1 + ly2.shape[1]
     inf = (n0 - 1) * (n1 - 1) * (n2 - 1)
     parent = np.arange(inf + 1, dtype=np.int32)
     size = np.ones(inf + 1, dtype=np.int32)
@@ -482,42 +532,50 @@ def linking_events(U, cid, ly, lz, betti, stop_below):
     row = np.zeros((n2, words), dtype=np.uint64)
     phi = np.zeros(words, dtype=np.uint64)
     vec = np.zeros(words, dtype=np.uint64)
-    basis = np.zeros((max(betti, 1), words), dtype=np.uint64)
-    pivot_of = np.full(words * 64, -1, dtype=np.int64)
-    events = np.empty(max(betti, 1), dtype=np.int64)
+    basis1 = np.zeros((max(betti1, 1), w1), dtype=np.uint64)
+    basis2 = np.zeros((max(betti2, 1), words - w1), dtype=np.uint64)
+    pivot1 = np.full(w1 * 64, -1, dtype=np.int64)
+    pivot2 = np.full((words - w1) * 64, -1, dtype=np.int64)
+    events1 = np.empty(max(betti1, 1), dtype=np.int64)
+    events2 = np.empty(max(betti2, 1), dtype=np.int64)
     capacity = 1024
-    while capacity < 8 * betti:
+    while capacity < 8 * max(betti1, betti2):
         capacity *= 2
-    seen = np.zeros((capacity, words), dtype=np.uint64)  # open addressing, vectors already met
-    seen_used = np.zeros(capacity, dtype=np.uint8)
-    seen_count = 0
-    rank = 0
+    seen1 = np.zeros((capacity, w1), dtype=np.uint64)  # open addressing, vectors already met
+    seen2 = np.zeros((capacity, words - w1), dtype=np.uint64)
+    used1 = np.zeros(capacity, dtype=np.uint8)
+    used2 = np.zeros(capacity, dtype=np.uint8)
+    count1 = 0
+    count2 = 0
+    rank1 = 0
+    rank2 = 0
     s0 = n1 * n2
     for x in range(n0 - 1, -1, -1):
-        if rank >= betti:
-            break
         if x + 1 < n0:
             for y in range(n1):
                 for z in range(n2):
-                    c = cid[(x + 1) * s0 + y * n2 + z]
-                    if c >= 0:
-                        for j in range(words):
-                            acc_y[y, z, j] ^= ly[c, j]
-                            acc_z[y, z, j] ^= lz[c, j]
+                    v = (x + 1) * s0 + y * n2 + z
+                    _fold(acc_y, y, z, cid1[v], ly1, 0)
+                    _fold(acc_z, y, z, cid1[v], lz1, 0)
+                    _fold(acc_y, y, z, cid2[v], ly2, w1)
+                    _fold(acc_z, y, z, cid2[v], lz2, w1)
         for y in range(n1 - 1, -1, -1):
             if x == 0 and y + 1 < n1:
                 # projected +z edges of row y+1 in the face x=0, swept along -y
                 for z in range(n2):
-                    c = cid[(y + 1) * n2 + z]
                     for j in range(words):
                         row[z, j] ^= acc_z[y + 1, z, j]
-                        if c >= 0:
-                            row[z, j] ^= lz[c, j]
+                    v = (y + 1) * n2 + z
+                    c = cid1[v]
+                    if c >= 0:
+                        for j in range(w1):
+                            row[z, j] ^= lz1[c, j]
+                    c = cid2[v]
+                    if c >= 0:
+                        for j in range(words - w1):
+                            row[z, w1 + j] ^= lz2[c, j]
             for z in range(n2 - 1, -1, -1):
                 for t in range(2, -1, -1):
-                    code = ((x * n1 + y) * n2 + z) * 3 + t
-                    if code < stop_below:
-                        return events[:rank]
                     if not _square_exists(n0, n1, n2, x, y, z, t):
                         continue
                     if _square_value(U, x, y, z, t) == 0:
@@ -535,15 +593,25 @@ def linking_events(U, cid, ly, lz, betti, stop_below):
                         for j in range(words):
                             phi[j] = 0
                     a, b = _dual_ends(n0, n1, n2, x, y, z, t, inf)
-                    ra = _find_pot(parent, pot, a, path)
-                    rb = _find_pot(parent, pot, b, path)
-                    # after _find_pot, pot[a] is a's label sum to its root (0 for a root)
-                    nonzero = False
+                    # most ends are roots or their children, which need no compression (and no
+                    # call: passing arrays to a kernel costs reference counting)
+                    ra = parent[a]
+                    if parent[ra] != ra:
+                        ra = _find_pot(parent, pot, a, path)
+                    rb = parent[b]
+                    if parent[rb] != rb:
+                        rb = _find_pot(parent, pot, b, path)
+                    # now pot[a] is a's label sum to its root (0 for a root)
+                    nonzero1 = False
+                    nonzero2 = False
                     for j in range(words):
                         vj = phi[j] ^ pot[a, j] ^ pot[b, j]
                         vec[j] = vj
                         if vj != 0:
-                            nonzero = True
+                            if j < w1:
+                                nonzero1 = True
+                            else:
+                                nonzero2 = True
                     if ra != rb:
                         if size[ra] > size[rb]:
                             ra, rb = rb, ra
@@ -552,23 +620,20 @@ def linking_events(U, cid, ly, lz, betti, stop_below):
                         parent[ra] = rb
                         size[rb] += size[ra]
                         continue
-                    if not nonzero:
-                        continue
-                    # loops through the same tunnels repeat one vector: known ones are in the span
-                    slot = _seen_slot(vec, seen, seen_used)
-                    if seen_used[slot]:
-                        continue
-                    if seen_count * 2 < seen_used.size:
-                        seen[slot] = vec
-                        seen_used[slot] = 1
-                        seen_count += 1
-                    new_rank = _reduce_insert(vec, basis, pivot_of, rank)
-                    if new_rank > rank:
-                        events[rank] = code
-                        rank = new_rank
-                        if rank >= betti:
-                            return events[:rank]
-    return events[:rank]
+                    code = ((x * n1 + y) * n2 + z) * 3 + t
+                    if nonzero1:
+                        new1, count1 = _side_event(vec, 0, w1, seen1, used1, count1, basis1, pivot1, rank1)
+                        if new1 > rank1:
+                            events1[rank1] = code
+                            rank1 = new1
+                    if nonzero2:
+                        new2, count2 = _side_event(vec, w1, words, seen2, used2, count2, basis2, pivot2, rank2)
+                        if new2 > rank2:
+                            events2[rank2] = code
+                            rank2 = new2
+                    if rank1 >= betti1 or rank2 >= betti2:
+                        return events1[:rank1], events2[:rank2]
+    return events1[:rank1], events2[:rank2]
 
 
 # --- Euler characteristic and Betti numbers ----------------------------------------------------
@@ -676,19 +741,18 @@ def match_counts(X: np.ndarray, Y: np.ndarray, fast: bool = True) -> tuple[tuple
         return p, p, g
     m0 = int(match_dim0(X, Y))
     parent, _, eld, start = dual_start(U, bU, bU, fast)
-    m2 = int(dim2_sweep(U, bU, bU, parent, eld, eld, start, keys_x, keys_y)[2])
+    b2_u, _, m2 = dim2_sweep(U, bU, bU, parent, eld, eld, start, keys_x, keys_y)
+    m2 = int(m2)
     m1 = 0
     if p[1] > 0 and g[1] > 0:
         # only the image of H1(K_F) in H1(K_U) can die later, and its dimension is at most
-        # beta_1(U): that many random cycles (+64) suffice, however many tunnels F has
-        b1_u = betti_numbers(U)[1]
+        # beta_1(U): that many random cycles (+64) suffice, however many tunnels F has; U's
+        # cavities are its own pairs of the sweep above (as in ``own``)
+        b0_u = int(cc3d.connected_components(U, connectivity=6, return_N=True)[1])
+        b1_u = b0_u + int(b2_u) - euler_characteristic(U)
         if b1_u > 0:
-            sides = sorted([(X, min(p[1], b1_u), 1), (Y, min(g[1], b1_u), 2)], key=lambda item: item[1])
-            (f1, d1, s1), (f2, d2, s2) = sides
-            first = _events(U, f1, d1, s1, -1)
-            if first.size:
-                second = _events(U, f2, d2, s2, int(first.min()))
-                m1 = int(np.intersect1d(first, second).size)
+            first, second = _events(U, X, min(p[1], b1_u), Y, min(g[1], b1_u))
+            m1 = int(np.intersect1d(first, second).size)
     return (m0, m1, m2), p, g
 
 
@@ -698,12 +762,15 @@ _WIDE = threading.Semaphore(1)
 WIDE_WORDS = 8
 
 
-def _events(U, F, rank_bound, seed, stop_below):
-    """Squares where im(H1(K_F)) loses a dimension; ``rank_bound`` >= dim im(H1(K_F) -> H1(K_U))."""
-    words = (rank_bound + 64 + 63) // 64
-    with _WIDE if words > WIDE_WORDS else contextlib.nullcontext():
-        cid, ly, lz = random_cycles(F, words, 0x5EED0000 + seed)
-        return linking_events(U, cid, ly, lz, rank_bound, stop_below)
+def _events(U, X, bound_x, Y, bound_y):
+    """Squares where im(H1(K_X)) and im(H1(K_Y)) lose a dimension (the bounds are at least the
+    images' dimensions in H1(K_U)), down to where the first of the two has all of its events."""
+    words_x = (bound_x + 64 + 63) // 64
+    words_y = (bound_y + 64 + 63) // 64
+    with _WIDE if words_x + words_y > WIDE_WORDS else contextlib.nullcontext():
+        cid_x, ly_x, lz_x = random_cycles(X, words_x, 0x5EED0000 + 1)
+        cid_y, ly_y, lz_y = random_cycles(Y, words_y, 0x5EED0000 + 2)
+        return linking_events(U, cid_x, ly_x, lz_x, bound_x, cid_y, ly_y, lz_y, bound_y)
 
 
 # --- surface distances ---------------------------------------------------------------------
@@ -733,3 +800,18 @@ def within(a, b, offsets):
                         break
                 k += 1
     return out
+
+
+# --- variation of information --------------------------------------------------------------
+@nb.njit(**_JIT)
+def contingency(a, b, na, nb):
+    """Voxel counts of each label pair (a, b) where either label is nonzero: one pass over two label
+    volumes of one shape, instead of gathering, keying and sorting them."""
+    table = np.zeros((na, nb), dtype=np.int64)
+    af = a.ravel()
+    bf = b.ravel()
+    for i in range(af.size):
+        if af[i] != 0 or bf[i] != 0:
+            table[af[i], bf[i]] += 1
+    return table
+

@@ -17,6 +17,7 @@ fg_threshold`` (for probability maps). NaNs count as background.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ TOPO_WEIGHTS = (0.34, 0.33, 0.33)
 COMBINE_WEIGHTS = (0.30, 0.35, 0.35)  # topo, surface dice, VOI
 SURFACE_TOLERANCE = 2.0
 VOI_ALPHA = 0.3
+CONTINGENCY_CELLS = 1 << 24  # VOI: label pairs counted in a table (int64) up to this many cells
 
 
 @dataclass(frozen=True)
@@ -164,22 +166,33 @@ def _octant_counts(x: np.ndarray, y: np.ndarray) -> TopoCounts:
     return TopoCounts(m, p, g)
 
 
-def topo_counts(x: np.ndarray, y: np.ndarray, jobs: int | None = None) -> TopoCounts:
+def topo_counts(x: np.ndarray, y: np.ndarray, jobs: int | None = None, timings: dict | None = None) -> TopoCounts:
     """Betti-matching counts of foreground masks x (prediction) and y (label), summed over octants.
 
     Octants run in threads (the kernels release the GIL); an octant where both masks are empty
-    contributes nothing and is skipped.
+    contributes nothing and is skipped. ``timings`` (for ``bench metric``) receives each octant's
+    seconds under ``"octants"``, in ``octant_slices`` order (0 for a skipped one).
     """
     x = np.asarray(x, dtype=bool)
     y = np.asarray(y, dtype=bool)
-    work = [(x[s], y[s]) for s in octant_slices(x.shape)]
-    work = [(a, b) for a, b in work if a.any() or b.any()]
+    work = [(i, x[s], y[s]) for i, s in enumerate(octant_slices(x.shape))]
+    seconds = [0.0] * len(work)
+    work = [(i, a, b) for i, a, b in work if a.any() or b.any()]
+
+    def one(item: tuple[int, np.ndarray, np.ndarray]) -> TopoCounts:
+        t0 = time.perf_counter()
+        counts = _octant_counts(item[1], item[2])
+        seconds[item[0]] = time.perf_counter() - t0
+        return counts
+
     jobs = _jobs(jobs, len(work))
     if jobs <= 1:
-        parts = [_octant_counts(a, b) for a, b in work]
+        parts = [one(item) for item in work]
     else:
         with ThreadPoolExecutor(jobs) as pool:
-            parts = list(pool.map(lambda ab: _octant_counts(*ab), work))
+            parts = list(pool.map(one, work))
+    if timings is not None:
+        timings["octants"] = seconds
     total = ZERO_COUNTS
     for part in parts:
         total = total + part
@@ -236,9 +249,12 @@ def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
 
 
 def _surface(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Border blocks (neither empty nor full) and their surfel areas, in C order of the blocks: the
+    areas are looked up for the border blocks only (a float64 area per block would cost more than
+    all the rest of SurfaceDice)."""
     codes = _neighbour_codes(mask)
     border = (codes != 0) & (codes != 255)
-    return border, _area_table()[codes]
+    return border, _area_table()[codes[border]]
 
 
 def surface_dice_masks(x: np.ndarray, y: np.ndarray, tolerance: float = SURFACE_TOLERANCE, crop: bool = True) -> float:
@@ -263,7 +279,7 @@ def surface_dice_masks(x: np.ndarray, y: np.ndarray, tolerance: float = SURFACE_
         p = np.zeros(shape, dtype=np.uint8)
         p[1:-1, 1:-1, 1:-1] = m[box]
         padded.append(p)
-    (bx, ax), (by, ay) = _surface(padded[0]), _surface(padded[1])
+    (bx, area_x), (by, area_y) = _surface(padded[0]), _surface(padded[1])
     offsets = _ball_offsets(tolerance)
     if len(offsets) <= 400:
         near_y = _within(bx, by, offsets)  # border voxels of x with a y border voxel in reach
@@ -275,7 +291,6 @@ def surface_dice_masks(x: np.ndarray, y: np.ndarray, tolerance: float = SURFACE_
         # sqrt(d2) <= tol in float64, like scipy's distances
         near_y = np.sqrt(edt.edtsq(np.ascontiguousarray(~by), black_border=False)[bx].astype(np.float64)) <= tolerance
         near_x = np.sqrt(edt.edtsq(np.ascontiguousarray(~bx), black_border=False)[by].astype(np.float64)) <= tolerance
-    area_x, area_y = ax[bx], ay[by]
     overlap = area_x[near_y].sum() + area_y[near_x].sum()
     return float(overlap / (area_x.sum() + area_y.sum()))
 
@@ -321,19 +336,40 @@ def voi_masks(x: np.ndarray, y: np.ndarray, crop: bool = True) -> tuple[float, f
     box = bounding_box(union) if crop else tuple(slice(0, n) for n in x.shape)
     if box is None:
         return 0.0, 0.0
-    lx = cc3d.connected_components(np.ascontiguousarray(x[box], dtype=np.uint8), connectivity=26)
-    ly = cc3d.connected_components(np.ascontiguousarray(y[box], dtype=np.uint8), connectivity=26)
-    inside = union[box]
-    a = ly[inside].astype(np.int64)
-    b = lx[inside].astype(np.int64)
-    n = a.size
-    joint = np.unique(a * (int(b.max()) + 1) + b, return_counts=True)[1].astype(np.float64) / n
-    pa = np.unique(a, return_counts=True)[1].astype(np.float64) / n
-    pb = np.unique(b, return_counts=True)[1].astype(np.float64) / n
+    lx, nx = cc3d.connected_components(np.ascontiguousarray(x[box], dtype=np.uint8), connectivity=26, return_N=True)
+    ly, ny = cc3d.connected_components(np.ascontiguousarray(y[box], dtype=np.uint8), connectivity=26, return_N=True)
+    if (ny + 1) * (nx + 1) <= CONTINGENCY_CELLS:
+        from vesuvius_lab._betti import contingency
+
+        # the union is where either label is nonzero; row-major nonzero cells are np.unique's
+        # order of the keys a * (nx + 1) + b, row and column sums the marginal counts
+        table = contingency(ly, lx, ny + 1, nx + 1)
+        n = int(table.sum())
+        joint = table[table > 0].astype(np.float64) / n
+        rows, cols = table.sum(axis=1), table.sum(axis=0)
+        pa = rows[rows > 0].astype(np.float64) / n
+        pb = cols[cols > 0].astype(np.float64) / n
+    else:  # very many components: sort the keys instead
+        inside = union[box]
+        a = ly[inside].astype(np.int64)
+        b = lx[inside].astype(np.int64)
+        n = a.size
+        joint = _counts(a * (int(b.max()) + 1) + b).astype(np.float64) / n
+        pa = _counts(a).astype(np.float64) / n
+        pb = _counts(b).astype(np.float64) / n
     h_joint = -float(np.sum(joint * np.log2(joint)))
     h_a = -float(np.sum(pa * np.log2(pa)))
     h_b = -float(np.sum(pb * np.log2(pb)))
     return max(h_joint - h_b, 0.0), max(h_joint - h_a, 0.0)
+
+
+def _counts(keys: np.ndarray) -> np.ndarray:
+    """How often each distinct key occurs, in ascending key order (``np.unique``'s counts, so the
+    entropy sums add the same terms in the same order), by bincount where the key range is small."""
+    if keys.size and int(keys.max()) < 4 * keys.size + (1 << 20):
+        counts = np.bincount(keys)
+        return counts[counts > 0]
+    return np.unique(keys, return_counts=True)[1]
 
 
 def voi_score_masks(x: np.ndarray, y: np.ndarray, alpha: float = VOI_ALPHA) -> tuple[float, float]:
@@ -368,12 +404,21 @@ def combine(topo: float, sdice: float, voi_sc: float) -> float:
     return float(min(1.0, max(0.0, w_topo * topo + w_sd * sdice + w_voi * voi_sc)))
 
 
-def score_masks(x: np.ndarray, y: np.ndarray, jobs: int | None = None) -> VolumeScore:
-    """Leaderboard score of foreground masks (prediction x, label y), ignore already applied."""
-    counts = topo_counts(x, y, jobs)
+def score_masks(x: np.ndarray, y: np.ndarray, jobs: int | None = None, timings: dict | None = None) -> VolumeScore:
+    """Leaderboard score of foreground masks (prediction x, label y), ignore already applied.
+
+    ``timings`` (for ``bench metric``) receives the seconds of each part: ``topo`` (with its
+    ``octants``), ``surface_dice`` and ``voi``.
+    """
+    t0 = time.perf_counter()
+    counts = topo_counts(x, y, jobs, timings)
     topo = counts.score()
+    t1 = time.perf_counter()
     sdice = surface_dice_masks(x, y)
+    t2 = time.perf_counter()
     voi_sc, voi = voi_score_masks(x, y)
+    if timings is not None:
+        timings.update(topo=t1 - t0, surface_dice=t2 - t1, voi=time.perf_counter() - t2)
     return VolumeScore(combine(topo, sdice, voi_sc), topo, sdice, voi_sc, voi, counts)
 
 
@@ -384,11 +429,16 @@ def volume_score(
     fg_threshold: float | None = None,
     ignore_label: int | None = IGNORE_LABEL,
     jobs: int | None = None,
+    timings: dict | None = None,
 ) -> VolumeScore:
     """The competition's score of one volume and its parts (``.as_dict()`` gives score, topo,
-    surface_dice, voi_score). ``jobs`` threads work on the octants (default: all cores)."""
+    surface_dice, voi_score). ``jobs`` threads work on the octants (default: all cores);
+    ``timings`` receives seconds per part (``score_masks``) and for ``binarize``."""
+    t0 = time.perf_counter()
     x, y = binarize(pred, labels, fg_threshold, ignore_label)
-    return score_masks(x, y, jobs)
+    if timings is not None:
+        timings["binarize"] = time.perf_counter() - t0
+    return score_masks(x, y, jobs, timings)
 
 
 def straightforward_score(pred: np.ndarray, labels: np.ndarray, **kw) -> VolumeScore:
