@@ -20,6 +20,24 @@ def test_file_then_overrides(tmp_path):
     assert c.path("../data_manifests/x.yaml", "manifest") == (tmp_path / "data_manifests" / "x.yaml").resolve()
 
 
+def test_a_group_of_keys_written_nested_reads_as_its_flat_keys(tmp_path):
+    """training.early_stop: {patience, min_delta} (as Lightning users write it), the dotted override
+    and the flat keys that config.yaml stores are one setting; a misspelt member names the flat key."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  early_stop: {patience: 3, min_delta: 0.01}\n")
+    nested = load_config(cfg)
+    assert (nested.training.early_stop_patience, nested.training.early_stop_min_delta) == (3, 0.01)
+    assert load_config(cfg, ["training.early_stop.patience=5"]).training.early_stop_patience == 5
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("training:\n  early_stop_patience: 3\n  early_stop_min_delta: 0.01\n")
+    assert load_config(flat) == nested
+    cfg.write_text("training:\n  early_stop: {patiense: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert err.value.lines == [f"{cfg}: unknown key training.early_stop_patiense "
+                               "(did you mean training.early_stop_patience?)"]
+
+
 def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("training:\n  wrokers: 4\n  max_epochs: many\nmodle: {}\n")

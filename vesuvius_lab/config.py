@@ -312,7 +312,7 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
             problems.append(f"{origin}: section {name!r} must be a mapping")
             continue
         hints = typing.get_type_hints(type(getattr(config, name)))
-        for key, value in values.items():
+        for key, value in _ungrouped(values, hints):
             if key not in hints:
                 problems.append(f"{origin}: unknown key {name}.{key} {_unknown(key, hints, name + '.{}', listed=False)}"
                                 .rstrip())
@@ -329,6 +329,20 @@ def _apply(config: Config, doc: dict, origin: str) -> list[str]:
             except ConfigError as exc:
                 problems.extend(f"{origin}: {line}" for line in exc.lines)
     return problems
+
+
+def _ungrouped(values: dict, hints: dict) -> list[tuple[str, object]]:
+    """A section's keys, with a group of keys that share a prefix written nested read as the flat
+    keys: ``early_stop: {patience: 5}`` and the override ``training.early_stop.patience=5`` are
+    ``early_stop_patience: 5`` (the form config.yaml stores)."""
+    keys = []
+    for key, value in values.items():
+        key = str(key).replace(".", "_") if str(key) not in hints else key
+        if isinstance(value, dict) and key not in hints and any(h.startswith(f"{key}_") for h in hints):
+            keys.extend((f"{key}_{sub}", v) for sub, v in value.items())
+        else:
+            keys.append((key, value))
+    return keys
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
