@@ -181,3 +181,19 @@ def test_scroll_volumes_are_deterministic_and_differ_between_chunks(tmp_path):
     with pytest.raises(DataError, match="geometry"):
         synth(tmp_path / "t", volumes=1, shape=(32, 32, 32), geometry="spiral", progress=False)
 
+
+
+def test_a_scroll_manifest_regenerates_its_volumes(cli, tmp_path):
+    """The manifest's synth section (geometry included) is enough to write the same volumes again."""
+    import shutil
+
+    from vesuvius_lab.manifest import build_manifest, ensure_demo_data
+
+    code, _, err = cli("synth", tmp_path / "data", "--geometry", "scroll", "--shape", "32", "--volumes", "2",
+                       "--scrolls", "2", "--test-volumes", "0", "--seed", "9")
+    assert code == 0, err
+    manifest = build_manifest(tmp_path / "data", progress=False)
+    manifest.synth = json.loads((tmp_path / "data" / MARKER).read_text())
+    manifest.save(tmp_path / "m.yaml")
+    shutil.rmtree(tmp_path / "data")
+    assert len(ensure_demo_data(tmp_path / "m.yaml", progress=False).records) == 2  # checksums checked
