@@ -131,8 +131,8 @@ def test_scroll_normals_turn_through_every_direction_in_one_chunk():
 
 
 def test_scroll_wraps_touch_yet_stay_separate_sheets():
-    """Adjacent wraps come within one voxel of each other where the image shows them merged, and
-    the labels keep that voxel 0, so the two wraps are two components."""
+    """Adjacent wraps come within one voxel of each other, the blurred image brighter there than
+    between wraps, and the labels keep that voxel 0, so the two wraps are two components."""
     from scipy import ndimage
 
     touching = 0
@@ -147,7 +147,7 @@ def test_scroll_wraps_touch_yet_stay_separate_sheets():
             touching += 1
             background = img[(lab == 0) & ~ndimage.binary_dilation(lab == 1, iterations=3)].mean()
             sheet = img[lab == 1].mean()
-            assert img[gap].mean() > background + 0.2 * (sheet - background)  # the image shows the gap filled
+            assert img[gap].mean() > background + 0.1 * (sheet - background)  # blur half fills the gap
     assert touching >= 2  # contact patches fall outside some small chunks
 
 
@@ -197,3 +197,17 @@ def test_a_scroll_manifest_regenerates_its_volumes(cli, tmp_path):
     manifest.save(tmp_path / "m.yaml")
     shutil.rmtree(tmp_path / "data")
     assert len(ensure_demo_data(tmp_path / "m.yaml", progress=False).records) == 2  # checksums checked
+
+
+def test_scroll_labelled_sheets_are_watertight():
+    """Labelled wraps have few tunnels (Betti-1 = Betti-0 - Euler characteristic, no cavities): a
+    band thinner than two voxels leaks through its diagonals, and labels full of pinholes would make
+    TopoScore unreachable for any prediction."""
+    from scipy import ndimage
+    from skimage.measure import euler_number
+
+    for i in range(4):
+        _, lab = make_scroll_volume(SMALL, 5, i, scroll_style(5, i))
+        sheets = lab == 1
+        b0 = ndimage.label(sheets, structure=np.ones((3, 3, 3)))[1]
+        assert b0 - euler_number(sheets, connectivity=3) <= 2 * b0 + 2, i

@@ -213,7 +213,7 @@ def make_scroll_volume(shape: tuple[int, int, int], seed: int, index: int, style
         radii.append(r)
         r += rng.uniform(*style.spacing)
     n = len(radii)
-    base_thick = rng.uniform(2.0, 4.0, size=n)
+    base_thick = rng.uniform(2.5, 4.5, size=n)
     labelled = rng.random(n) > 0.2
     labelled[rng.integers(n)] = False  # at least one unlabelled wrap per chunk
     if not labelled.any():
@@ -243,10 +243,10 @@ def make_scroll_volume(shape: tuple[int, int, int], seed: int, index: int, style
         if gap:  # pressed inwards onto the wrap below, over a patch 15-30 voxels wide
             width = rng.uniform(15, 30)
             d2 = sum((c - float(m)) ** 2 for c, m in zip(p, contact_at[i], strict=True))
-            shift = shift - (gap + 0.6) * np.exp(-d2 / (2 * width**2))
+            shift = shift - max(gap - 1.2, 0.0) * np.exp(-d2 / (2 * width**2))  # about a voxel apart
         thick = thick0 * (1 + _smooth_field(rng, p, 0.3, waves=2))  # thickness varies along the wrap
         rel_d = flat_depth[idx] - r0 - shift
-        halfw = np.maximum(thick, 1.2) / 2
+        halfw = np.maximum(thick, 2.0) / 2  # thinner bands leak: the labels would be full of pinholes
         inside = np.abs(rel_d) < halfw
         hit = idx[inside & (flat_id[idx] == 0)]
         flat_id[hit] = i + 1
