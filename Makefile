@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml vesuvius_lab/__init__.py jupyterlab-overrides.json
 	$(PY) -m pip install -q --no-deps "$(BENCH_PIN)"
 	@touch $@
 
+# the planar demo and the scroll-like one (data_manifests/synthetic_scroll.yaml) beside it
 demo-data: $(STAMP)
 	$(PY) -m vesuvius_lab demo-data
+	$(PY) -m vesuvius_lab demo-data --manifest data_manifests/synthetic_scroll.yaml
 
 # Jupyter refuses to run as root without --allow-root (containers and CI machines often are root).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -98,6 +98,21 @@ def test_committed_demo_manifest_matches_what_synth_writes(tmp_path):
     assert len(train) == 9 and len(val) == 3
 
 
+@pytest.mark.parametrize("name", ["synthetic_scroll", "synthetic_scroll_seed7"])
+def test_committed_scroll_manifests_match_what_synth_writes(tmp_path, name):
+    """The scroll-like sets are true too: their first two records regenerate from the synth section
+    (ids and volumes do not depend on how many follow; all of them would take a minute)."""
+    committed = load_manifest(REPO / "data_manifests" / f"{name}.yaml", root=tmp_path / "s")
+    p = committed.synth
+    assert p["geometry"] == "scroll"
+    synth(tmp_path / "s", 2, tuple(p["shape"]), p["seed"], p["scrolls"], 0, progress=False, geometry="scroll")
+    rebuilt = build_manifest(tmp_path / "s", progress=False)
+    assert [(r.id, r.scroll_id, r.stats, r.sizes) for r in rebuilt.records] == [
+        (r.id, r.scroll_id, r.stats, r.sizes) for r in committed.records[:2]
+    ]
+    assert committed.split_ids()[1]  # validation volumes to tune and check transfer on
+
+
 def test_kaggle_manifest_describes_the_competition_split():
     m = load_manifest(REPO / "data_manifests" / "kaggle_surface_detection.yaml", root=REPO)
     assert m.split["policy"] == "by_scroll_id" and m.records == []

@@ -72,6 +72,8 @@ def test_readme_gives_exactly_the_two_setup_commands():
     assert commands == ["make lab", "make test"]
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^lab:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    demo_data = makefile.split("\ndemo-data:", 1)[1].split("\n\n", 1)[0]
+    assert "demo-data --manifest data_manifests/synthetic_scroll.yaml" in demo_data  # beside the planar demo
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 

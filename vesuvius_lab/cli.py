@@ -44,13 +44,17 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scrolls", type=int, default=4, help="number of scroll ids (default 4)")
     p.add_argument("--test-volumes", type=int, default=1, help="volumes in test_images/ (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset at OUT")
+    p.add_argument("--geometry", choices=("planar", "scroll"), default="planar",
+                   help="planar: near-parallel wavy sheets (fast tests); scroll: wraps round a tilted axis, pressed "
+                        "into contact, with ring artifacts (default planar)")
 
 
 @command("synth", "write a synthetic dataset in the Kaggle layout", _synth_args)
 def _synth(args: argparse.Namespace) -> int:
     from vesuvius_lab.synth import parse_shape, synth
 
-    rows = synth(args.out, args.volumes, parse_shape(args.shape), args.seed, args.scrolls, args.test_volumes, args.overwrite)
+    rows = synth(args.out, args.volumes, parse_shape(args.shape), args.seed, args.scrolls, args.test_volumes, args.overwrite,
+                 geometry=args.geometry)
     print(f"wrote {len(rows)} training volumes to {args.out}")
     return EXIT_OK
 

@@ -314,6 +314,7 @@ def ensure_demo_data(manifest_path: str | Path, progress: bool = True) -> Manife
             scrolls=int(params["scrolls"]),
             test_volumes=int(params.get("test_volumes", 0)),
             progress=progress,
+            geometry=str(params.get("geometry", "planar")),
         )
     _, problems = manifest.locate()
     if problems:

@@ -6,6 +6,12 @@ texture, dense debris blobs the size of a sheet's thickness, blur, noise and a s
 drift. Labels are partial as in the real data: 1 on labelled sheets, 2 on the 3-voxel border, on
 unlabelled sheets and on an unlabelled region. Debris and drift defeat a global threshold, while
 the sheets' planar shape stays learnable by a small 3D U-Net.
+
+The scroll geometry (``make_scroll_volume``) cuts each chunk from a rolled scroll instead: wraps
+round an axis tilted at random through the chunk, so the sheet normal turns all the way round;
+adjacent wraps pressed into contact with a one-voxel unlabelled gap; thickness varying along a wrap;
+each wrap its own fibre texture; ring artifacts, beam-hardening cupping and bright inclusions; some
+wraps and one region unlabelled. The README lists what it models and what it does not.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from vesuvius_lab.io import atomic_write_text, write_volume
 SCROLL_IDS = ("34117", "35360", "26010", "26002", "44430", "53997")
 BORDER = 3
 MARKER = ".vesuvius_lab_synth.json"
+GEOMETRIES = ("planar", "scroll")  # make_volume, make_scroll_volume
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,150 @@ def _add_debris(image: np.ndarray, rng: np.random.Generator, style: ScrollStyle)
     np.maximum(image, blobs, out=image)
 
 
+def make_scroll_volume(shape: tuple[int, int, int], seed: int, index: int, style: ScrollStyle):
+    """One chunk cut from a rolled scroll: (image uint8, label uint8), deterministic for (seed, index).
+
+    Wraps are concentric shells around an axis tilted at random and passing through the chunk, so
+    the sheet normal turns all the way round inside one chunk; the shells are squashed (a crushed
+    scroll), share a smooth warp, and adjacent pairs are pressed into contact in places with a
+    one-voxel unlabelled gap between them, the case where a prediction merges two sheets."""
+    rng = np.random.default_rng([seed, 15485863, index])
+    zz, yy, xx = (np.arange(n, dtype=np.float32) - n / 2 for n in shape)
+    pos = [zz[:, None, None], yy[None, :, None], xx[None, None, :]]
+    half = np.array(shape, dtype=np.float64) / 2
+
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    e1 = np.cross(axis, rng.normal(size=3))
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(axis, e1)
+    centre = rng.uniform(-0.25, 0.25, size=3) * half  # the axis passes through the chunk
+    rel = [p - float(c) for p, c in zip(pos, centre, strict=True)]
+    u1 = sum(float(c) * p for c, p in zip(e1, rel, strict=True))
+    u2 = sum(float(c) * p for c, p in zip(e2, rel, strict=True))
+    along = sum(float(c) * p for c, p in zip(axis, rel, strict=True))
+    squash = rng.uniform(1.0, 1.35)  # a crushed scroll: elliptical wraps
+    radius = np.sqrt((u1 / squash) ** 2 + (u2 * squash) ** 2)
+    depth = radius + _smooth_field(rng, pos, rng.uniform(1.5, 4.0))
+
+    r_max = float(np.linalg.norm(half + np.abs(centre))) * squash + 8
+    radii, r = [], rng.uniform(6.0, 12.0)  # the hollow core: no wrap inside it
+    while r < r_max:
+        radii.append(r)
+        r += rng.uniform(*style.spacing)
+    n = len(radii)
+    base_thick = rng.uniform(2.5, 4.5, size=n)
+    labelled = rng.random(n) > 0.2
+    labelled[rng.integers(n)] = False  # at least one unlabelled wrap per chunk
+    if not labelled.any():
+        labelled[-1] = True
+    contact_pairs = rng.choice(np.arange(1, n), size=min(3, n - 1), replace=False) if n > 1 else []
+    contact_at = {int(k): (rng.normal(size=3) * half / 2) for k in contact_pairs}
+
+    image = 0.12 + _smooth_field(rng, pos, 0.05)
+    sheet_id = np.zeros(shape, dtype=np.int16)
+    flat_pos = [np.broadcast_to(p, shape).ravel() for p in pos]
+    flat_u1, flat_u2 = (np.broadcast_to(v, shape).ravel() for v in (u1, u2))
+    flat_along = np.broadcast_to(along, shape).ravel()
+    depth_bins = np.floor(depth.ravel()).astype(np.int32)
+    order = np.argsort(depth_bins, kind="stable")
+    sorted_bins = depth_bins[order]
+    flat_image, flat_id, flat_depth = image.reshape(-1), sheet_id.reshape(-1), depth.reshape(-1)
+    for i, (r0, thick0) in enumerate(zip(radii, base_thick, strict=True)):
+        gap = radii[i] - radii[i - 1] - 0.5 * (thick0 + base_thick[i - 1]) if i in contact_at else 0.0
+        reach = thick0 * 0.8 + 2.5 + gap + 1
+        a = np.searchsorted(sorted_bins, np.floor(r0 - reach))
+        b = np.searchsorted(sorted_bins, np.floor(r0 + reach), side="right")
+        idx = order[a:b]
+        if idx.size == 0:
+            continue
+        p = [c[idx] for c in flat_pos]
+        shift = _smooth_field(rng, p, rng.uniform(0.3, 1.2), waves=2)
+        if gap:  # pressed inwards onto the wrap below, over a patch 15-30 voxels wide
+            width = rng.uniform(15, 30)
+            d2 = sum((c - float(m)) ** 2 for c, m in zip(p, contact_at[i], strict=True))
+            shift = shift - max(gap - 1.2, 0.0) * np.exp(-d2 / (2 * width**2))  # about a voxel apart
+        thick = thick0 * (1 + _smooth_field(rng, p, 0.3, waves=2))  # thickness varies along the wrap
+        rel_d = flat_depth[idx] - r0 - shift
+        halfw = np.maximum(thick, 2.0) / 2  # thinner bands leak: the labels would be full of pinholes
+        inside = np.abs(rel_d) < halfw
+        hit = idx[inside & (flat_id[idx] == 0)]
+        flat_id[hit] = i + 1
+        # Fibre texture of this wrap: its own wavelengths, angle and contrast (neighbours differ).
+        arc = np.arctan2(flat_u2[idx], flat_u1[idx]) * r0
+        h = flat_along[idx]
+        ang = rng.uniform(-0.4, 0.4)
+        lam = rng.uniform(2.5, 5.0, size=2)
+        ca, sa = np.cos(ang), np.sin(ang)
+        recto = np.sin(2 * np.pi * (ca * h + sa * arc) / lam[0])
+        verso = np.sin(2 * np.pi * (ca * arc - sa * h) / lam[1])
+        fibres = np.where(rel_d < 0, recto, verso) * rng.uniform(0.08, 0.3)
+        density = rng.uniform(0.35, 0.7) * (1 + _smooth_field(rng, p, 0.3, waves=2)) * (1 + fibres)
+        profile = np.clip(halfw + 0.5 - np.abs(rel_d), 0, 1)
+        flat_image[idx] = np.maximum(flat_image[idx], density * profile)
+
+    _add_debris(image, rng, style)
+    _add_inclusions(image, rng)
+    image = ndimage.gaussian_filter(image, sigma=0.7)
+    image = _add_ct_artifacts(image, rng, pos, style)
+    image = np.clip(image * 255, 0, 255).astype(np.uint8)
+    label = _scroll_labels(sheet_id, labelled, rng, pos, shape)
+    return image, label
+
+
+def _add_inclusions(image: np.ndarray, rng: np.random.Generator) -> None:
+    """A few dense mineral grains, far brighter than papyrus, 2-5 voxels across."""
+    for _ in range(int(rng.integers(2, 6))):
+        c = [rng.uniform(0, n) for n in image.shape]
+        rad = rng.uniform(1.0, 2.5)
+        sl = tuple(slice(max(int(ci - rad - 1), 0), min(int(ci + rad + 2), n)) for ci, n in zip(c, image.shape, strict=True))
+        grid = np.ogrid[sl]
+        d2 = sum((g - ci) ** 2 for g, ci in zip(grid, c, strict=True))
+        np.maximum(image[sl], np.where(d2 <= rad * rad, rng.uniform(0.9, 1.1), 0).astype(np.float32), out=image[sl])
+
+
+def _add_ct_artifacts(image: np.ndarray, rng: np.random.Generator, pos: list[np.ndarray], style: ScrollStyle):
+    """Ring artifacts and beam hardening around the scanner's rotation axis (the volume's z, off
+    the chunk), a linear drift, and noise."""
+    shape = image.shape
+    rot = rng.uniform(-1.5, 1.5, size=2) * np.array(shape[1:]) / 2
+    rho = np.sqrt((pos[1] - rot[0]) ** 2 + (pos[2] - rot[1]) ** 2)  # (1, Y, X): constant along z
+    rings = np.zeros_like(rho)
+    for _ in range(int(rng.integers(4, 9))):
+        r = rng.uniform(rho.min(), rho.max())
+        rings += rng.choice([-1, 1]) * rng.uniform(0.04, 0.1) * np.exp(-((rho - r) ** 2) / (2 * rng.uniform(0.4, 0.9) ** 2))
+    cupping = rng.uniform(0.15, 0.35) * ((rho - rho.min()) / max(float(np.ptp(rho)), 1.0) - 0.5)  # beam hardening
+    grad = rng.normal(size=3)
+    grad /= np.linalg.norm(grad)
+    ramp = sum(float(g) * p for g, p in zip(grad, pos, strict=True)) / (max(shape) / 2)
+    image = image * (1 + style.drift * 0.6 * ramp + cupping) + rings
+    return image + rng.normal(scale=style.noise, size=shape).astype(np.float32)
+
+
+def _scroll_labels(sheet_id, labelled, rng, pos, shape):
+    """Kaggle-like partial labels: 1 on labelled wraps, 2 on unlabelled wraps (and a voxel round
+    them), on one unlabelled region and the 3-voxel border; a wrap touching a lower one keeps a
+    one-voxel gap (its contact voxels are 0), so touching wraps stay separate components."""
+    big = np.int16(np.iinfo(np.int16).max)
+    lower = ndimage.minimum_filter(np.where(sheet_id > 0, sheet_id, big), size=3)
+    contact = (sheet_id > 0) & (lower < sheet_id)
+    sheets = (sheet_id > 0) & ~contact
+    is_labelled = np.concatenate([[False], labelled])[sheet_id]
+    label = np.zeros(shape, dtype=np.uint8)
+    label[ndimage.binary_dilation(sheets & ~is_labelled, iterations=1)] = 2
+    label[sheets & is_labelled] = 1
+    half = np.array(shape) / 2
+    c = rng.uniform(-0.6, 0.6, size=3) * half
+    rad = rng.uniform(0.25, 0.4) * max(shape)
+    d2 = sum((p - float(ci)) ** 2 for p, ci in zip(pos, c, strict=True))
+    label[d2 < rad * rad] = 2  # one region the annotators left out
+    for axis_i in range(3):
+        sl = [slice(None)] * 3
+        sl[axis_i] = np.r_[0:BORDER, shape[axis_i] - BORDER : shape[axis_i]]
+        label[tuple(sl)] = 2
+    return label
+
+
 def parse_shape(text: str | int | tuple) -> tuple[int, int, int]:
     """'96' -> (96, 96, 96); '64,96,96' -> (64, 96, 96)."""
     if isinstance(text, int):
@@ -202,9 +353,13 @@ def synth(
     test_volumes: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    geometry: str = "planar",
 ) -> list[tuple[str, str]]:
     """Write a synthetic dataset in the Kaggle layout; returns the (id, scroll_id) rows."""
     out = Path(out)
+    if geometry not in GEOMETRIES:
+        raise DataError(f"--geometry {geometry!r}: must be one of {', '.join(GEOMETRIES)}")
+    make = make_scroll_volume if geometry == "scroll" else make_volume
     if volumes < 1:
         raise DataError(f"--volumes {volumes}: need at least 1")
     if not 1 <= scrolls <= len(SCROLL_IDS):
@@ -223,7 +378,7 @@ def synth(
     jobs = [("train", k) for k in range(volumes)] + [("test", k) for k in range(test_volumes)]
     for j, (split, k) in enumerate(tqdm(jobs, desc="synth", unit="vol", disable=not progress)):
         scroll_index = k % scrolls
-        image, label = make_volume(shape, seed, j, styles[scroll_index])
+        image, label = make(shape, seed, j, styles[scroll_index])
         rid, sid = ids[j], SCROLL_IDS[scroll_index]
         if split == "train":
             write_volume(out / IMAGE_DIR / f"{rid}.tif", image)
@@ -234,7 +389,8 @@ def synth(
     _write_csv(out / TRAIN_CSV, rows)
     if test_volumes:
         _write_csv(out / "test.csv", [(ids[volumes + k], SCROLL_IDS[k % scrolls]) for k in range(test_volumes)])
-    params = {"volumes": volumes, "shape": list(shape), "seed": seed, "scrolls": scrolls, "test_volumes": test_volumes}
+    params = {"volumes": volumes, "shape": list(shape), "seed": seed, "scrolls": scrolls, "test_volumes": test_volumes,
+              "geometry": geometry}
     atomic_write_text(out / MARKER, json.dumps(params, indent=1) + "\n")
     return rows
 
