@@ -368,6 +368,36 @@ def remember_run(runs_dir: str | Path, run_name: str) -> None:
         atomic_write_text(Path(runs_dir) / LAST_RUN, json.dumps({"run_name": run_name}))
 
 
+class Watcher:
+    """Calls a form's ``refresh`` from a background thread, so the kernel stays free while a run
+    or a sweep goes on; a refresh that fails shows in the form's message and the watching goes on."""
+
+    def __init__(self, refresh: Callable[[], object], message: w.HTML, name: str):
+        self.refresh, self.message, self.name = refresh, message, name
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, interval: float) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._halt.clear()
+
+        def loop() -> None:
+            while not self._halt.wait(interval):
+                try:
+                    self.refresh()
+                except Exception as exc:  # keep watching; show why a refresh failed
+                    self.message.value = f"refresh failed: {html.escape(repr(exc))}"
+
+        self._thread = threading.Thread(target=loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
 class RunMonitor:
     """Config, run name, devices, Start / Stop / Resume, a progress bar with ETA and the live plot.
 
@@ -418,8 +448,7 @@ class RunMonitor:
             w.HBox([self.progress, self.status]), self.message, self.smoothing, self.plot, self.forecast.widget,
         ])
         self._lock = threading.RLock()
-        self._thread: threading.Thread | None = None
-        self._halt = threading.Event()
+        self._watcher = Watcher(self.refresh, self.message, f"watch {self.run_dir.name}")
         self.followers: list[Callable[[Path], None]] = []  # e.g. lab.live_panel.LivePanel.follow: run dir, each refresh
         self.attach()
 
@@ -570,25 +599,10 @@ class RunMonitor:
 
     def watch(self, interval: float | None = None) -> None:
         """Refresh from a background thread until ``unwatch()``."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._halt.clear()
-        period = interval or self.interval
-
-        def loop() -> None:
-            while not self._halt.wait(period):
-                try:
-                    self.refresh()
-                except Exception as exc:  # keep watching; show why a refresh failed
-                    self.message.value = f"refresh failed: {html.escape(repr(exc))}"
-
-        self._thread = threading.Thread(target=loop, name=f"watch {self.run_dir.name}", daemon=True)
-        self._thread.start()
+        self._watcher.start(interval or self.interval)
 
     def unwatch(self) -> None:
-        self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._watcher.stop()
 
     def wait_for(self, predicate, timeout: float = 120.0, poll: float = 0.1) -> dict:
         """Refresh until ``predicate(status_dict)`` is true; the status dict of ``refresh()``."""

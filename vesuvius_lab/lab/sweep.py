@@ -11,7 +11,6 @@ import html
 import math
 import os
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from vesuvius_lab.evaluate import SCORE_PARTS
 from vesuvius_lab.lab.compare import NOTEBOOK_05, evaluation_notebook, paste_line
 from vesuvius_lab.lab.forms import notebook_form
 from vesuvius_lab.lab.plots import figure_png
-from vesuvius_lab.lab.runs import RunProcess
+from vesuvius_lab.lab.runs import RunProcess, Watcher
 from vesuvius_lab.lab.widgets import html_table
 from vesuvius_lab.sweep import COUNTED, PRUNERS, SAMPLERS, STUDY_DB, apply_best, load_study, prepare
 from vesuvius_lab.timefmt import format_duration
@@ -108,7 +107,7 @@ class SweepPanel:
         form = w.VBox([self.config, self.study_name, self.space,
                        w.HBox([self.trials, self.trial_budget]), w.HBox([self.sampler, self.pruner])])
         self.widget = notebook_form([form, w.HBox([self.launch_button, self.stop_button]), self.message, self.table])
-        self._halt, self._thread = threading.Event(), None
+        self._watcher = Watcher(self.refresh, self.message, f"watch {self.folder.name}")
         self.refresh()
 
     @property
@@ -179,24 +178,10 @@ class SweepPanel:
 
     def watch(self, interval: float | None = None) -> None:
         """Refresh the table from a background thread until ``unwatch()``."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._halt.clear()
-
-        def loop() -> None:
-            while not self._halt.wait(interval or self.interval):
-                try:
-                    self.refresh()
-                except Exception as exc:  # keep watching; show why a refresh failed
-                    self.message.value = f"refresh failed: {html.escape(repr(exc))}"
-
-        self._thread = threading.Thread(target=loop, name=f"watch {self.folder.name}", daemon=True)
-        self._thread.start()
+        self._watcher.start(interval or self.interval)
 
     def unwatch(self) -> None:
-        self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._watcher.stop()
 
     def wait(self, timeout: float = 3600.0) -> dict:
         """Until the worker launched here has exited (unattended runs); the last refresh."""
