@@ -73,14 +73,16 @@ def test_panel_and_napari_dock_follow_a_running_run(viewer, tiny_root, tmp_path,
     viewer.window.add_dock_widget(dock, name="Live run")
     monitor.start_button.click()
     shots, panels, layers = [], [], []
+    seen = (0, 0)  # the dock's reloads and the panel's validations at the last snapshot
     try:
-        for wanted in (1, 2):
+        for wanted in (1, 2):  # each snapshot after a validation newer than the last one's
             deadline = time.monotonic() + 240
-            while dock.reloads < wanted or len(panel.entries) < wanted:
+            while dock.reloads <= seen[0] or len(panel.entries) <= seen[1]:
                 QApplication.processEvents()  # the dock's timer fires in the Qt loop
                 monitor.refresh()
                 assert time.monotonic() < deadline, monitor.log_tail(30)
                 time.sleep(0.05)
+            seen = (dock.reloads, len(panel.entries))
             viewer.reset_view()
             shot = artifacts / f"live-dock-{wanted}.png"
             viewer.screenshot(path=str(shot), canvas_only=False)

@@ -144,7 +144,8 @@ def test_the_run_states_are_the_words_status_json_holds(tmp_path):
     run.create()
     run.status(state=RunState.STOPPED, step=3)
     assert b'"state": "stopped"' in run.status_file.read_bytes() and run.read_status()["state"] == RunState.STOPPED
-    assert [s.value for s in RunState] == ["not started", "preflight", "running", "stopped", "finished", "failed"]
+    assert [s.value for s in RunState] == ["not started", "preflight", "running", "stopped", "finished", "pruned",
+                                          "failed"]
 
 
 # --- resume never changes the recipe silently -------------------------------------------------------
