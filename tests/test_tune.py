@@ -17,7 +17,9 @@ from vesuvius_lab.config import load_config
 from vesuvius_lab.io import write_volume
 from vesuvius_lab.lab.evaluation import tuning_table
 from vesuvius_lab.leaderboard import volume_score
+from vesuvius_lab.manifest import build_manifest
 from vesuvius_lab.postprocess import PostprocessConfig, postprocess
+from vesuvius_lab.synth import synth
 
 REPAIR = ["plug_pinholes", "fill_sheet_holes", "plug_pinholes"]
 
@@ -240,6 +242,24 @@ def test_a_tiny_run_is_predicted_once_and_tuned_by_the_metric(tiny_root, tmp_pat
     tta = evaluate_checkpoint(run / "checkpoints" / "best.pt", overrides=["val.tta=true", "postprocess.threshold=0.45"])
     assert row["score"] == pytest.approx(mean_scores(tta)["score"], abs=1e-9)
     assert load_config(out_cfg).val.tta is True
+    # a transfer check: every volume of another dataset, predicted once into its own cache and scored
+    other = tmp_path / "other"
+    synth(other, volumes=3, shape=(48, 48, 48), seed=11, scrolls=2, test_volumes=0, progress=False)
+    build_manifest(other, progress=False).save(tmp_path / "other.yaml")
+    code, out, err = cli("tune-postprocess", run, "--manifest", tmp_path / "other.yaml", "--grid", "threshold=[0.45]",
+                         "--eta", "0", "--json")
+    assert code == 0 and not err
+    moved = json.loads(out[-1])
+    assert sorted(moved["volumes"]) == sorted(p.stem for p in (other / "train_images").glob("*.tif"))
+    assert sorted(p.name for p in (run / "tune-other").glob("*.prob.npy")) == sorted(f"{i}.prob.npy" for i in moved["volumes"])
+    plain = evaluate_checkpoint(run / "checkpoints" / "best.pt", overrides=["postprocess.threshold=0.45"],
+                                manifest=tmp_path / "other.yaml")
+    assert len(plain) < len(moved["volumes"])  # evaluate scores the other manifest's validation split only
+    row = next(r for r in moved["rows"] if r["setting"].get("threshold") == 0.45)
+    for r in plain:
+        assert row["per_volume"][r.id]["score"] == pytest.approx(r.scores["score"], abs=1e-9)
+    code, _, err = cli("tune-postprocess", run, "--manifest", tmp_path / "missing.yaml")
+    assert code == 2 and err == [f"error: {tmp_path / 'missing.yaml'}: no such manifest"]
 
 
 @pytest.mark.slow

@@ -470,6 +470,9 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="where the probabilities are kept (default RUN_DIR/tune)")
     p.add_argument("--prob", type=Path, help="instead of a run: a folder of probabilities {id}.npy or {id}.tif")
     p.add_argument("--labels", type=Path, help="with --prob: the folder of labels {id}.tif")
+    p.add_argument("--manifest", type=Path,
+                   help="with RUN_DIR: every volume of another dataset's manifest instead of the run's validation "
+                        "volumes (a transfer check; cached in RUN_DIR/tune-{manifest name})")
     p.add_argument("--config", type=Path,
                    help="config whose postprocess section is the starting setting, copied by --apply (default RUN_DIR/config.yaml)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[v1,v2,...]",
@@ -503,6 +506,8 @@ def _tune(args: argparse.Namespace) -> int:
         raise VLabError(f"--jobs {args.jobs}: need at least 1")
     if args.folds is not None and args.folds < 2:  # before the probabilities are predicted
         raise VLabError(f"--folds {args.folds}: need at least 2 (one fold would have no volume to choose on)")
+    if args.manifest is not None and args.run_dir is None:
+        raise VLabError("--manifest predicts with a run's checkpoint: give a RUN_DIR")
     if args.tta and args.run_dir is None:
         raise VLabError("--tta predicts a run's volumes: give a RUN_DIR (--prob folders are already predicted)")
     grid = parse_grid(args.grid) if args.grid else None
@@ -512,7 +517,7 @@ def _tune(args: argparse.Namespace) -> int:
     base = load_config(args.config).postprocess if args.config else PostprocessConfig()
     if args.run_dir is not None:
         volumes, stored = run_probabilities(args.run_dir, args.cache, args.checkpoint, args.device, progress=not args.json,
-                                            overrides=["val.tta=true"] if args.tta else [])
+                                            overrides=["val.tta=true"] if args.tta else [], manifest=args.manifest)
         base = base if args.config else stored
     else:
         volumes = folder_volumes(args.prob, args.labels)

@@ -85,11 +85,15 @@ def _load_consistent(ckpt: Path, overrides: Sequence[str]):
 
 def run_probabilities(run_dir: str | os.PathLike, cache: str | os.PathLike | None = None,
                       checkpoint: str | os.PathLike | None = None, device: str | None = None,
-                      progress: bool = True, overrides: Sequence[str] = ()) -> tuple[list[Volume], PostprocessConfig]:
+                      progress: bool = True, overrides: Sequence[str] = (),
+                      manifest: str | os.PathLike | None = None) -> tuple[list[Volume], PostprocessConfig]:
     """The validation volumes of a run with its checkpoint's probabilities, and the checkpoint's
     post-processing. The probabilities are computed once: they are kept in ``cache`` (default
     RUN_DIR/tune) with a signature of the checkpoint and its inference settings (``overrides``
-    change them, e.g. ``val.tta=true``), recomputed only when one of them or the volumes change."""
+    change them, e.g. ``val.tta=true``), recomputed only when one of them or the volumes change.
+
+    ``manifest``: every volume of another dataset instead (default cache RUN_DIR/tune-{its name}),
+    so that a setting tuned on the run's own volumes can be scored on data neither saw."""
     from vesuvius_lab.io import locked
     from vesuvius_lab.training.run_dir import RunDir
 
@@ -97,13 +101,16 @@ def run_probabilities(run_dir: str | os.PathLike, cache: str | os.PathLike | Non
     ckpt = Path(checkpoint) if checkpoint else run.best
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no checkpoint (train the run first, or pass --checkpoint)")
-    folder = Path(cache) if cache else run.root / "tune"
+    if manifest is not None and not Path(manifest).is_file():
+        raise DataError(f"{manifest}: no such manifest")
+    folder = Path(cache) if cache else run.root / ("tune" if manifest is None else f"tune-{Path(manifest).stem}")
     with locked(folder / ".lock"):  # two tuners of one run take turns; the trainer never writes here
-        return _cached_probabilities(ckpt, folder, device, progress, overrides)
+        return _cached_probabilities(ckpt, folder, device, progress, overrides, manifest)
 
 
 def _cached_probabilities(ckpt: Path, folder: Path, device: str | None, progress: bool,
-                          overrides: Sequence[str]) -> tuple[list[Volume], PostprocessConfig]:
+                          overrides: Sequence[str], manifest: str | os.PathLike | None
+                          ) -> tuple[list[Volume], PostprocessConfig]:
     import torch
 
     from vesuvius_lab.data import open_data
@@ -112,10 +119,11 @@ def _cached_probabilities(ckpt: Path, folder: Path, device: str | None, progress
     from vesuvius_lab.io import atomic_path, atomic_write_text
 
     model, config, checkpoint_signature = _load_consistent(ckpt, overrides)
-    data = open_data(config)
-    records = data.val
+    data = open_data(config, manifest=manifest)
+    records = data.val if manifest is None else [*data.train, *data.val]
     if not records:
-        raise DataError(f"{data.manifest_path}: the manifest's split has no validation volumes to tune on")
+        raise DataError(f"{data.manifest_path}: " + ("the manifest's split has no validation volumes to tune on"
+                                                      if manifest is None else "the manifest has no volumes"))
     signature = {"checkpoint": checkpoint_signature, "val": dataclasses.asdict(config.val),
                  "patch_size": list(config.data.patch_size),
                  "records": {r.id: [_file_signature(r.image), _file_signature(r.label)] for r in records}}
