@@ -4,6 +4,7 @@ augmentation inside a run, and DDP replicas that stay identical through stop and
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from vesuvius_lab.config import ModelConfig, load_config
 from vesuvius_lab.inference import predict_probabilities
 from vesuvius_lab.model import as_input, build_model
 from vesuvius_lab.training import train
-from vesuvius_lab.training.run_dir import RunDir
+from vesuvius_lab.training.run_dir import RunDir, read_records
 
 
 def test_mirror_tta_is_the_mean_over_the_eight_flips():
@@ -159,3 +160,35 @@ def test_ddp_replicas_stay_identical_through_stop_and_resume(tiny_root, tmp_path
     assert a["step"] == b["step"] == 10 and len(set(b["rank_weights"])) == 1
     assert a["rank_weights"] == b["rank_weights"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_root, tmp_path):
+    """SIGTERM to rank 0 alone (a user's kill, a scheduler's signal to one process): the ranks stop at
+    the step they agreed on in its all-reduce. A rank that stopped on its own flag, read after that
+    all-reduce, gathered a checkpoint while the other all-reduced the next step: the job hung or gloo
+    aborted. Four tries, a quarter of a step apart, so that one lands between the all-reduce and the check."""
+    cfg = write_tiny_config(tiny_root, tmp_path / "cfg", steps=400, training={
+        "workers": 0, "checkpoint_every_steps": 1000, "val_every_epochs": 0})
+    for attempt in range(4):
+        run = tmp_path / f"run{attempt}"
+        proc = _start(cfg, run, nproc=2)
+        try:
+            _wait_for_step(run, 5, proc)
+            step_s = statistics.median(r["step_s"] for r in read_records(run / "metrics.jsonl") if r["kind"] == "train")
+            _wait_for_step(run, 8, proc)
+            time.sleep(attempt / 4 * step_s)
+            rank0 = RunDir(run).read_status()["pid"]
+            parent = int(Path(f"/proc/{rank0}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert parent == proc.pid  # one of this torchrun's ranks, nothing else
+            os.kill(rank0, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        status = RunDir(run).read_status()
+        assert status["state"] == "stopped" and "SIGTERM" in status["message"], (attempt, status, proc.stderr.read()[-4000:])
+        last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert last["step"] == status["step"] and len(last["rank_weights"]) == 2
+        assert len(set(last["rank_weights"])) == 1

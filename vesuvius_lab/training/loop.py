@@ -238,7 +238,9 @@ def _train(config: Config, run: RunDir, ddp: Distributed, ckpt: dict | None, pro
                 log.info("plan at step %d: %d steps (%s)", state.step, replanned["total_steps"], replanned["reason"])
             schedule = budget.sync(ddp)
             bar.total = schedule.total
-            if stop.signal is not None:
+            if stopping:  # what the ranks agreed at this step's all-reduce: a signal landing since then is
+                # seen on one rank before another, and a rank that stopped alone would gather a checkpoint
+                # while the others all-reduce the next step's flags (gloo aborts or hangs)
                 if state.saved != state.step:
                     write_checkpoint()
                 outcome = RunState.STOPPED
