@@ -213,6 +213,16 @@ def test_scroll_labelled_sheets_are_watertight():
         assert b0 - euler_number(sheets, connectivity=3) <= 2 * b0 + 2, i
 
 
+def _mid_surfaces(lab: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """The labelled wraps as 26-connected components (labels, count) and their mid-surfaces: the
+    ridge of each component's distance transform."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(lab == 1, structure=np.ones((3, 3, 3)))
+    edt = ndimage.distance_transform_edt(comps > 0)
+    return comps, n, (comps > 0) & (edt >= ndimage.maximum_filter(edt, size=3))
+
+
 def _ridge_samples(lab: np.ndarray, radius: int = 5):
     """Local thickness of the labelled wraps, sampled on their mid-surfaces: at each ridge voxel of
     a component's distance transform, the component's voxels inside a ball of this radius divided
@@ -220,14 +230,11 @@ def _ridge_samples(lab: np.ndarray, radius: int = 5):
     the normal as the least-spread axis of those voxels. Balls that hold label 2, another component
     (a contact gap) or reach past the chunk are dropped, so cut-off edges do not read as thin.
     Returns (component, thickness, normal, centre) per kept sample."""
-    from scipy import ndimage
-
     r = np.arange(-radius, radius + 1)
     offsets = np.stack(np.meshgrid(r, r, r, indexing="ij"), axis=-1).reshape(-1, 3)
     offsets = offsets[(offsets**2).sum(1) <= radius * radius]
-    comps = ndimage.label(lab == 1, structure=np.ones((3, 3, 3)))[0]
-    edt = ndimage.distance_transform_edt(comps > 0)
-    centres = np.argwhere((comps > 0) & (edt >= ndimage.maximum_filter(edt, size=3)))
+    comps, _, ridge = _mid_surfaces(lab)
+    centres = np.argwhere(ridge)
     centres = centres[((centres >= radius) & (centres < np.array(lab.shape) - radius)).all(1)]
     ball = tuple((centres[:, None, :] + offsets[None]).transpose(2, 0, 1))
     own = comps[tuple(centres.T)]
@@ -289,9 +296,7 @@ def _axial_spectra(img: np.ndarray, lab: np.ndarray) -> dict[int, np.ndarray]:
     axis = np.linalg.eigh(normals.T @ normals)[1][:, 0]
     steps = np.arange(-12, 12.01, 0.5)
     band = np.fft.rfftfreq(len(steps), d=0.5) >= 0.12
-    comps, n = ndimage.label(lab == 1, structure=np.ones((3, 3, 3)))
-    edt = ndimage.distance_transform_edt(comps > 0)
-    ridge = (comps > 0) & (edt >= ndimage.maximum_filter(edt, size=3))
+    comps, n, ridge = _mid_surfaces(lab)
     spectra = {}
     for k in range(1, n + 1):
         centres = np.argwhere(ridge & (comps == k))
