@@ -57,3 +57,24 @@ def test_cli_polish_help_texts_and_nearest_keys(capsys, cli, tmp_path):
     assert code == 2
     assert f"error: {cfg}: unknown key training.max_epoch (did you mean training.max_epochs?)" in err
     assert any("unknown section 'traning' (did you mean 'training'?" in e for e in err)
+
+
+def test_a_torchrun_rank_ends_as_a_normal_exit_would_less_the_teardown(tmp_path):
+    """A rank skips the interpreter's teardown (gloo's threads abort it there, see cli._exit_rank),
+    but still waits for its non-daemon threads, runs its exit handlers and keeps its exit code."""
+    code = f"""
+import atexit, pathlib, threading, time
+from vesuvius_lab.cli import _exit_rank
+out = pathlib.Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+def last_write():
+    time.sleep(0.5)
+    (out / "thread").write_text("done")
+threading.Thread(target=last_write).start()
+print("flushed at exit", end="")
+_exit_rank(3)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "flushed at exit"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"

@@ -1,3 +1,3 @@
-from vesuvius_lab.cli import main
+from vesuvius_lab.cli import run
 
-raise SystemExit(main())
+run()

@@ -4,12 +4,16 @@ problem), 3 stopped by SIGINT or SIGTERM (resumable)."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import faulthandler
 import gc
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vesuvius_lab import __version__
 from vesuvius_lab.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_STOPPED, Stopped, VLabError
@@ -582,3 +586,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if own_process:  # a process of its own, about to exit: torch and MONAI leave millions of objects
             gc.freeze()  # that the exit's last collection would walk for seconds (a budget run's end time)
+
+
+def run() -> NoReturn:
+    """``vesuvius-lab`` and ``python -m vesuvius_lab``: ``main`` in a process of its own."""
+    faulthandler.enable()  # a crash in native code (a decoder, a collective) prints every thread's Python stack
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_rank(code)
+    raise SystemExit(code)
+
+
+def _exit_rank(code: int) -> NoReturn:
+    """End a torchrun rank as the interpreter would, less its teardown. DDP keeps the gloo process
+    group alive past ``destroy_process_group``; a worker thread of that group still letting go of
+    the last collective's tensors when the teardown starts aborts the rank ("terminate called
+    without an active exception", pytorch/pytorch#179291), and torchrun then reports a run that
+    finished as failed. By now the run folder holds its last word."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()  # what the interpreter waits for at exit (the live prediction's last write)
+    atexit._run_exitfuncs()  # logging's flush, multiprocessing's finalizers, as at a normal exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
