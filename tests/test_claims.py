@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -179,8 +180,7 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_root, 
             _wait_for_step(run, 8, proc)
             time.sleep(attempt / 4 * step_s)
             rank0 = RunDir(run).read_status()["pid"]
-            parent = int(Path(f"/proc/{rank0}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            assert parent == proc.pid  # one of this torchrun's ranks, nothing else
+            assert psutil.Process(rank0).ppid() == proc.pid  # one of this torchrun's ranks, nothing else
             os.kill(rank0, signal.SIGTERM)
             proc.wait(timeout=120)
         finally:
